@@ -1,0 +1,41 @@
+# One command sets everything up and runs the main job (`make demo`), one runs the tests
+# (`make test`). Set-up is idempotent: a venv in .venv, the pinned CPU build of torch, the
+# package installed in editable mode with its C++ extension compiled against that torch.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup demo test test-reference bench cuda-check clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install -q --disable-pip-version-check setuptools wheel pybind11 ninja numpy
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+	@test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
+		|| echo "note: Fashion-MNIST is optional; install the Debian package dataset-fashion-mnist for it"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mnemo-fast demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+# The same suite with the compiled extension switched off (everything on the reference).
+test-reference: $(STAMP)
+	MNEMO_FAST_DISABLE_EXT=1 $(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+cuda-check:
+	.ci/cuda_compile_check.sh
+
+clean:
+	rm -rf build *.egg-info mnemo_fast/*.so $(VENV)

@@ -1,0 +1,47 @@
+// D[o, i] = sum_n (g_n^T x_n)[o, i]**2 for a linear layer, without materialising [N, out, in].
+#include <torch/library.h>
+
+#include "sum_sq_grad.h"
+
+namespace mnemo_fast {
+namespace cpu {
+namespace {
+
+at::Tensor sum_sq_grad_linear(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.dim() == 3, "sum_sq_grad_linear: grad_output must be [N, T, out], got ",
+              grad_output.sizes());
+  TORCH_CHECK(input.dim() == 3, "sum_sq_grad_linear: input must be [N, T, in], got ", input.sizes());
+  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1),
+              "sum_sq_grad_linear: grad_output ", grad_output.sizes(), " and input ", input.sizes(),
+              " must agree on N and T");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "sum_sq_grad_linear: input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "sum_sq_grad_linear: grad_output (", grad_output.scalar_type(), ") and input (",
+              input.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(grad_output.device() == input.device(), "sum_sq_grad_linear: grad_output and input ",
+              "must be on the same device");
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const int64_t T = input.size(1);
+  if (T == 1 || input.size(0) == 0) {
+    // One GEMM on squared operands: sum_n g_n[o]^2 x_n[i]^2.
+    at::Tensor g2 = grad_output.sum(1, false, acc).square_();
+    at::Tensor x2 = input.sum(1, false, acc).square_();
+    return T == 1 ? at::mm(g2.t(), x2)
+                  : at::zeros({grad_output.size(2), input.size(2)}, input.options().dtype(acc));
+  }
+  at::Tensor g = grad_output.to(acc);
+  at::Tensor x = input.to(acc);
+  at::Tensor d = at::zeros({g.size(2), x.size(2)}, x.options());
+  accumulate_sum_sq(g.transpose(1, 2).unsqueeze(0), x.unsqueeze(0), d.unsqueeze(0));
+  return d;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnemo_fast, CPU, m) {
+  m.impl("sum_sq_grad_linear", &sum_sq_grad_linear);
+}
+
+}  // namespace cpu
+}  // namespace mnemo_fast

@@ -1,0 +1,223 @@
+// Multi-tensor launch machinery and the shared eta formula of the perturb_* ops.
+//
+// The perturb ops touch one (param, forget Fisher, remain Fisher) triple per parameter tensor of
+// a model: dozens to hundreds of tensors, many of them small. Instead of one launch per tensor,
+// up to kMaxTensorsPerLaunch tensors travel by value in the kernel arguments (a TensorBatch, kept
+// under the classic 4 KiB parameter limit), each cut into chunks of kChunkElems elements. Blocks
+// grid-stride over the global chunk index; since chunk ranges are sorted by tensor, a block finds
+// its tensor by moving a cursor forward, never searching from the start. More tensors than fit
+// in one batch simply take another launch.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace mnemo_fast::cuda {
+
+constexpr int kMaxTensorsPerLaunch = 64;
+constexpr int kPerturbThreads = 256;
+// 16 elements per thread per chunk: enough work per block-chunk to amortise the per-chunk
+// bookkeeping (and, for perturb_max_ratio, the block reduction and its one atomic).
+constexpr int64_t kChunkElems = 16 * kPerturbThreads;
+
+template <typename param_t, typename fisher_t>
+struct TensorBatch {
+  param_t* param[kMaxTensorsPerLaunch];  // unused (null) for perturb_max_ratio
+  const fisher_t* forget[kMaxTensorsPerLaunch];
+  const fisher_t* remain[kMaxTensorsPerLaunch];
+  int64_t numel[kMaxTensorsPerLaunch];
+  int64_t chunk_start[kMaxTensorsPerLaunch + 1];  // prefix sums of chunks; [count] = total
+  int64_t rng_base[kMaxTensorsPerLaunch];         // first Philox subsequence of each tensor
+  int32_t index[kMaxTensorsPerLaunch];            // position l in the op's tensor lists
+  int32_t count;
+};
+static_assert(sizeof(TensorBatch<double, double>) < 3900,
+              "TensorBatch must fit the 4 KiB kernel-parameter limit with the other arguments");
+
+// eta is computed in the Fisher's "compute dtype": fp64 for fp64 Fishers, fp32 otherwise (as on
+// CPU). Kernels only ever see Fishers already converted to it (compute_fishers below), so their
+// fisher_t is float or double and is also the arithmetic type.
+inline at::ScalarType eta_acc_dtype(at::ScalarType fisher_dtype) {
+  return fisher_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Visits the chunks of a batch assigned to this block: fn(slot, begin, end) with [begin, end)
+// the element range in tensor `slot` of the batch. Uniform across the block, so fn may use
+// __syncthreads().
+template <typename Batch, typename Fn>
+__device__ __forceinline__ void for_each_chunk(const Batch& batch, Fn&& fn) {
+  const int64_t total = batch.chunk_start[batch.count];
+  int slot = 0;
+  for (int64_t chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
+    while (chunk >= batch.chunk_start[slot + 1]) ++slot;
+    const int64_t begin = (chunk - batch.chunk_start[slot]) * kChunkElems;
+    const int64_t end = std::min(begin + kChunkElems, batch.numel[slot]);
+    fn(slot, begin, end);
+  }
+}
+
+// eta = f_F / f_R computed as exp(log f_F - log f_R) (the reference's formula: it maps 0/0 to
+// NaN and x/0 to +inf the same way the CPU and Python versions do). Special values are left to
+// the callers, whose rules differ.
+__device__ __forceinline__ float raw_eta(float forget, float remain) {
+  return expf(logf(forget) - logf(remain));
+}
+__device__ __forceinline__ double raw_eta(double forget, double remain) {
+  return exp(log(forget) - log(remain));
+}
+
+// alpha_l = min(lambda1, lambda2 / max_ratio_l), or lambda1 when no finite ratio exists
+// (max_ratio_l == 0). Same arithmetic as the reference and the CPU kernel: reciprocal, then
+// multiply, and a NaN (from a NaN max_ratio) propagates instead of being hidden by min.
+template <typename acc_t>
+__device__ __forceinline__ acc_t perturb_alpha(acc_t max_ratio, acc_t lambda1, acc_t lambda2) {
+  if (max_ratio == acc_t(0)) return lambda1;
+  const acc_t alpha = (acc_t(1) / max_ratio) * lambda2;
+  return isnan(alpha) ? alpha : std::min(alpha, lambda1);
+}
+
+// eta with the perturb rules: NaN -> 0, +inf -> max_ratio_l (exp never yields -inf or < 0).
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamped_eta(acc_t forget, acc_t remain, acc_t max_ratio) {
+  const acc_t eta = raw_eta(forget, remain);
+  if (isnan(eta)) return acc_t(0);
+  if (isinf(eta)) return max_ratio;
+  return eta;
+}
+
+// Host side -----------------------------------------------------------------------------------
+
+// Checks the Fisher lists of a perturb op (same rules as the CPU kernels: dtypes may differ
+// between tensors; remain[l] is read in forget[l]'s compute dtype).
+inline void check_fisher_lists(const char* op, at::TensorList forget, at::TensorList remain) {
+  TORCH_CHECK(forget.size() == remain.size(), op,
+              ": forget and remain must have the same length, got ", forget.size(), " and ",
+              remain.size());
+  if (forget.empty()) return;
+  const at::Device device = forget[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": forget[0] must be a CUDA tensor, got ", device);
+  for (size_t l = 0; l < forget.size(); ++l) {
+    TORCH_CHECK(at::isFloatingType(forget[l].scalar_type()) &&
+                    at::isFloatingType(remain[l].scalar_type()),
+                op, ": forget[", l, "] (", forget[l].scalar_type(), ") and remain[", l, "] (",
+                remain[l].scalar_type(), ") must be floating point");
+    TORCH_CHECK(forget[l].device() == device && remain[l].device() == device, op,
+                ": forget[", l, "] (", forget[l].device(), ") and remain[", l, "] (",
+                remain[l].device(), ") must be on ", device);
+    TORCH_CHECK(forget[l].sizes() == remain[l].sizes(), op, ": forget[", l, "] ",
+                forget[l].sizes(), " and remain[", l, "] ", remain[l].sizes(),
+                " must have the same shape");
+  }
+}
+
+// Checks the parameter list and max_ratio of perturb_shift_ / perturb_gaussian_ against the
+// (already checked) Fisher lists.
+inline void check_params(const char* op, at::TensorList params, at::TensorList forget,
+                         const at::Tensor& max_ratio) {
+  TORCH_CHECK(params.size() == forget.size(), op,
+              ": params, forget and remain must have the same length, got ", params.size(), " and ",
+              forget.size());
+  TORCH_CHECK(max_ratio.dim() == 1 && max_ratio.size(0) == static_cast<int64_t>(params.size()),
+              op, ": max_ratio must have shape [", params.size(), "], got ", max_ratio.sizes());
+  TORCH_CHECK(at::isFloatingType(max_ratio.scalar_type()), op,
+              ": max_ratio must be a floating dtype, got ", max_ratio.scalar_type());
+  for (size_t l = 0; l < params.size(); ++l) {
+    TORCH_CHECK(at::isFloatingType(params[l].scalar_type()), op, ": params[", l,
+                "] must be a floating dtype, got ", params[l].scalar_type());
+    TORCH_CHECK(params[l].device() == forget[l].device(), op, ": params[", l, "] (",
+                params[l].device(), ") must be on the Fishers' device ", forget[l].device());
+    TORCH_CHECK(params[l].sizes() == forget[l].sizes(), op, ": params[", l, "] ",
+                params[l].sizes(), " and forget[", l, "] ", forget[l].sizes(),
+                " must have the same shape");
+    TORCH_CHECK(params[l].is_contiguous(), op, ": params[", l,
+                "] must be contiguous (it is updated in place)");
+  }
+  if (!params.empty()) {
+    TORCH_CHECK(max_ratio.device() == params[0].device(), op, ": max_ratio (",
+                max_ratio.device(), ") must be on ", params[0].device());
+  }
+}
+
+// Fishers converted to their compute dtype and made contiguous: no copy for the usual fp32 or
+// fp64 contiguous Fishers. remain[l] follows forget[l]'s compute dtype. The tensors must outlive
+// the launches, which the caller's scope guarantees (frees are stream-ordered anyway).
+struct ComputeFishers {
+  std::vector<at::Tensor> forget, remain;
+};
+inline ComputeFishers compute_fishers(at::TensorList forget, at::TensorList remain) {
+  ComputeFishers out;
+  out.forget.reserve(forget.size());
+  out.remain.reserve(remain.size());
+  for (size_t l = 0; l < forget.size(); ++l) {
+    const at::ScalarType dtype = eta_acc_dtype(forget[l].scalar_type());
+    out.forget.push_back(forget[l].to(dtype).contiguous());
+    out.remain.push_back(remain[l].to(dtype).contiguous());
+  }
+  return out;
+}
+
+inline unsigned perturb_grid(int64_t total_chunks) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // 8 blocks of 256 threads fill an SM; more would only grid-stride less.
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(total_chunks, sms * 8)));
+}
+
+// Packs the tensors `indices` (positions in the op's lists) into batches and calls
+// launch(batch, grid) for each. `params` may be empty (perturb_max_ratio). Empty tensors are
+// skipped. rng_base[l] is the first Philox subsequence of tensor l.
+template <typename param_t, typename fisher_t, typename Launch>
+void for_each_batch(const std::vector<int64_t>& indices, at::TensorList params,
+                    const std::vector<at::Tensor>& forget, const std::vector<at::Tensor>& remain,
+                    const std::vector<int64_t>& rng_base, Launch&& launch) {
+  TensorBatch<param_t, fisher_t> batch{};
+  auto flush = [&] {
+    if (batch.count == 0) return;
+    launch(batch, perturb_grid(batch.chunk_start[batch.count]));
+    batch = TensorBatch<param_t, fisher_t>{};
+  };
+  for (const int64_t l : indices) {
+    const int64_t numel = forget[l].numel();
+    if (numel == 0) continue;
+    const int s = batch.count;
+    batch.param[s] = params.empty() ? nullptr : params[l].mutable_data_ptr<param_t>();
+    batch.forget[s] = forget[l].const_data_ptr<fisher_t>();
+    batch.remain[s] = remain[l].const_data_ptr<fisher_t>();
+    batch.numel[s] = numel;
+    batch.chunk_start[s + 1] = batch.chunk_start[s] + (numel + kChunkElems - 1) / kChunkElems;
+    batch.rng_base[s] = rng_base.empty() ? 0 : rng_base[l];
+    batch.index[s] = static_cast<int32_t>(l);
+    batch.count = s + 1;
+    if (batch.count == kMaxTensorsPerLaunch) flush();
+  }
+  flush();
+}
+
+// Groups tensor positions by (parameter dtype, Fisher compute dtype): one kernel instantiation
+// per group; a model usually has a single group.
+struct DtypeGroup {
+  at::ScalarType param;
+  at::ScalarType fisher;
+  std::vector<int64_t> indices;
+};
+inline std::vector<DtypeGroup> group_by_dtype(at::TensorList params,
+                                              const std::vector<at::Tensor>& fishers) {
+  std::vector<DtypeGroup> groups;
+  for (size_t l = 0; l < params.size(); ++l) {
+    const at::ScalarType param = params[l].scalar_type();
+    const at::ScalarType fisher = fishers[l].scalar_type();
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& g) {
+      return g.param == param && g.fisher == fisher;
+    });
+    if (it == groups.end()) it = groups.insert(groups.end(), DtypeGroup{param, fisher, {}});
+    it->indices.push_back(static_cast<int64_t>(l));
+  }
+  return groups;
+}
+
+}  // namespace mnemo_fast::cuda

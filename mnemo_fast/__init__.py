@@ -1,0 +1,30 @@
+"""mnemo_fast: one-shot class unlearning with mnemonic codes, on fused kernels where it can.
+
+Same API as :mod:`mnemo_fast.reference` (the pure-PyTorch ground truth); each call takes the
+fast engine when the compiled extension can run it and falls back to the reference otherwise.
+:func:`backend` says which path runs.
+"""
+
+from .codes import MnemonicCodes, MnemonicMix
+from .engines import backend
+from .evaluation import Evaluation, evaluate
+from .method import (
+    CodeAccuracy,
+    ForgetResult,
+    class_fishers,
+    code_accuracy,
+    fisher_diagonal,
+    forget,
+    perturb_,
+    perturbation,
+)
+from .train import TrainHistory, train_with_codes
+from .validation import UnlearningError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
+    "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
+    "Evaluation", "train_with_codes", "TrainHistory", "UnlearningError", "backend",
+]

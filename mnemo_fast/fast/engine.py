@@ -1,0 +1,139 @@
+"""The fast engine: hooks + per-layer rules for the Fisher, fused ops for the perturbation.
+
+Same interface as :class:`mnemo_fast.reference.engine.ReferenceEngine`. Parameters no rule
+can take are computed by the reference's generic per-sample path, only those; tensors on a
+device the kernels were not built for go to the reference engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import fisher as ref_fisher
+from ..reference.engine import REFERENCE
+from . import _ext
+from .capture import Capture, frozen
+from .plan import Plan, make_plan
+
+Tensor = torch.Tensor
+
+
+class FastEngine:
+    """``kernels``: :mod:`mnemo_fast.fast.ops` (compiled) or :mod:`mnemo_fast.fast.aten`."""
+
+    def __init__(self, kernels, name: str, fused_perturbation: bool):
+        self.kernels = kernels
+        self.name = name
+        self.fused_perturbation = fused_perturbation
+
+    def backend_for(self, device: torch.device) -> str:
+        """What runs for tensors on ``device``: "cpu-ext", "cuda-ext", "hooks-aten" or "reference"."""
+        if not self._runs_on(device):
+            return "reference"
+        return self.name if self.name == "hooks-aten" else f"{device.type}-ext"
+
+    # ---- Fisher ---------------------------------------------------------------------
+    def _runs_on(self, device: torch.device) -> bool:
+        if self.name == "hooks-aten":
+            return True
+        return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
+
+    def sum_squared_grads(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+    ) -> dict[str, Tensor]:
+        params = ref_fisher.trainable_parameters(model)
+        if not params:
+            return {}
+        if not self._runs_on(inputs.device):
+            return REFERENCE.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
+        plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
+        sums: dict[str, Tensor] = {}
+        if plan.rule_modules:
+            taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
+            if taken is None:  # a layer's batch dimension was not first: no rule is safe
+                plan = Plan(generic=list(params))
+            else:
+                sums.update(taken)
+        if plan.generic:
+            sums.update(ref_fisher.sum_squared_grads(
+                model, inputs, targets, plan.generic, chunk_size=chunk_size, output_fn=output_fn
+            ))
+        return {name: sums[name] for name in params}
+
+    def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn):
+        names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
+        sums = {
+            n: torch.zeros_like(params[n], dtype=ref_fisher.accumulation_dtype(params[n].dtype))
+            for n in names
+        }
+        step = chunk_size or inputs.shape[0]
+        for start in range(0, inputs.shape[0], step):
+            x, y = inputs[start : start + step], targets[start : start + step]
+            capture = Capture(list(plan.rule_modules))
+            with frozen(list(params.values())), capture.recording(x.shape[0]), torch.enable_grad():
+                loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
+                wanted = capture.leaves or ([x] if x.requires_grad else [])
+                if loss.requires_grad and wanted:
+                    torch.autograd.grad(loss, wanted, allow_unused=True)
+            if capture.batch_mismatch:
+                return None
+            for module, records in capture.calls.items():
+                calls = [(inp, grad) for inp, grad in records if grad is not None]
+                if not calls:
+                    continue
+                rule, local_names = plan.rule_modules[module]
+                for local, value in rule.accumulate(module, calls, self.kernels).items():
+                    if local in local_names:
+                        sums[local_names[local]] += value.to(sums[local_names[local]].dtype)
+        return sums
+
+    # ---- perturbation -------------------------------------------------------------------
+    def _fused(self, tensors: Sequence[Tensor]) -> bool:
+        return (
+            self.fused_perturbation
+            and len(tensors) > 0
+            and all(t.is_contiguous() and self._runs_on(t.device) for t in tensors)
+        )
+
+    def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
+        if not self._fused(forget):
+            return REFERENCE.max_ratio(forget, remain)
+        return self.kernels.perturb_max_ratio(list(forget), list(remain))
+
+    def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
+        if not self._fused(params):
+            return REFERENCE.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+        self.kernels.perturb_shift_(list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, sign)
+
+    def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
+        if not self._fused(params):
+            return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        self.kernels.perturb_gaussian_(
+            list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, tau, generator
+        )
+
+
+def _aten_engine() -> FastEngine:
+    from . import aten
+
+    return FastEngine(aten, "hooks-aten", fused_perturbation=False)
+
+
+def _extension_engine() -> FastEngine:
+    from . import ops
+
+    return FastEngine(ops, "ext", fused_perturbation=True)
+
+
+#: Hooks + layer rules in plain ATen ops (no compiled code): the best pure-PyTorch version.
+HOOKS_ATEN = _aten_engine()
+#: Hooks + layer rules on the compiled kernels, fused perturbation.
+EXTENSION = _extension_engine()

@@ -1,0 +1,149 @@
+"""Sums of squared per-sample gradients, the ground truth of the Fisher diagonal.
+
+For samples (x_n, y_n) and the per-sample cross-entropy L_n = CE(model(x_n), y_n):
+
+    S[w] = sum_n (dL_n / dw)^2        one tensor like each parameter
+
+computed with ``torch.func`` (vmap over ``grad``) in chunks of samples, or, for models vmap
+cannot trace, one backward per sample (the authors' batch-1 loop). BatchNorm and dropout
+must not mix or drop samples, so the model runs in eval mode (restored afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+Tensor = torch.Tensor
+
+# Per-sample gradients of a chunk are held at once: keep them near this many bytes.
+_VMAP_BYTES = 256 * 2**20
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Squares of float16/bfloat16 gradients are accumulated in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """name -> parameter for every parameter that requires grad (tied ones listed once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (BatchNorm on running stats), restoring each module's mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _zeros_like_accumulators(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format)
+        for name, p in params.items()
+    }
+
+
+def _auto_chunk(params: dict[str, Tensor], num_samples: int) -> int:
+    bytes_per_sample = sum(p.numel() * 4 for p in params.values())
+    return max(1, min(num_samples, _VMAP_BYTES // max(bytes_per_sample, 1)))
+
+
+def _vmap_sum_sq(
+    model: torch.nn.Module,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    output_fn: Callable[[object], Tensor],
+) -> dict[str, Tensor]:
+    frozen = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    trainable = {name: p.detach() for name, p in params.items()}
+
+    def sample_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, ({**frozen, **weights}, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(output_fn(out), y.unsqueeze(0), reduction="sum")
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    sums = _zeros_like_accumulators(params)
+    for start in range(0, inputs.shape[0], chunk_size):
+        grads = per_sample_grads(
+            trainable, inputs[start : start + chunk_size], targets[start : start + chunk_size]
+        )
+        for name, g in grads.items():
+            sums[name] += g.to(sums[name].dtype).square().sum(0)
+    return sums
+
+
+def _loop_sum_sq(
+    model: torch.nn.Module,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    output_fn: Callable[[object], Tensor],
+) -> dict[str, Tensor]:
+    names = list(params)
+    sums = _zeros_like_accumulators(params)
+    for x, y in zip(inputs, targets):
+        loss = F.cross_entropy(output_fn(model(x.unsqueeze(0))), y.unsqueeze(0), reduction="sum")
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                sums[name] += g.to(sums[name].dtype).square()
+    return sums
+
+
+def logits_of(output: object) -> Tensor:
+    """The default ``output_fn``: a tensor as is, else its ``.logits`` or ``["logits"]``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(
+        f"model returned {type(output).__name__}; pass output_fn= to pick the logits from it"
+    )
+
+
+def sum_squared_grads(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    names: Sequence[str] | None = None,
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    output_fn: Callable[[object], Tensor] = logits_of,
+) -> dict[str, Tensor]:
+    """``{name: sum_n (dL_n/dw)^2}`` for the trainable parameters ``names`` (default all).
+
+    inputs [N, *input_shape], targets [N] (class indices). ``method``: "vmap", "loop" or
+    "auto" (vmap, falling back to the batch-1 loop when vmap cannot trace the model).
+    Float16/bfloat16 parameters get float32 sums. The model must already be in the mode
+    the caller wants (see :func:`eval_mode`).
+    """
+    params = trainable_parameters(model)
+    if names is not None:
+        params = {name: params[name] for name in names}
+    if not params:
+        return {}
+    if method == "loop":
+        return _loop_sum_sq(model, params, inputs, targets, output_fn)
+    chunk = chunk_size or _auto_chunk(params, inputs.shape[0])
+    try:
+        return _vmap_sum_sq(model, params, inputs, targets, chunk, output_fn)
+    except (RuntimeError, NotImplementedError, TypeError):
+        if method == "vmap":
+            raise
+        return _loop_sum_sq(model, params, inputs, targets, output_fn)

@@ -1,0 +1,99 @@
+"""The paper's perturbation, written literally (ALGORITHM.md, sections 4 and 5).
+
+For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_R``
+(remaining classes), all of the parameter's shape:
+
+    eta   = exp(log f_F - log f_R)      NaN -> 0, +inf -> largest finite eta of the tensor
+    alpha = min(lambda1, lambda2 / max(eta))
+    shift = alpha * eta                 (the model moves by sign * shift)
+
+Arithmetic is done in float32 (float64 when the Fisher is float64), whatever the
+parameter's dtype, and the result is cast back on write.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def compute_dtype(fisher: Tensor) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if fisher.dtype == torch.float64 else torch.float32
+
+
+def raw_ratio(forget: Tensor, remain: Tensor) -> Tensor:
+    """``exp(log f_F - log f_R)`` with NaN set to 0; +inf is left in place."""
+    dtype = compute_dtype(forget)
+    eta = torch.exp(torch.log(forget.to(dtype)) - torch.log(remain.to(dtype)))
+    return torch.nan_to_num(eta, nan=0.0, posinf=float("inf"), neginf=0.0)
+
+
+def max_finite_ratio(forget: Tensor, remain: Tensor) -> Tensor:
+    """Largest finite eta of one tensor (0-dim). 0 when the tensor has no finite eta."""
+    eta = raw_ratio(forget, remain)
+    finite = eta[torch.isfinite(eta)]
+    if finite.numel() == 0:
+        return torch.zeros((), dtype=eta.dtype, device=eta.device)
+    return finite.max()
+
+
+def ratio(forget: Tensor, remain: Tensor, max_ratio: Tensor | None = None) -> Tensor:
+    """eta with the authors' handling: NaN -> 0 and +inf -> the tensor's largest finite eta."""
+    eta = raw_ratio(forget, remain)
+    if max_ratio is None:
+        max_ratio = max_finite_ratio(forget, remain)
+    return torch.where(torch.isinf(eta), max_ratio.to(eta.dtype), eta)
+
+
+def alpha(max_ratio: Tensor, lambda1: float, lambda2: float) -> Tensor:
+    """Per-tensor gain ``min(lambda1, lambda2 / max eta)`` (lambda1 when max eta is 0)."""
+    return torch.clamp(lambda2 / max_ratio, max=lambda1)
+
+
+def shift(forget: Tensor, remain: Tensor, lambda1: float, lambda2: float) -> Tensor:
+    """``alpha * eta`` for one tensor, in the compute dtype (see :func:`compute_dtype`)."""
+    max_ratio = max_finite_ratio(forget, remain)
+    return alpha(max_ratio, lambda1, lambda2) * ratio(forget, remain, max_ratio)
+
+
+def perturbation(
+    forget_fisher: Mapping[str, Tensor],
+    remain_fisher: Mapping[str, Tensor],
+    lambda1: float,
+    lambda2: float,
+) -> dict[str, Tensor]:
+    """Per-parameter shifts ``alpha_l * eta`` (the paper's formula); name -> tensor.
+
+    Each weight and each bias is its own tensor ``l`` with its own ``alpha_l``.
+    """
+    if forget_fisher.keys() != remain_fisher.keys():
+        raise ValueError("forget_fisher and remain_fisher must have the same parameter names")
+    return {
+        name: shift(forget_fisher[name], remain_fisher[name], lambda1, lambda2)
+        for name in forget_fisher
+    }
+
+
+def gaussian_noise(
+    forget: Tensor,
+    remain: Tensor,
+    lambda1: float,
+    lambda2: float,
+    tau: float,
+    generator: torch.Generator | None,
+    like: Tensor,
+) -> Tensor:
+    """Masked Gaussian update ``[eta > tau] * alpha * eta * z`` with ``z ~ N(0, 1)``.
+
+    ``z`` is drawn with ``torch.randn(like.shape, dtype=like.dtype)`` from ``generator``,
+    so the fused kernel can reproduce it draw for draw on the CPU.
+    """
+    max_ratio = max_finite_ratio(forget, remain)
+    eta = ratio(forget, remain, max_ratio)
+    z = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    update = alpha(max_ratio, lambda1, lambda2) * eta * z.to(eta.dtype)
+    return torch.where(eta > tau, update, torch.zeros_like(update))

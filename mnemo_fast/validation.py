@@ -1,0 +1,67 @@
+"""Checks on what a caller hands to the method, each failing with a message that names the problem.
+
+Every check runs before the model is touched, so a failure leaves the caller's model as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .codes import MnemonicCodes
+
+
+class UnlearningError(ValueError):
+    """Bad input to an unlearning call (a ValueError, so ``except ValueError`` catches it)."""
+
+
+def forget_classes(codes: MnemonicCodes, classes: Iterable[int] | int) -> list[int]:
+    """Sorted unique forget classes; raises on empty, unknown, or all classes."""
+    if isinstance(classes, int) or (torch.is_tensor(classes) and classes.dim() == 0):
+        classes = [int(classes)]
+    try:
+        chosen = sorted(set(codes.check_classes(classes)))
+    except ValueError as error:
+        raise UnlearningError(f"forget_classes: {error}") from None
+    if not chosen:
+        raise UnlearningError("forget_classes is empty: name at least one class to forget")
+    if len(chosen) == codes.num_classes:
+        raise UnlearningError(
+            f"forget_classes names all {codes.num_classes} classes: at least one must remain"
+        )
+    return chosen
+
+
+def trainable_model(model: torch.nn.Module) -> None:
+    """The model has trainable parameters and all of them are finite."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise UnlearningError("the model has no trainable parameters (requires_grad=True) to perturb")
+    for name, p in params:
+        if not p.is_floating_point():
+            raise UnlearningError(f"parameter {name!r} is not floating point ({p.dtype})")
+        if not torch.isfinite(p).all():
+            raise UnlearningError(f"parameter {name!r} contains NaN or inf: refusing to forget")
+
+
+def code_batch_fits(
+    model: torch.nn.Module,
+    codes: MnemonicCodes,
+    inputs: torch.Tensor,
+    output_fn: Callable[[object], torch.Tensor],
+) -> None:
+    """One forward pass on one code: the shapes agree and there is one logit per class."""
+    try:
+        with torch.no_grad():
+            logits = output_fn(model(inputs[:1]))
+    except (RuntimeError, ValueError) as error:
+        raise UnlearningError(
+            f"code shape {codes.shape} does not fit the model's input: the forward pass on a "
+            f"code failed with: {error}"
+        ) from None
+    if logits.dim() != 2 or logits.shape[-1] != codes.num_classes:
+        raise UnlearningError(
+            f"the model returns logits of shape {tuple(logits.shape)} for one code, but the "
+            f"codes cover {codes.num_classes} classes (expected [1, {codes.num_classes}])"
+        )

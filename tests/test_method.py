@@ -1,0 +1,188 @@
+"""forget(): end to end on digits, the sign choice, in-place semantics, bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import mnemo_fast as mf
+import mnemo_fast.reference as ref
+from mnemo_fast import cli, models
+
+DEMO_LAMBDAS = cli.DEFAULT_LAMBDAS["mlp"]
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, state):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.flatten().view(torch.uint8), state[k].flatten().view(torch.uint8)), k  # bitwise: NaN too
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forgets_class_0_on_digits_with_the_demo_defaults(digits_split, seed):
+    """Forget accuracy <= 5% and retain accuracy within 5 points, for each of 3 seeds.
+
+    Seen here (seeds 0-4): forget 96-100% -> 0%, retain drop 0.0-0.8 points.
+    """
+    train, test = digits_split
+    torch.manual_seed(seed)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=seed)
+    model = models.build("mlp", (1, 8, 8), 10)
+    mf.train_with_codes(model, train, codes, 0.1, 40, seed=seed, progress=False)
+    before = mf.evaluate(model, test, [0])
+    state = state_of(model)
+    result = mf.forget(model, codes, [0], lambda1=DEMO_LAMBDAS[0], lambda2=DEMO_LAMBDAS[1])
+    after = mf.evaluate(result.model, test, [0])
+    assert_unchanged(model, state)  # not in place: the input model is untouched
+    assert before.forget_accuracy > 0.9
+    assert after.forget_accuracy <= 0.05
+    assert after.retain_accuracy >= before.retain_accuracy - 0.05
+    assert result.code_accuracy_after.forget == 0.0
+    assert result.seconds > 0 and result.sign in (1, -1)
+
+
+def test_sign_is_the_better_scoring_candidate(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    result = ref.forget(model, codes, [3], lambda1=1e-3, lambda2=10)
+    plus, minus = result.candidate_scores
+    assert result.sign == (1 if plus > minus else -1)
+    # the chosen candidate is exactly the formula applied with that sign
+    f_forget, f_remain = ref.class_fishers(model, codes, [3])
+    manual = ref.perturb_(copy.deepcopy(model), ref.perturbation(f_forget, f_remain, 1e-3, 10), result.sign)
+    for a, b in zip(manual.parameters(), result.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert result.code_accuracy_after.score == max(plus, minus)
+
+
+def test_inplace_edits_the_given_model(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    model = copy.deepcopy(model)
+    result = mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10, inplace=True)
+    assert result.model is model
+    assert mf.code_accuracy(model, codes, [0]).forget == 0.0
+
+
+def test_class_fishers_floor_and_averaging(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    f_forget, f_remain = ref.class_fishers(model, codes, [0, 1], eps=1e-16)
+    x, y = codes.batch([0, 1])
+    total = ref.fisher_diagonal(model, x, y, reduction="sum")
+    for name in total:
+        torch.testing.assert_close(f_forget[name], (1e-16 + total[name]) / 2)
+    assert all((f >= 1e-16 / 8).all() for f in f_remain.values())
+
+
+def test_several_codes_per_class_are_averaged():
+    torch.manual_seed(0)
+    model = models.MLP((4,), 3, hidden=5)
+    codes = mf.MnemonicCodes.generate(3, (4,), per_class=2, seed=1)
+    f_forget, _ = ref.class_fishers(model, codes, [1], eps=0.0)
+    x, y = codes.batch([1])
+    torch.testing.assert_close(f_forget["3.bias"], ref.fisher_diagonal(model, x, y)["3.bias"])
+
+
+def test_gaussian_mode_is_seeded_and_masked(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    run = lambda seed: ref.forget(model, codes, [0], lambda1=1e-2, lambda2=10, mode="gaussian",
+                                  tau=1.0, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.parameters(), c.model.parameters()))
+    assert a.sign is None and len(a.candidate_scores) == 2
+    # parameters whose ratio is <= tau do not move
+    f_forget, f_remain = ref.class_fishers(model, codes, [0])
+    from mnemo_fast.reference.perturb import ratio
+    for (name, p0), p1 in zip(model.named_parameters(), a.model.parameters()):
+        still = ratio(f_forget[name], f_remain[name]) <= 1.0
+        assert torch.equal(p0[still], p1[still])
+        assert not torch.equal(p0[~still], p1[~still]) or (~still).sum() == 0
+
+
+def test_both_namespaces_export_the_same_api():
+    assert sorted(mf.__all__) == sorted(ref.__all__)
+    for name in mf.__all__:
+        assert hasattr(mf, name) and hasattr(ref, name), name
+    assert ref.backend() == "reference"
+    assert mf.backend() in ("reference", "cpu-ext")
+
+
+# --- bad input: a clear error naming the problem, the model bit-identical afterwards ---
+
+def _bad_cases(model, codes):
+    nan_model = copy.deepcopy(model)
+    with torch.no_grad():
+        nan_model[1].weight[0, 0] = math.nan
+    inf_model = copy.deepcopy(model)
+    with torch.no_grad():
+        inf_model[3].bias[0] = math.inf
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    return {
+        "unknown_class": (model, codes, [10], "unknown class"),
+        "negative_class": (model, codes, [-1], "unknown class"),
+        "empty": (model, codes, [], "empty"),
+        "all_classes": (model, codes, list(range(10)), "all 10 classes"),
+        "code_shape": (model, mf.MnemonicCodes.generate(10, (1, 9, 9)), [0], "does not fit"),
+        "class_count": (model, mf.MnemonicCodes.generate(12, (1, 8, 8)), [0], "12 classes"),
+        "no_trainable": (frozen, codes, [0], "no trainable parameters"),
+        "nan": (nan_model, codes, [0], "NaN or inf"),
+        "inf": (inf_model, codes, [0], "NaN or inf"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown_class", "negative_class", "empty", "all_classes", "code_shape",
+                                  "class_count", "no_trainable", "nan", "inf"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bad_input_raises_and_leaves_model_untouched(trained_digits_mlp, case, inplace):
+    model, codes = trained_digits_mlp
+    model, codes, classes, message = _bad_cases(model, codes)[case]
+    state = state_of(model)
+    with pytest.raises(mf.UnlearningError, match=message):
+        mf.forget(model, codes, classes, lambda1=1e-3, lambda2=10, inplace=inplace)
+    assert_unchanged(model, state)
+
+
+def test_failure_midway_restores_an_inplace_model(trained_digits_mlp, monkeypatch):
+    model, codes = trained_digits_mlp
+    model = copy.deepcopy(model)
+    state = state_of(model)
+    from mnemo_fast import method
+    calls = []
+    real = method.code_accuracy
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the first candidate was applied and scored
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(method, "code_accuracy", flaky)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10, inplace=True)
+    assert_unchanged(model, state)
+
+
+@pytest.mark.parametrize("bad", [dict(lambda1=0.0), dict(lambda2=-1.0), dict(mode="noise"), dict(mode="gaussian", draws=0)])
+def test_bad_arguments(trained_digits_mlp, bad):
+    model, codes = trained_digits_mlp
+    args = dict(lambda1=1e-3, lambda2=10.0) | bad
+    with pytest.raises(ValueError):
+        mf.forget(model, codes, [0], **args)
+
+
+def test_t_mix_out_of_range_in_training(digits_split):
+    train, _ = digits_split
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8))
+    with pytest.raises(ValueError, match="t_mix"):
+        mf.train_with_codes(models.build("mlp", (1, 8, 8), 10), train, codes, 1.2, 1)
+
+
+def test_training_mode_is_restored(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    model = copy.deepcopy(model).train()
+    result = mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10)
+    assert model.training and result.model.training

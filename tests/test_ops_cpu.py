@@ -1,0 +1,337 @@
+"""Compiled CPU operators vs their pure-PyTorch twins (mnemo_fast.reference.kernels)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnemo_fast.fast import _ext
+
+if not _ext.available():
+    pytest.skip(f"mnemo_fast._C unavailable: {_ext.load_error()}", allow_module_level=True)
+
+from mnemo_fast.fast import ops  # noqa: E402
+from mnemo_fast.reference import kernels as ref  # noqa: E402
+from mnemo_fast.reference import perturb  # noqa: E402
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}{v}".replace("torch.", "").replace(" ", "") for k, v in case.items())
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-5}
+
+
+def maybe_strided(t: torch.Tensor, strided: bool) -> torch.Tensor:
+    """The same values, as a non-contiguous view when asked."""
+    if not strided:
+        return t
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+# --- sum_sq_grad_linear ----------------------------------------------------------------------
+
+LINEAR = [
+    dict(N=1, T=1, out=3, inp=5, dtype=torch.float32, strided=False),
+    dict(N=9, T=1, out=17, inp=33, dtype=torch.float64, strided=True),
+    dict(N=1, T=7, out=5, inp=4, dtype=torch.float32, strided=False),
+    dict(N=13, T=6, out=70, inp=300, dtype=torch.float32, strided=True),
+    dict(N=40, T=3, out=130, inp=257, dtype=torch.float64, strided=False),
+    dict(N=3, T=16, out=1, inp=600, dtype=torch.float64, strided=True),
+]
+
+
+@pytest.mark.parametrize("case", LINEAR, ids=case_id)
+def test_sum_sq_grad_linear(case):
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(case["N"], case["T"], case["out"], generator=gen, dtype=case["dtype"])
+    x = torch.randn(case["N"], case["T"], case["inp"], generator=gen, dtype=case["dtype"])
+    g, x = maybe_strided(g, case["strided"]), maybe_strided(x, case["strided"])
+    got = ops.sum_sq_grad_linear(g, x)
+    assert got.dtype == case["dtype"]
+    torch.testing.assert_close(got, ref.sum_sq_grad_linear(g, x), **tol(case["dtype"]))
+
+
+def test_sum_sq_grad_linear_matches_batch_one_autograd():
+    gen = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(6, 4, bias=False).double()
+    x = torch.randn(5, 3, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    per_sample = [torch.autograd.grad(layer(x[n]), layer.weight, g[n])[0] for n in range(5)]
+    expected = torch.stack(per_sample).square().sum(0)
+    torch.testing.assert_close(ops.sum_sq_grad_linear(g, x), expected)
+
+
+def low_precision_error_ok(fast_low, ref_fn, args64, dtype) -> None:
+    """flash-attention rule: the kernel's error vs float64 is at most ~2x plain PyTorch's in `dtype`."""
+    exact = ref_fn(*args64)
+    plain_low = _plain_low_precision(ref_fn, args64, dtype)
+    fast_err = (fast_low.double() - exact).abs().max().item()
+    plain_err = (plain_low.double() - exact).abs().max().item()
+    assert fast_err <= 2 * plain_err + 1e-6 * exact.abs().max().item(), (fast_err, plain_err)
+
+
+def _plain_low_precision(ref_fn, args64, dtype):
+    if ref_fn is ref.sum_sq_grad_linear:
+        g, x = (a.to(dtype) for a in args64)
+        return torch.einsum("nto,nti->noi", g, x).square().sum(0)
+    g, x, *rest = args64
+    k, s, p, d, groups = rest
+    n, c = x.shape[:2]
+    cols = F.unfold(x.to(dtype), k, d, p, s).view(n, groups, c // groups * k[0] * k[1], -1)
+    go = g.to(dtype).reshape(n, groups, g.shape[1] // groups, -1)
+    return torch.einsum("ngol,ngkl->ngok", go, cols).square().sum(0).reshape(g.shape[1], c // groups, *k)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("T", [1, 8])
+def test_sum_sq_grad_linear_low_precision(dtype, T):
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(24, T, 40, generator=gen, dtype=torch.float64)
+    x = torch.randn(24, T, 50, generator=gen, dtype=torch.float64)
+    g, x = g.to(dtype).double(), x.to(dtype).double()  # exactly representable in `dtype`
+    fast = ops.sum_sq_grad_linear(g.to(dtype), x.to(dtype))
+    assert fast.dtype == torch.float32
+    low_precision_error_ok(fast, ref.sum_sq_grad_linear, (g, x), dtype)
+
+
+# --- sum_sq_grad_conv2d / conv1d ------------------------------------------------------------
+
+CONV = [
+    dict(N=1, cin=3, cout=4, hw=(6, 5), k=(3, 3), s=(1, 1), p=(0, 0), d=(1, 1), groups=1),
+    dict(N=5, cin=4, cout=6, hw=(9, 8), k=(3, 2), s=(2, 1), p=(1, 2), d=(1, 2), groups=2),
+    dict(N=3, cin=6, cout=6, hw=(7, 7), k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1), groups=6),
+    dict(N=4, cin=8, cout=70, hw=(10, 10), k=(1, 1), s=(3, 3), p=(0, 0), d=(1, 1), groups=1),
+    dict(N=2, cin=2, cout=3, hw=(5, 6), k=(5, 6), s=(1, 1), p=(0, 0), d=(1, 1), groups=1),
+]
+
+
+def conv_inputs(case, dtype, gen):
+    x = torch.randn(case["N"], case["cin"], *case["hw"], generator=gen, dtype=dtype)
+    w = torch.empty(case["cout"], case["cin"] // case["groups"], *case["k"], dtype=dtype)
+    y = F.conv2d(x, w, None, case["s"], case["p"], case["d"], case["groups"])
+    g = torch.randn(y.shape, generator=gen, dtype=dtype)
+    return g, x
+
+
+def conv_args(case):
+    return [list(case["k"]), list(case["s"]), list(case["p"]), list(case["d"]), case["groups"]]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CONV, ids=case_id)
+def test_sum_sq_grad_conv2d(case, dtype, strided):
+    g, x = conv_inputs(case, dtype, torch.Generator().manual_seed(3))
+    g, x = maybe_strided(g, strided), maybe_strided(x, strided)
+    got = ops.sum_sq_grad_conv2d(g, x, *conv_args(case))
+    torch.testing.assert_close(got, ref.sum_sq_grad_conv2d(g, x, *conv_args(case)), **tol(dtype))
+
+
+def test_sum_sq_grad_conv2d_matches_batch_one_autograd():
+    case = CONV[1]
+    g, x = conv_inputs(case, torch.float64, torch.Generator().manual_seed(4))
+    w = torch.zeros(case["cout"], case["cin"] // case["groups"], *case["k"], dtype=torch.float64,
+                    requires_grad=True)
+    per_sample = [
+        torch.autograd.grad(F.conv2d(x[n : n + 1], w, None, case["s"], case["p"], case["d"],
+                                     case["groups"]), w, g[n : n + 1])[0]
+        for n in range(x.shape[0])
+    ]
+    expected = torch.stack(per_sample).square().sum(0)
+    torch.testing.assert_close(ops.sum_sq_grad_conv2d(g, x, *conv_args(case)), expected)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_sum_sq_grad_conv2d_low_precision(dtype):
+    case = CONV[1]
+    g, x = conv_inputs(case, torch.float64, torch.Generator().manual_seed(5))
+    g, x = g.to(dtype).double(), x.to(dtype).double()
+    fast = ops.sum_sq_grad_conv2d(g.to(dtype), x.to(dtype), *conv_args(case))
+    low_precision_error_ok(fast, ref.sum_sq_grad_conv2d, (g, x, *conv_args(case)), dtype)
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups", [(1, 0, 1, 1), (2, 3, 2, 2)])
+def test_sum_sq_grad_conv1d(stride, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(6)
+    conv = torch.nn.Conv1d(4, 6, 3, stride, padding, dilation, groups, bias=False).double()
+    x = torch.randn(5, 4, 20, generator=gen, dtype=torch.float64)
+    g = torch.randn(conv(x).shape, generator=gen, dtype=torch.float64)
+    per_sample = [torch.autograd.grad(conv(x[n : n + 1]), conv.weight, g[n : n + 1])[0] for n in range(5)]
+    expected = torch.stack(per_sample).square().sum(0)
+    got = ops.sum_sq_grad_conv1d(g, x, 3, stride, padding, dilation, groups)
+    torch.testing.assert_close(got, expected)
+
+
+# --- perturbation ---------------------------------------------------------------------------
+
+def fishers(shapes, dtype, seed, special=True):
+    """Fisher pairs with tiny magnitudes and, when `special`, zeros, infs and NaN ratios."""
+    gen = torch.Generator().manual_seed(seed)
+    forget, remain = [], []
+    for shape in shapes:
+        f = torch.rand(shape, generator=gen, dtype=torch.float64) * 1e-6
+        r = torch.rand(shape, generator=gen, dtype=torch.float64) * 1e-6
+        if special and f.numel() >= 4:
+            f.view(-1)[0] = 0.0  # eta 0
+            r.view(-1)[1] = 0.0  # eta +inf
+            f.view(-1)[2] = r.view(-1)[2] = 0.0  # NaN -> 0
+            r.view(-1)[3] = float("nan")
+        forget.append(f.to(dtype))
+        remain.append(r.to(dtype))
+    return forget, remain
+
+
+SHAPES = {"one": [(37,)], "several": [(64, 33), (5,), (3, 4, 5), (1,), (1000,)]}
+FISHER_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def assert_close_ulps(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to a few ulps of the compute dtype (SLEEF vs scalar log in ATen's loop tails)."""
+    eps = torch.finfo(got.dtype if got.dtype.is_floating_point else torch.float32).eps
+    torch.testing.assert_close(got, want, rtol=64 * eps, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("fisher_dtype", FISHER_DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+def test_perturb_max_ratio(shapes, fisher_dtype):
+    forget, remain = fishers(shapes, fisher_dtype, seed=7)
+    got = ops.perturb_max_ratio(forget, remain)
+    want = ref.perturb_max_ratio(forget, remain)
+    assert got.dtype == want.dtype
+    assert_close_ulps(got, want)
+
+
+def test_perturb_max_ratio_without_finite_ratio_is_zero():
+    forget = [torch.ones(5), torch.full((3,), float("nan"))]
+    remain = [torch.zeros(5), torch.ones(3)]
+    assert ops.perturb_max_ratio(forget, remain).tolist() == [0.0, 0.0]
+
+
+PARAM_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("fisher_dtype", FISHER_DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+def test_perturb_shift(shapes, fisher_dtype, param_dtype, sign):
+    forget, remain = fishers(shapes, fisher_dtype, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+    before = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    for p, f, r in zip(expected, forget, remain):
+        p.add_((sign * perturb.shift(f, r, 0.1, 1.0)).to(p.dtype))
+    max_ratio = ops.perturb_max_ratio(forget, remain)
+    ops.perturb_shift_(params, forget, remain, max_ratio, 0.1, 1.0, sign)
+    for got, want, old in zip(params, expected, before):
+        # Fast and reference steps agree to a few ulps of the compute dtype; the parameter
+        # dtype can turn that into one rounding step of its own.
+        step = torch.finfo(param_dtype).eps * want.abs().double() + 64 * 1.2e-7 * (want.double() - old.double()).abs()
+        assert ((got.double() - want.double()).abs() <= step).all()
+
+
+def test_perturb_shift_is_as_accurate_as_the_reference():
+    """exp(log a - log b) loses ~|log a| ulps to cancellation in both implementations; the
+    kernel (SLEEF) and the reference (ATen/MKL) lose it differently but equally."""
+    forget, remain = fishers([(100_000,)], torch.float32, seed=10, special=False)
+    exact = forget[0].double() / remain[0].double()
+    fast = [torch.zeros(100_000)]
+    ops.perturb_shift_(fast, forget, remain, torch.ones(1), 1.0, 1.0, 1.0)  # alpha = 1: p = eta
+    fast_err = ((fast[0].double() - exact).abs() / exact).max()
+    ref_err = ((perturb.raw_ratio(forget[0], remain[0]).double() - exact).abs() / exact).max()
+    assert fast_err <= 1.1 * ref_err + 2 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fisher_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+def test_perturb_gaussian_matches_reference_draws(shapes, fisher_dtype, param_dtype):
+    forget, remain = fishers(shapes, fisher_dtype, seed=11)
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(12)).to(param_dtype) for s in shapes]
+    before = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    tau = 1.0
+    gen = torch.Generator().manual_seed(13)
+    for p, f, r in zip(expected, forget, remain):
+        p.add_(perturb.gaussian_noise(f, r, 0.1, 1.0, tau, gen, p).to(p.dtype))
+    max_ratio = ops.perturb_max_ratio(forget, remain)
+    ops.perturb_gaussian_(params, forget, remain, max_ratio, 0.1, 1.0, tau,
+                          torch.Generator().manual_seed(13))
+    for got, want, old, f, r in zip(params, expected, before, forget, remain):
+        step = torch.finfo(param_dtype).eps * want.abs().double() + 64 * 1.2e-7 * (want.double() - old.double()).abs()
+        assert ((got.double() - want.double()).abs() <= step).all()
+        masked = ~(perturb.ratio(f, r) > tau)
+        assert torch.equal(got[masked], old[masked])  # eta <= tau: untouched
+        assert not torch.equal(got[~masked], old[~masked]) or not (~masked).any()
+
+
+def test_perturb_gaussian_uses_the_global_generator_by_default():
+    forget, remain = fishers([(50,)], torch.float32, seed=14)
+    a, b = [torch.zeros(50)], [torch.zeros(50)]
+    m = ops.perturb_max_ratio(forget, remain)
+    torch.manual_seed(15)
+    ops.perturb_gaussian_(a, forget, remain, m, 0.1, 1.0, 0.0)
+    torch.manual_seed(15)
+    ref.perturb_gaussian_(b, forget, remain, m, 0.1, 1.0, 0.0, None)
+    assert_close_ulps(a[0], b[0])
+
+
+def test_argument_errors_name_the_argument():
+    forget, remain = fishers([(4, 4)], torch.float32, seed=16)
+    m = ops.perturb_max_ratio(forget, remain)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
+        ops.perturb_shift_([torch.zeros(4, 4).t()], forget, remain, m, 0.1, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="forget and remain must have the same length"):
+        ops.perturb_max_ratio(forget, [])
+    with pytest.raises(RuntimeError, match="grad_output"):
+        ops.sum_sq_grad_linear(torch.zeros(2, 3), torch.zeros(2, 1, 3))
+    with pytest.raises(RuntimeError, match="groups"):
+        ops.sum_sq_grad_conv2d(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 4, 4), 3, groups=2)
+
+
+# --- opcheck and torch.compile --------------------------------------------------------------
+
+def opcheck_cases():
+    gen = torch.Generator().manual_seed(17)
+    g, x = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    cg, cx = conv_inputs(CONV[1], torch.float32, gen)
+    forget, remain = fishers([(8, 3), (5,)], torch.float32, seed=18)
+    m = ref.perturb_max_ratio(forget, remain)
+    params = [torch.randn(8, 3), torch.randn(5)]
+    return {
+        "sum_sq_grad_linear": (g, x),
+        "sum_sq_grad_linear_T1": (g[:, :1], x[:, :1]),
+        "sum_sq_grad_conv2d": (cg, cx, *conv_args(CONV[1])),
+        "perturb_max_ratio": (forget, remain),
+        "perturb_shift_": (params, forget, remain, m, 0.1, 1.0, -1.0),
+        "perturb_gaussian_": (params, forget, remain, m, 0.1, 1.0, 0.5, None),
+    }
+
+
+@pytest.mark.parametrize("name", list(opcheck_cases()))
+def test_opcheck(name):
+    op = getattr(torch.ops.mnemo_fast, name.removesuffix("_T1"))
+    torch.library.opcheck(op, opcheck_cases()[name])
+
+
+def test_sum_sq_grad_linear_under_torch_compile():
+    g, x = torch.randn(4, 3, 5), torch.randn(4, 3, 6)
+    compiled = torch.compile(ops.sum_sq_grad_linear, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(g, x), ops.sum_sq_grad_linear(g, x))
+
+
+def test_disable_env_var_turns_the_extension_off():
+    code = "import mnemo_fast.fast._ext as e; print(e.available(), e.load_error())"
+    env = {**os.environ, "MNEMO_FAST_DISABLE_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("False disabled")

@@ -1,0 +1,74 @@
+"""The paper's formula on hand-made tensors: ratio, NaN/inf handling, lambda caps, sign."""
+
+import math
+
+import pytest
+import torch
+
+import mnemo_fast.reference as ref
+from mnemo_fast.reference import perturb
+
+inf, nan = math.inf, math.nan
+
+
+def test_shift_is_alpha_times_ratio_capped_by_lambda2():
+    f_forget = torch.tensor([4.0, 1.0, 2.0])
+    f_remain = torch.tensor([1.0, 1.0, 4.0])
+    eta = torch.tensor([4.0, 1.0, 0.5])
+    # lambda2 / max eta = 0.5 < lambda1: the cap applies
+    got = ref.perturbation({"w": f_forget}, {"w": f_remain}, lambda1=1.0, lambda2=2.0)["w"]
+    torch.testing.assert_close(got, 0.5 * eta)
+    # lambda1 smaller than lambda2 / max eta: lambda1 applies
+    got = ref.perturbation({"w": f_forget}, {"w": f_remain}, lambda1=0.1, lambda2=2.0)["w"]
+    torch.testing.assert_close(got, 0.1 * eta)
+
+
+def test_each_tensor_has_its_own_alpha():
+    forget = {"a": torch.tensor([10.0, 1.0]), "b": torch.tensor([1.0])}
+    remain = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([1.0])}
+    got = ref.perturbation(forget, remain, lambda1=1.0, lambda2=5.0)
+    torch.testing.assert_close(got["a"], torch.tensor([5.0, 0.5]))
+    torch.testing.assert_close(got["b"], torch.tensor([1.0]))
+
+
+def test_nan_becomes_zero_and_inf_becomes_largest_finite():
+    f_forget = torch.tensor([0.0, 3.0, inf, 2.0, 0.0])
+    f_remain = torch.tensor([0.0, 0.0, inf, 1.0, 5.0])
+    # ratios: 0/0 -> nan -> 0; 3/0 -> inf -> largest finite (2); inf/inf -> nan -> 0; 2; 0
+    eta = perturb.ratio(f_forget, f_remain)
+    torch.testing.assert_close(eta, torch.tensor([0.0, 2.0, 0.0, 2.0, 0.0]))
+    got = ref.perturbation({"w": f_forget}, {"w": f_remain}, lambda1=10.0, lambda2=1.0)["w"]
+    torch.testing.assert_close(got, 0.5 * eta)
+
+
+def test_no_finite_ratio_and_all_zero_ratio():
+    only_inf = perturb.ratio(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(only_inf, torch.zeros(2))
+    # max eta = 0: alpha = lambda1, shift 0
+    got = ref.perturbation({"w": torch.zeros(3)}, {"w": torch.ones(3)}, 1e-3, 10.0)["w"]
+    assert torch.equal(got, torch.zeros(3))
+
+
+def test_ratio_uses_log_space_like_the_authors():
+    a, b = torch.tensor([3.0e-30]), torch.tensor([7.0e-31])
+    assert perturb.ratio(a, b).item() == torch.exp(torch.log(a) - torch.log(b)).item()
+
+
+def test_perturb_applies_sign_and_checks_names():
+    model = torch.nn.Linear(2, 1)
+    before = model.weight.detach().clone()
+    shifts = {"weight": torch.tensor([[1.0, 2.0]])}
+    ref.perturb_(model, shifts, -1)
+    torch.testing.assert_close(model.weight.detach(), before - shifts["weight"])
+    with pytest.raises(ValueError, match="sign"):
+        ref.perturb_(model, shifts, 0)
+    with pytest.raises(ValueError, match="does not have"):
+        ref.perturb_(model, {"nope": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match="same parameter names"):
+        ref.perturbation({"a": torch.ones(1)}, {"b": torch.ones(1)}, 1.0, 1.0)
+
+
+def test_float16_fisher_is_computed_in_float32():
+    got = ref.perturbation({"w": torch.tensor([4.0], dtype=torch.float16)},
+                           {"w": torch.tensor([1.0], dtype=torch.float16)}, 1.0, 100.0)["w"]
+    assert got.dtype == torch.float32 and got.item() == 4.0

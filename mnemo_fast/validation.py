@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from .codes import MnemonicCodes
+from .reference.fisher import eval_mode
 
 
 class UnlearningError(ValueError):
@@ -53,7 +54,7 @@ def code_batch_fits(
 ) -> None:
     """One forward pass on one code: the shapes agree and there is one logit per class."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # train-mode BatchNorm would update its statistics
             logits = output_fn(model(inputs[:1]))
     except (RuntimeError, ValueError) as error:
         raise UnlearningError(

@@ -56,3 +56,94 @@ def make_inputs(shape, n: int, generator: torch.Generator, vocab: int = 12):
     if shape == "ids":
         return torch.randint(0, vocab, (n, 5), generator=generator)
     return torch.randn((n, *shape), generator=generator)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class TinyResNet(nn.Module):
+    """A CIFAR-style stem, two residual blocks (one strided via a 1x1 downsample), BatchNorm."""
+
+    def __init__(self, num_classes: int = 4, width: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.block1 = BasicBlock(width)
+        self.down = nn.Conv2d(width, 2 * width, 1, stride=2)
+        self.block2 = BasicBlock(2 * width)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        h = self.block2(self.down(self.block1(self.stem(x))))
+        return self.head(h.mean((2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + learned positions (a raw parameter) + one encoder layer (MHA, LayerNorm,
+    GELU) + head: attention projections and the raw parameter take the generic path."""
+
+    def __init__(self, vocab: int = 12, dim: int = 8, num_classes: int = 4, length: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, activation="gelu", batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids):
+        h = self.layer(self.embed(ids) + self.position)
+        return self.head(self.norm(h).mean(1))
+
+
+class Scale(nn.Module):
+    """A custom layer with raw parameters: no rule, generic path."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(features) + 0.1 * torch.randn(features))
+        self.offset = nn.Parameter(0.1 * torch.randn(features))
+
+    def forward(self, x):
+        return x * self.gain + self.offset
+
+
+class TiedAndShared(nn.Module):
+    """Conv1d, a Linear called twice, a custom layer and a weight tied between two Linears."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular")
+        self.shared = nn.Linear(6, 6)
+        self.scale = Scale(6)
+        self.first = nn.Linear(6, 6, bias=False)
+        self.second = nn.Linear(6, 6)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x):  # x [N, 2, 6]
+        h = self.conv(x).mean(1)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        h = self.second(torch.relu(self.first(self.scale(h))))
+        return self.head(h)
+
+
+def resnet(num_classes: int = 4):
+    return TinyResNet(num_classes), (3, 8, 8)
+
+
+def transformer(num_classes: int = 4):
+    return TinyTransformer(num_classes=num_classes), "ids"
+
+
+def tied_and_shared(num_classes: int = 4):
+    return TiedAndShared(num_classes), (2, 6)

@@ -83,8 +83,10 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     for name, p in params.items():
         own = owners[id(p)]
         module, local = own[0]
-        if len(own) == 1 and module in candidates and batch_first[module] and uses[id(p)] == calls[module]:
-            plan.rule_modules.setdefault(module, (rule_for(module), {}))[1][local] = name
+        rule = rule_for(module)
+        fits = rule is not None and calls[module] <= getattr(rule, "max_calls", calls[module])
+        if len(own) == 1 and module in candidates and fits and batch_first[module] and uses[id(p)] == calls[module]:
+            plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
         else:
             plan.generic.append(name)
     return plan

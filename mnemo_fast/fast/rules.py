@@ -76,22 +76,19 @@ class ConvRule:
         return (x.unsqueeze(2), g.unsqueeze(2), lift(module.kernel_size), lift(module.stride),
                 padding, lift(module.dilation))
 
+    #: Calls of different spatial sizes cannot share one kernel call: more go to the generic path.
+    max_calls = 1
+
     def accumulate(self, module, calls: Calls, kernels) -> dict[str, Tensor]:
+        (inp, grad), = calls
         out = {}
         if _weight(module):
-            total = 0
-            for inp, grad in self._split_calls(calls):
-                x, g, k, s, p, d = self._as_2d(module, inp, grad)
-                total = total + kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
-            out["weight"] = total.view_as(module.weight)
+            x, g, k, s, p, d = self._as_2d(module, inp, grad)
+            d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
+            out["weight"] = d2.view_as(module.weight)
         if _bias(module):
-            out["bias"] = _square_sum(sum(grad.flatten(2).sum(2) for _, grad in calls))
+            out["bias"] = _square_sum(grad.flatten(2).sum(2))
         return out
-
-    def _split_calls(self, calls: Calls) -> Calls:
-        if len(calls) > 1:
-            raise NotImplementedError("a convolution called more than once goes to the generic path")
-        return calls
 
 
 class EmbeddingRule:
@@ -106,7 +103,7 @@ class EmbeddingRule:
             return {}
         n, vocab = calls[0][0].shape[0], module.num_embeddings
         ids = torch.cat([inp.reshape(n, -1) for inp, _ in calls], 1)
-        g = _acc(torch.cat([grad.reshape(n, ids.shape[1] // len(calls) if False else -1, grad.shape[-1]) for _, grad in calls], 1))
+        g = _acc(torch.cat([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls], 1))
         if module.padding_idx is not None:  # the padding row gets no gradient
             g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
         sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)

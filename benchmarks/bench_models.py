@@ -94,8 +94,11 @@ class Transformer(nn.Module):
     """Token ids [N, T] -> logits [N, classes]: token + position embeddings, pre-norm layers, mean-pool."""
 
     def __init__(self, vocab: int = 1000, seq: int = 64, width: int = 256, layers: int = 4,
-                 heads: int = 4, num_classes: int = 10):
+                 heads: int = 4, num_classes: int = 10, expand_positions: bool = True):
         super().__init__()
+        # Position ids [N, T] (batch first) let the Embedding rule take the position table;
+        # ids [T] broadcast over the batch send it to the generic per-sample path (RESULTS.md).
+        self.expand_positions = expand_positions
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(seq, width)
         self.layers = nn.Sequential(*[EncoderLayer(width, heads) for _ in range(layers)])
@@ -104,6 +107,8 @@ class Transformer(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)
+        if self.expand_positions:
+            pos = pos.expand(ids.shape[0], -1)
         x = self.layers(self.tokens(ids) + self.positions(pos))
         return self.head(self.norm(x).mean(1))
 

@@ -7,10 +7,12 @@ scored on the codes and undone -> the best candidate applied -> result. ``mnemo_
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,35 @@ class ForgetResult:
     backend: str = "reference"
 
 
+ParamSelector = Callable[[str], bool] | str | Iterable[str] | None
+
+
+def parameter_filter(selector: ParamSelector) -> Callable[[str], bool]:
+    """A name predicate from ``params=``: None (all), a callable, or glob pattern(s) such
+    as ``"encoder.layers.11.*"`` or ``["head.*", "norm.*"]``."""
+    if selector is None:
+        return lambda name: True
+    if callable(selector):
+        return selector
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    return lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@contextlib.contextmanager
+def only_parameters(model: torch.nn.Module, selector: ParamSelector) -> Iterator[None]:
+    """Within the block, trainable parameters that ``selector`` rejects do not require grad
+    (so every engine skips them); the flags are restored afterwards."""
+    keep = parameter_filter(selector)
+    dropped = [p for name, p in model.named_parameters() if p.requires_grad and not keep(name)]
+    try:
+        for p in dropped:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in dropped:
+            p.requires_grad_(True)
+
+
 def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype and device of the model's first floating parameter (float32/CPU if none)."""
     for p in model.parameters():
@@ -78,6 +109,7 @@ def fisher_diagonal(
     reduction: str = "mean",
     chunk_size: int | None = None,
     output_fn: OutputFn = logits_of,
+    params: ParamSelector = None,
     engine=None,
 ) -> dict[str, Tensor]:
     """Empirical Fisher diagonal: mean (or sum) over samples of squared per-sample gradients.
@@ -87,6 +119,7 @@ def fisher_diagonal(
     The loss is each sample's own cross-entropy, so this is sum_n (dL_n/dw)^2 / N, not the
     square of a batch gradient. BatchNorm/dropout must not mix samples: the model is put in
     eval mode for the computation and every module's mode is restored afterwards.
+    ``params`` restricts the result to the selected parameters (see :func:`parameter_filter`).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -96,7 +129,7 @@ def fisher_diagonal(
             f"and targets {tuple(targets.shape)}"
         )
     engine = engines.resolve(engine)
-    with eval_mode(model):
+    with eval_mode(model), only_parameters(model, params):
         sums = engine.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
     if reduction == "mean":
         sums = {name: s / inputs.shape[0] for name, s in sums.items()}
@@ -111,6 +144,7 @@ def class_fishers(
     eps: float = 1e-16,
     chunk_size: int | None = None,
     output_fn: OutputFn = logits_of,
+    params: ParamSelector = None,
     engine=None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(f_F, f_R) from the codes alone, with the authors' epsilon floor.
@@ -127,7 +161,7 @@ def class_fishers(
         sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
         return {name: (eps + s / codes.per_class) / len(classes) for name, s in sums.items()}
 
-    with eval_mode(model):
+    with eval_mode(model), only_parameters(model, params):
         return fisher_of(forget), fisher_of(remain)
 
 
@@ -220,6 +254,7 @@ def forget(
     eps: float = 1e-16,
     chunk_size: int | None = None,
     output_fn: OutputFn = logits_of,
+    params: ParamSelector = None,
     engine=None,
 ) -> ForgetResult:
     """Make ``model`` forget ``forget_classes`` in one shot, from the codes alone.
@@ -229,6 +264,11 @@ def forget(
     [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator`` (torch's default one if
     None), best of ``draws`` draws by the same score. Candidates are applied, scored and
     undone on one copy of the parameters; no model is copied per candidate.
+
+    ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
+    block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
+    through the model at once; ``output_fn`` picks the logits from a model that returns an
+    object or a dict (default: the tensor itself, ``.logits`` or ``["logits"]``).
 
     A new model is returned unless ``inplace=True``; in-place edits happen completely or not
     at all (any failure restores the parameters). Bad input raises ``UnlearningError``.
@@ -247,14 +287,17 @@ def forget(
 
     engine = engines.resolve(engine)
     target = model if inplace else copy.deepcopy(model)
-    params = trainable_parameters(target)
-    names = list(params)
-    originals = [p.detach().clone() for p in params.values()]
-    live = [p.detach() for p in params.values()]
+    keep = parameter_filter(params)
+    chosen = {name: p for name, p in trainable_parameters(target).items() if keep(name)}
+    if not chosen:
+        raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
+    names = list(chosen)
+    originals = [p.detach().clone() for p in chosen.values()]
+    live = [p.detach() for p in chosen.values()]
     try:
         result = _forget_in_place(
             target, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,
-            generator, eps, chunk_size, output_fn, engine, originals,
+            generator, eps, chunk_size, output_fn, keep, engine, originals,
         )
     except BaseException:
         _restore(live, originals)
@@ -271,11 +314,12 @@ def _restore(live: list[Tensor], originals: list[Tensor]) -> None:
 
 def _forget_in_place(
     model, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,
-    generator, eps, chunk_size, output_fn, engine, originals,
+    generator, eps, chunk_size, output_fn, keep, engine, originals,
 ) -> ForgetResult:
     before = code_accuracy(model, codes, classes, output_fn=output_fn)
     fisher_f, fisher_r = class_fishers(
-        model, codes, classes, eps=eps, chunk_size=chunk_size, output_fn=output_fn, engine=engine
+        model, codes, classes, eps=eps, chunk_size=chunk_size, output_fn=output_fn,
+        params=keep, engine=engine,
     )
     forget_list = [fisher_f[n].contiguous() for n in names]
     remain_list = [fisher_r[n].contiguous() for n in names]

@@ -186,3 +186,35 @@ def test_training_mode_is_restored(trained_digits_mlp):
     model = copy.deepcopy(model).train()
     result = mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10)
     assert model.training and result.model.training
+
+
+def test_params_selects_what_is_computed_and_perturbed(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    x, y = codes.batch(range(10))
+    fisher = mf.fisher_diagonal(model, x, y, params="3.*")
+    assert set(fisher) == {"3.weight", "3.bias"}
+    torch.testing.assert_close(fisher["3.weight"], ref.fisher_diagonal(model, x, y)["3.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    result = mf.forget(model, codes, [0], lambda1=1e-2, lambda2=10, params=["3.weight"])
+    assert torch.equal(result.model[1].weight, model[1].weight) and torch.equal(result.model[3].bias, model[3].bias)
+    assert not torch.equal(result.model[3].weight, model[3].weight)
+    with pytest.raises(mf.UnlearningError, match="selects none"):
+        mf.forget(model, codes, [0], lambda1=1e-2, lambda2=10, params=lambda name: False)
+
+
+def test_output_fn_picks_logits_from_an_object(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"logits": self.inner(x), "aux": 0}
+
+    wrapped = Wrapped(copy.deepcopy(model))
+    a = mf.forget(wrapped, codes, [0], lambda1=1e-3, lambda2=10)
+    b = mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb)

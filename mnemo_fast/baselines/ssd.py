@@ -81,6 +81,12 @@ def lfssd_importance(model, data, *, estimator: str = "per_sample", batch_size: 
     return {n: v / len(x) for n, v in imp.items()}
 
 
+def _alpha(alpha, estimator, share, forget, full) -> float:
+    if alpha is not None:
+        return float(alpha)
+    return 10.0 if estimator == "original_batch" else share * len(full) / max(1, len(forget))
+
+
 @torch.no_grad()
 def dampen_(model, forget_imp, full_imp, *, alpha: float, lam: float, exponent: float = 1.0,
             lower_bound: float = 1.0) -> torch.nn.Module:
@@ -100,10 +106,11 @@ def ssd(
     train_data,
     forget_classes: Iterable[int] | int,
     *,
-    alpha: float = 10.0,
+    alpha: float | None = None,
     lam: float = 1.0,
     estimator: str = "per_sample",
     batch_size: int = 64,
+    share: float = 0.5,
 ) -> torch.nn.Module:
     """SSD: a copy of ``model`` with forget-specialised parameters dampened.
 
@@ -117,7 +124,8 @@ def ssd(
     with torch.enable_grad():
         full_imp = ssd_importance(out, train_data, estimator=estimator, batch_size=batch_size)
         forget_imp = ssd_importance(out, forget, estimator=estimator, batch_size=batch_size)
-    return dampen_(out, forget_imp, full_imp, alpha=alpha, lam=lam).eval()
+    return dampen_(out, forget_imp, full_imp, alpha=_alpha(alpha, estimator, share, forget, train_data),
+                   lam=lam).eval()
 
 
 def lfssd(
@@ -125,19 +133,22 @@ def lfssd(
     train_data,
     forget_classes: Iterable[int] | int,
     *,
-    alpha: float = 10.0,
+    alpha: float | None = None,
     lam: float = 1.0,
     estimator: str = "per_sample",
     batch_size: int = 64,
+    share: float = 0.5,
 ) -> torch.nn.Module:
     """LFSSD: SSD with label-free importances |grad ||f(x)||^2| (see :func:`lfssd_importance`).
 
     Data needed: forget and full training inputs (labels only to select the forget classes).
-    Defaults: alpha = 10, lambda = 1 (the LFSSD paper keeps SSD's ResNet-18 settings).
+    Defaults: alpha = 10, lambda = 1 (the LFSSD paper keeps SSD's ResNet-18 settings) for the
+    original estimator; ``alpha=None`` with "per_sample" means ``share * N / N_F`` (see :func:`ssd`).
     """
     forget, _ = split(train_data, forget_classes)
     out = copy.deepcopy(model)
     with torch.enable_grad():
         full_imp = lfssd_importance(out, train_data, estimator=estimator, batch_size=batch_size)
         forget_imp = lfssd_importance(out, forget, estimator=estimator, batch_size=batch_size)
-    return dampen_(out, forget_imp, full_imp, alpha=alpha, lam=lam).eval()
+    return dampen_(out, forget_imp, full_imp, alpha=_alpha(alpha, estimator, share, forget, train_data),
+                   lam=lam).eval()

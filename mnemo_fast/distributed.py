@@ -1,0 +1,195 @@
+"""Forgetting on many processes: the Fisher's sum over codes split across ranks.
+
+The Fisher is a sum of per-sample squares, sum_n g_n^2, so each rank computes the sum over
+its contiguous share of the codes and one ``all_reduce(SUM)`` per dtype combines them. The
+rest of the method (ratio, shift, scoring on the codes) runs on every rank as it does on
+one: for a model replicated on every rank all ranks end with the same parameters.
+
+Launch one process per device with torchrun, e.g. ``torchrun --nproc_per_node=2 forget.py``
+where ``forget.py`` holds::
+
+    import torch, torch.distributed as dist
+    import mnemo_fast as mf
+    from mnemo_fast.distributed import forget_distributed
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    model = load_my_model().to(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    codes = mf.MnemonicCodes.load("codes.safetensors")
+    result = forget_distributed(model, codes, [0], lambda1=1e-4, lambda2=1)
+    if rank == 0:
+        torch.save(result.model.state_dict(), "forgotten.pt")
+    dist.destroy_process_group()
+
+Tested: gloo on the CPU, plain modules and ``DistributedDataParallel`` (its ``.module`` is
+used, so no DDP hook or buffer broadcast runs during the Fisher). Not tested: NCCL on GPUs
+(same code path, nothing gloo-specific here), FSDP and DTensor-sharded parameters (the
+collectives are written so that a rank may hold a shard -- sums and maxima are elementwise
+over whatever each rank holds -- but scoring a sharded model on the codes is not handled).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import engines
+from .reference.fisher import accumulation_dtype, logits_of, trainable_parameters
+
+Tensor = torch.Tensor
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper, else ``model``."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def share(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous slice [start, end) of ``num_samples`` (sizes differ by at most 1)."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_reduce_flat_(tensors: Sequence[Tensor], op=dist.ReduceOp.SUM, group=None) -> None:
+    """All-reduce ``tensors`` in place with one collective per (dtype, device) bucket."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        buckets[(t.dtype, t.device)].append(t)
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, op=op, group=group)
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))
+
+
+class DistributedEngine:
+    """Wrap an engine (default: :func:`mnemo_fast.engines.default_engine`) for many ranks.
+
+    - ``sum_squared_grads``: rank r takes ``inputs[start:end]`` (:func:`share`), a rank
+      with no samples contributes zeros; sums are combined by ``all_reduce(SUM)``, one
+      flattened buffer per dtype. Every rank gets the full sum.
+    - ``max_ratio``: computed locally, then ``all_reduce(MAX)`` (so a rank holding a
+      shard of a tensor still gets the tensor's maximum).
+    - ``shift_`` / ``gaussian_``: delegated; each rank perturbs the parameters it holds.
+      For ``gaussian_`` on replicated parameters all ranks must pass generators in the same
+      state (same seed), or the replicas diverge.
+
+    Every rank must call the engine the same number of times with the same model structure
+    (the collectives are matched by order).
+    """
+
+    def __init__(self, inner_engine=None, group=None):
+        self.inner = engines.resolve(inner_engine)
+        self.group = group
+        self.name = f"distributed({self.inner.name})"
+
+    def backend_for(self, device: torch.device) -> str:
+        return self.inner.backend_for(device)
+
+    def sum_squared_grads(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        output_fn: Callable[[object], Tensor] = logits_of,
+    ) -> dict[str, Tensor]:
+        model = unwrap(model)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        start, end = share(inputs.shape[0], rank, world)
+        params = trainable_parameters(model)
+        if end > start:
+            sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
+        else:
+            sums = {
+                name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format)
+                for name, p in params.items()
+            }
+        ordered = [sums[name] for name in params]  # the same order on every rank
+        all_reduce_flat_(ordered, dist.ReduceOp.SUM, self.group)
+        return sums
+
+    def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
+        local = self.inner.max_ratio(forget, remain).clone()
+        if local.numel():
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
+        return local
+
+    def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
+        self.inner.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+
+    def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
+        self.inner.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+
+
+class RankDisagreement(RuntimeError):
+    """Ranks of a replicated model chose different candidates or ended with different weights."""
+
+
+def _agree(values: Tensor, group) -> bool:
+    low, high = values.clone(), values.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(low, high))
+
+
+def _best_candidate(result) -> int:
+    if result.mode == "shift":
+        return 0 if result.sign == 1 else 1
+    scores = result.candidate_scores
+    return max(range(len(scores)), key=lambda k: (scores[k], -k))
+
+
+def forget_distributed(
+    model: torch.nn.Module,
+    codes,
+    classes: Iterable[int] | int,
+    *,
+    inner_engine=None,
+    group=None,
+    verify_parameters: bool = True,
+    **kwargs,
+):
+    """``mnemo_fast.forget`` with the Fisher split across the ranks of ``group``.
+
+    Call on every rank with the same replicated ``model`` (plain or DDP-wrapped; the
+    wrapped module is used and, with ``inplace=True``, edited), the same codes and the same
+    keyword arguments (for ``mode="gaussian"`` a generator seeded the same on every rank).
+    The candidate is chosen on every rank from its own code scores; this checks that all
+    ranks chose the same candidate with the same scores (and, with ``verify_parameters``,
+    ended with the same per-tensor parameter sums) and raises :class:`RankDisagreement`
+    otherwise. Returns the :class:`mnemo_fast.ForgetResult` (``model`` is the unwrapped module
+    or its copy).
+    """
+    from .method import forget
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("forget_distributed needs torch.distributed initialised (init_process_group)")
+    module = unwrap(model)
+    result = forget(module, codes, classes, engine=DistributedEngine(inner_engine, group), **kwargs)
+    device = next(module.parameters()).device
+    choice = torch.tensor([_best_candidate(result), *result.candidate_scores], dtype=torch.float64, device=device)
+    if not _agree(choice, group):
+        raise RankDisagreement(
+            f"rank {dist.get_rank(group)}: ranks chose different forgetting candidates "
+            f"(this rank: candidate {int(choice[0])}, scores {result.candidate_scores}); are the "
+            f"model, codes and generator seed the same on every rank?"
+        )
+    if verify_parameters:
+        with torch.no_grad():
+            sums = torch.stack([p.detach().double().sum() for p in result.model.parameters()])
+        if not _agree(sums, group):
+            raise RankDisagreement(
+                f"rank {dist.get_rank(group)}: the forgotten parameters differ between ranks; "
+                f"are the model replicas identical?"
+            )
+    return result

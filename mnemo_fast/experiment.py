@@ -1,0 +1,353 @@
+"""``mnemo-fast experiment``: every method on the same trained models, one table, one figure.
+
+Models are trained once with mnemonic codes and cached (safetensors, with their codes) under
+``--cache``; retrained references too. Each (dataset, model, seed, forget set, method) gives
+one JSON row appended to ``<cache>/results.jsonl``; the report (markdown tables, mean +- std)
+and the figure are built from the rows of the configurations asked for, so a rerun only
+computes what is missing (``--fresh`` recomputes the rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import baselines as B
+from . import data as data_mod
+from . import metrics as M
+from . import models as models_mod
+from .calibration import calibrate
+from .codes import MnemonicCodes
+from .evaluation import evaluate
+from .method import forget
+from .resnet import resnet18
+
+EPOCHS = {"digits": 40, "fashion-mnist": 10}
+PAPER_LAMBDAS = (1e-3, 10.0)      # the paper's MNIST MLP setting
+ORACLE_GRID = [10 ** (k / 2) for k in range(-12, 1)]   # 1e-6 .. 1, half decades, lambda2 = 10
+METHODS = ("original", "retrain", "finetune", "neggrad+", "fisher", "ssd", "ssd-orig", "lfssd",
+           "lfssd-orig", "mnemonic-paper", "mnemonic-auto", "mnemonic-misclassify",
+           "mnemonic-oracle", "mnemonic-data-k1", "mnemonic-data-k10")
+HEAVY = ("retrain", "finetune", "neggrad+")
+
+
+def build_model(name: str, shape, classes: int) -> torch.nn.Module:
+    if name == "resnet":
+        return resnet18(shape, classes, width=16)
+    return models_mod.build(name, shape, classes)
+
+
+def load_data(name: str, limit: int | None):
+    if name == "digits":
+        return data_mod.digits()
+    train, test = data_mod.fashion_mnist()
+    if limit:
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(len(train), generator=g)[:limit]
+        train = torch.utils.data.TensorDataset(train.tensors[0][idx], train.tensors[1][idx])
+    return train, test
+
+
+def _save(model, codes, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={k: str(v) for k, v in meta.items()})
+    if codes is not None:
+        codes.save(path.with_suffix(".codes.safetensors"))
+
+
+def _load_into(model, path: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def trained(cache: Path, data: str, model: str, seed: int, train, shape, classes, epochs, t_mix):
+    """(model trained with codes, codes), cached."""
+    path = cache / f"{data}-{model}-s{seed}-e{epochs}-t{t_mix}.safetensors"
+    codes = MnemonicCodes.generate(classes, shape, seed=seed)
+    net = build_model(model, shape, classes)
+    if path.exists():
+        return _load_into(net, path), codes
+    torch.manual_seed(seed)
+    net = build_model(model, shape, classes)
+    from .train import train_with_codes
+    train_with_codes(net, train, codes, t_mix, epochs, seed=seed, progress=True)
+    _save(net, codes, path, {"data": data, "model": model, "seed": seed, "epochs": epochs})
+    return net.eval(), codes
+
+
+def retrained(cache: Path, data, model_name, seed, net, train, codes, forget_set, epochs, t_mix):
+    tag = "-".join(map(str, forget_set))
+    path = cache / f"{data}-{model_name}-s{seed}-e{epochs}-t{t_mix}-retrain-{tag}.safetensors"
+    if path.exists():
+        return _load_into(copy.deepcopy(net), path), None
+    start = time.perf_counter()
+    ref = B.retrain(net, train, forget_set, epochs=epochs, codes=codes, t_mix=t_mix, seed=seed,
+                    progress=True)
+    seconds = time.perf_counter() - start
+    _save(ref, None, path, {"seconds": seconds})
+    return ref, seconds
+
+
+def oracle(net, codes, test, forget_set):
+    """Best lambda1 on the grid (lambda2 = 10) by *test* accuracy: the largest A_R among the
+    points with E_F >= 0.99, else the largest A_R + E_F."""
+    best = None
+    for l1 in ORACLE_GRID:
+        ev = evaluate(forget(net, codes, forget_set, lambda1=l1, lambda2=10.0).model, test, forget_set)
+        a_r, e_f = ev.retain_accuracy, 1 - ev.forget_accuracy
+        key = (e_f >= 0.99, a_r if e_f >= 0.99 else a_r + e_f)
+        if best is None or key > best[0]:
+            best = (key, l1)
+    return best[1]
+
+
+def run_method(method, net, codes, train, test, forget_set, seed, ref_seconds):
+    """(model, seconds, extra info) of one method."""
+    info = {}
+    if method == "original":
+        return net, 0.0, info
+    if method == "finetune":
+        return (*M.timed(B.finetune, net, train, forget_set, seed=seed), info)
+    if method == "neggrad+":
+        return (*M.timed(B.neggrad_plus, net, train, forget_set, seed=seed), info)
+    if method == "fisher":
+        return (*M.timed(B.fisher_forgetting, net, train, forget_set, seed=seed), info)
+    if method in ("ssd", "ssd-orig"):
+        est = "per_sample" if method == "ssd" else "original_batch"
+        return (*M.timed(B.ssd, net, train, forget_set, estimator=est), info)
+    if method in ("lfssd", "lfssd-orig"):
+        est = "per_sample" if method == "lfssd" else "original_batch"
+        return (*M.timed(B.lfssd, net, train, forget_set, estimator=est), info)
+    if method.startswith("mnemonic"):
+        if method == "mnemonic-paper":
+            r = forget(net, codes, forget_set, lambda1=PAPER_LAMBDAS[0], lambda2=PAPER_LAMBDAS[1])
+        elif method in ("mnemonic-auto", "mnemonic-misclassify"):
+            opts = {} if method == "mnemonic-auto" else {"depth": 0.0, "max_forget_prob": 1.0}
+            r = B.mnemonic_result(net, codes, forget_set, lambda1="auto", lambda2=10.0, **opts)
+        elif method == "mnemonic-oracle":
+            l1 = oracle(net, codes, test, forget_set)
+            r = forget(net, codes, forget_set, lambda1=l1, lambda2=10.0)
+        else:
+            k = int(method.rsplit("k", 1)[1])
+            r = B.mnemonic_with_data_result(net, train, forget_set, k=k, seed=seed, lambda1="auto",
+                                            lambda2=10.0)
+        info = {"lambda1": r.lambda1, "lambda2": r.lambda2}
+        return r.model, r.seconds, info
+    raise ValueError(f"unknown method {method!r}")
+
+
+def forget_sets(spec: str, classes: int) -> list[list[int]]:
+    if spec == "each":
+        return [[c] for c in range(classes)]
+    return [[int(c) for c in spec.split(",")]]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mnemo-fast experiment", description=__doc__)
+    p.add_argument("--data", nargs="+", default=["digits"], choices=data_mod.DATASETS)
+    p.add_argument("--models", nargs="+", default=["mlp"], choices=("mlp", "cnn", "resnet"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--forget", nargs="+", default=["0", "each", "0,1"],
+                   help='forget sets: "0", "each" (every class in turn), "0,1" (two at once)')
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--each-methods", nargs="+", default=None, choices=METHODS,
+                   help="methods for the 'each' sweep (default: all)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 40 digits, 10 fashion)")
+    p.add_argument("--t-mix", type=float, default=0.1)
+    p.add_argument("--limit", type=int, default=10000, help="Fashion-MNIST training subset (0: all)")
+    p.add_argument("--cache", type=Path, default=Path("runs/experiment"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/UNLEARNING.md"))
+    p.add_argument("--figure", type=Path, default=None, help="default: next to --out, .png")
+    p.add_argument("--fresh", action="store_true", help="recompute rows already in results.jsonl")
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _key(row):
+    return (row["data"], row["model"], row["seed"], tuple(row["forget"]), row["method"], row["epochs"])
+
+
+def run(args) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    results = args.cache / "results.jsonl"
+    done = {}
+    if results.exists() and not args.fresh:
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            done[_key(row)] = row
+    rows = []
+    for data in args.data:
+        train, test = load_data(data, args.limit if data == "fashion-mnist" else None)
+        shape, classes = tuple(train.tensors[0].shape[1:]), data_mod.num_classes(train)
+        epochs = args.epochs or EPOCHS[data]
+        for model_name in args.models:
+            for seed in args.seeds:
+                net, codes = trained(args.cache, data, model_name, seed, train, shape, classes,
+                                     epochs, args.t_mix)
+                for spec in args.forget:
+                    methods = args.methods if spec != "each" or not args.each_methods else args.each_methods
+                    for fs in forget_sets(spec, classes):
+                        ref = None
+                        for method in methods:
+                            key = (data, model_name, seed, tuple(fs), method, epochs)
+                            if key in done:
+                                rows.append(done[key])
+                                continue
+                            if ref is None:
+                                ref, ref_seconds = retrained(args.cache, data, model_name, seed, net,
+                                                             train, codes, fs, epochs, args.t_mix)
+                            if method == "retrain":
+                                out, seconds, info = ref, ref_seconds, {}
+                                if seconds is None:
+                                    from safetensors import safe_open
+                                    tag = "-".join(map(str, fs))
+                                    path = args.cache / f"{data}-{model_name}-s{seed}-e{epochs}-t{args.t_mix}-retrain-{tag}.safetensors"
+                                    with safe_open(str(path), framework="pt") as h:
+                                        seconds = float((h.metadata() or {}).get("seconds", "nan"))
+                            else:
+                                torch.manual_seed(seed)
+                                out, seconds, info = run_method(method, net, codes, train, test, fs,
+                                                                seed, ref_seconds)
+                            row = {"data": data, "model": model_name, "seed": seed, "forget": fs,
+                                   "method": method, "epochs": epochs, "seconds": seconds, **info,
+                                   **M.report(out, train, test, fs, reference=ref, seed=seed)}
+                            row["per_class"] = {str(k): v for k, v in evaluate(out, test, fs).per_class.items()}
+                            with results.open("a") as handle:
+                                handle.write(json.dumps(row) + "\n")
+                            done[key] = row
+                            rows.append(row)
+                            print(f"{data} {model_name} s{seed} forget={fs} {method:22s} "
+                                  f"A_R {100 * row['A_R']:.1f} E_F {100 * row['E_F']:.1f} "
+                                  f"MIA {row['mia_auc']:.2f} {seconds:.3f}s", flush=True)
+    return rows
+
+
+def _ms(values, scale=100.0, digits=1):
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
+    if len(v) == 0:
+        return "-"
+    v = v * scale
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def _setting(fs) -> str:
+    return f"classes {','.join(map(str, fs))}" if len(fs) > 1 else "one class"
+
+
+def tables(rows: list[dict]) -> str:
+    out = []
+    groups = {}
+    for r in rows:
+        kind = "class 0" if r["forget"] == [0] else ("two classes " + ",".join(map(str, r["forget"])) if len(r["forget"]) > 1 else "each class")
+        groups.setdefault((r["data"], r["model"], kind), []).append(r)
+    # a class-0 row is also part of "each class"
+    for (d, m, kind), rs in list(groups.items()):
+        if kind == "class 0":
+            groups.setdefault((d, m, "each class"), [])
+            each = groups[(d, m, "each class")]
+            if each:
+                each.extend(rs)
+    order = {"class 0": 0, "each class": 1}
+    for (d, m, kind) in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 2))):
+        rs = groups[(d, m, kind)]
+        if not rs:
+            continue
+        seeds = sorted({r["seed"] for r in rs})
+        n_sets = len({tuple(r["forget"]) for r in rs})
+        out.append(f"\n### {d} / {m} / forget {kind} (seeds {seeds}, {n_sets} forget set(s); mean ± std over them)\n")
+        out.append("| method | A_R % | E_F % | A_R train % | MIA AUC (loss) | member rate % | agree w/ retrain (forget) % | JS to retrain (forget) | agree w/ retrain (retain) % | seconds | n |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for method in METHODS:
+            sel = [r for r in rs if r["method"] == method]
+            if not sel:
+                continue
+            out.append(
+                f"| {method} | {_ms([r['A_R'] for r in sel])} | {_ms([r['E_F'] for r in sel])} | "
+                f"{_ms([r['A_R_train'] for r in sel])} | {_ms([r['mia_auc'] for r in sel], 1, 3)} | "
+                f"{_ms([r['member_rate'] for r in sel])} | {_ms([r.get('agree_forget') for r in sel])} | "
+                f"{_ms([r.get('js_forget') for r in sel], 1, 3)} | {_ms([r.get('agree_retain') for r in sel])} | "
+                f"{_ms([r['seconds'] for r in sel], 1, 3)} | {len(sel)} |")
+    return "\n".join(out)
+
+
+def calibration_table(rows: list[dict]) -> str:
+    """auto (codes only) vs the test-set oracle, per (data, model), over every class and seed."""
+    out = ["\n| data / model | criterion | cases | log10(λ1 auto / λ1 oracle) mean ± std | "
+           "A_R auto − oracle (points) | E_F = 100 (auto) | E_F = 100 (oracle) | A_R within 1 pt of oracle & E_F ≥ 99 |",
+           "|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in rows:
+        if len(r["forget"]) == 1:
+            by.setdefault((r["data"], r["model"]), {}).setdefault((r["seed"], r["forget"][0]), {})[r["method"]] = r
+    for (d, m), cases in sorted(by.items()):
+        for method in ("mnemonic-auto", "mnemonic-misclassify", "mnemonic-paper"):
+            pairs = [(c[method], c["mnemonic-oracle"]) for c in cases.values()
+                     if method in c and "mnemonic-oracle" in c]
+            if not pairs:
+                continue
+            logs = [math.log10(a["lambda1"] / o["lambda1"]) for a, o in pairs]
+            diff = [a["A_R"] - o["A_R"] for a, o in pairs]
+            ok = sum(1 for a, o in pairs if a["E_F"] >= 0.99 and a["A_R"] >= o["A_R"] - 0.01)
+            out.append(
+                f"| {d} / {m} | {method} | {len(pairs)} | {_ms(logs, 1, 2)} | {_ms(diff, 100, 2)} | "
+                f"{sum(a['E_F'] >= 0.999 for a, _ in pairs)}/{len(pairs)} | "
+                f"{sum(o['E_F'] >= 0.999 for _, o in pairs)}/{len(pairs)} | {ok}/{len(pairs)} |")
+    return "\n".join(out)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(r["data"], r["model"]) for r in rows if r["forget"] == [0]})
+    if not combos:
+        return
+    fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.6 * len(combos)), squeeze=False)
+    colors = plt.get_cmap("tab20")
+    for i, (d, m) in enumerate(combos):
+        rs = [r for r in rows if r["data"] == d and r["model"] == m and r["forget"] == [0]]
+        for j, method in enumerate(METHODS):
+            sel = [r for r in rs if r["method"] == method]
+            if not sel:
+                continue
+            a_r = 100 * np.mean([r["A_R"] for r in sel])
+            e_f = 100 * np.mean([r["E_F"] for r in sel])
+            sec = max(np.mean([r["seconds"] for r in sel]), 1e-4)
+            axes[i, 0].scatter(e_f, a_r, color=colors(j), label=method, s=40)
+            axes[i, 1].scatter(sec, a_r, color=colors(j), label=method, s=40)
+        axes[i, 0].set(xlabel="E_F (%)", ylabel="A_R (%)", title=f"{d} / {m}: forget class 0")
+        axes[i, 1].set(xlabel="forgetting wall time (s, log)", ylabel="A_R (%)", xscale="log",
+                       title=f"{d} / {m}: A_R vs time")
+    axes[0, 1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    fig_path = args.figure or args.out.with_suffix(".png")
+    figure(rows, fig_path)
+    report = ["## Results (generated by `mnemo-fast experiment`)", tables(rows),
+              "\n## Lambda calibration from the codes vs the test-set oracle", calibration_table(rows)]
+    generated = args.out.with_suffix(".generated.md")
+    generated.write_text("\n".join(report) + "\n")
+    print(f"wrote {generated} and {fig_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Two gloo processes give the one-process Fisher and forgotten model (mnemo_fast.distributed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mnemo_fast as mf
+from mnemo_fast import models
+from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
+
+WORLD = 2
+CASES = {
+    "k1-shift": dict(per_class=1, mode="shift", ddp=False),  # 1 forget code: rank 1 has none
+    "k3-shift": dict(per_class=3, mode="shift", ddp=False),  # 3 and 27 codes: uneven split
+    "k3-shift-ddp": dict(per_class=3, mode="shift", ddp=True),
+    "k2-gaussian": dict(per_class=2, mode="gaussian", ddp=False),
+}
+FORGET = [0]
+
+
+def _problem(per_class: int):
+    torch.manual_seed(0)
+    model = models.MLP((1, 8, 8), 10, hidden=32)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), per_class=per_class, seed=1)
+    return model, codes
+
+
+def _forget_kwargs(mode: str) -> dict:
+    kwargs = dict(lambda1=1e-1, lambda2=10.0, mode=mode, chunk_size=4)
+    if mode == "gaussian":
+        kwargs.update(generator=torch.Generator().manual_seed(7), tau=0.5)
+    return kwargs
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for case_id, case in CASES.items():
+            model, codes = _problem(case["per_class"])
+            wrapped = torch.nn.parallel.DistributedDataParallel(model) if case["ddp"] else model
+            fisher_f, fisher_r = mf.class_fishers(wrapped, codes, FORGET, engine=DistributedEngine())
+            result = forget_distributed(wrapped, codes, FORGET, **_forget_kwargs(case["mode"]))
+            results[case_id] = {
+                "fisher_f": fisher_f, "fisher_r": fisher_r,
+                "model": result.model.state_dict(), "scores": result.candidate_scores,
+            }
+        model, codes = _problem(1)
+        if rank == 1:  # a replica that is not a replica: the ranks must notice
+            with torch.no_grad():
+                model[-1].bias.add_(5.0)
+        try:
+            forget_distributed(model, codes, FORGET, lambda1=1e-1, lambda2=10.0)
+            results["disagreement"] = None
+        except RankDisagreement as error:
+            results["disagreement"] = str(error)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _max_rel_diff(a: dict, b: dict) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for name in a:
+        scale = b[name].abs().max().clamp_min(1e-30)
+        diff = ((a[name] - b[name]).abs().max() / scale).item()
+        if diff >= worst:
+            worst, where = diff, name
+    return worst, where
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_two_ranks_equal_one_process(runs, case_id):
+    case = CASES[case_id]
+    model, codes = _problem(case["per_class"])
+    fisher_f, fisher_r = mf.class_fishers(model, codes, FORGET)
+    single = mf.forget(model, codes, FORGET, **_forget_kwargs(case["mode"]))
+    for rank, run in enumerate(runs):
+        got = run[case_id]
+        for label, mine, theirs in (("f_F", got["fisher_f"], fisher_f), ("f_R", got["fisher_r"], fisher_r)):
+            diff, name = _max_rel_diff(mine, theirs)
+            assert diff <= 1e-6, f"rank {rank} {label}[{name}]: max relative difference {diff:.3g}"
+        assert got["scores"] == single.candidate_scores
+        diff, name = _max_rel_diff(got["model"], single.model.state_dict())
+        assert diff <= 1e-6, f"rank {rank} forgotten {name}: max relative difference {diff:.3g}"
+
+
+def test_ranks_end_identical(runs):
+    for case_id in CASES:
+        for name, value in runs[0][case_id]["model"].items():
+            assert torch.equal(value, runs[1][case_id]["model"][name]), f"{case_id}: {name} differs between ranks"
+
+
+def test_disagreeing_replicas_raise_on_every_rank(runs):
+    for rank, run in enumerate(runs):
+        assert run["disagreement"] is not None, f"rank {rank} did not notice the replicas differ"
+
+
+@pytest.mark.parametrize("num, world", [(1, 2), (30, 2), (27, 4), (3, 5)])
+def test_share_covers_every_sample_once(num, world):
+    slices = [share(num, r, world) for r in range(world)]
+    assert slices[0][0] == 0 and slices[-1][1] == num
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    assert max(e - s for s, e in slices) - min(e - s for s, e in slices) <= 1

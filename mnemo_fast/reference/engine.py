@@ -5,12 +5,12 @@ See :mod:`mnemo_fast.engines` for the interface every engine implements.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from . import fisher as ref_fisher
-from . import perturb as ref_perturb
+from . import kernels
 
 Tensor = torch.Tensor
 
@@ -35,41 +35,18 @@ class ReferenceEngine:
             model, inputs, targets, chunk_size=chunk_size, output_fn=output_fn
         )
 
-    def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-        if not forget:
-            return torch.zeros(0)
-        return torch.stack([ref_perturb.max_finite_ratio(f, r) for f, r in zip(forget, remain)])
+    # The perturbation is the kernels' pure-PyTorch twins, so there is one copy of the formula.
+    max_ratio = staticmethod(kernels.perturb_max_ratio)
 
+    @staticmethod
     @torch.no_grad()
-    def shift_(
-        self,
-        params: Sequence[Tensor],
-        forget: Sequence[Tensor],
-        remain: Sequence[Tensor],
-        max_ratio: Tensor,
-        lambda1: float,
-        lambda2: float,
-        sign: float,
-    ) -> None:
-        for p, f, r, m in zip(params, forget, remain, max_ratio):
-            step = ref_perturb.alpha(m, lambda1, lambda2) * ref_perturb.ratio(f, r, m)
-            p.add_((sign * step).to(p.dtype))
+    def shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
+        kernels.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
 
+    @staticmethod
     @torch.no_grad()
-    def gaussian_(
-        self,
-        params: Sequence[Tensor],
-        forget: Sequence[Tensor],
-        remain: Sequence[Tensor],
-        max_ratio: Tensor,
-        lambda1: float,
-        lambda2: float,
-        tau: float,
-        generator: torch.Generator | None,
-    ) -> None:
-        for p, f, r in zip(params, forget, remain):
-            noise = ref_perturb.gaussian_noise(f, r, lambda1, lambda2, tau, generator, like=p)
-            p.add_(noise.to(p.dtype))
+    def gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
+        kernels.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
 
 
 REFERENCE = ReferenceEngine()

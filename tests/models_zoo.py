@@ -105,6 +105,25 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
+class MaskedTransformer(nn.Module):
+    """Sequence-first encoder (batch_first=False) with a causal mask and a key padding mask
+    from token id 0: exercises the attention rule's layouts and masks."""
+
+    def __init__(self, vocab: int = 12, dim: int = 8, num_classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids):  # ids [N, T]
+        length = ids.shape[1]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+        padding = ids == 0
+        padding[:, 0] = False  # keep one key per sample
+        h = self.layer(self.embed(ids).transpose(0, 1), src_mask=causal, src_key_padding_mask=padding)
+        return self.head(h.mean(0))
+
+
 class Scale(nn.Module):
     """A custom layer with raw parameters: no rule, generic path."""
 
@@ -147,3 +166,7 @@ def transformer(num_classes: int = 4):
 
 def tied_and_shared(num_classes: int = 4):
     return TiedAndShared(num_classes), (2, 6)
+
+
+def masked_transformer(num_classes: int = 4):
+    return MaskedTransformer(num_classes=num_classes), "ids"

@@ -17,6 +17,7 @@ ENGINES = [pytest.param(HOOKS_ATEN, id="hooks-aten"),
            pytest.param(EXTENSION, id="ext", marks=pytest.mark.skipif(not _ext.available(), reason="extension disabled or not built"))]
 MODELS = {
     "mlp": zoo.mlp, "cnn": zoo.cnn, "resnet": zoo.resnet, "transformer": zoo.transformer,
+    "transformer_seq_first_masked": zoo.masked_transformer,
     "embedding": zoo.embedding_bag, "norms": zoo.norm_net, "tied_shared_custom": zoo.tied_and_shared,
 }
 
@@ -67,9 +68,10 @@ def test_plan_routes_what_no_rule_can_take():
     model, x, y = problem("transformer")
     with eval_mode(model):
         plan = make_plan(model, trainable_parameters(model), x[:1], y[:1], logits_of)
-    assert {"position", "layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight"} <= set(plan.generic)
+    assert plan.generic == ["position"]  # a raw parameter: no rule
     taken = {full for _, names in plan.rule_modules.values() for full in names.values()}
-    assert {"embed.weight", "layer.linear1.weight", "layer.norm1.weight", "head.weight"} <= taken
+    assert {"embed.weight", "layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight",
+            "layer.linear1.weight", "layer.norm1.weight", "head.weight"} <= taken
 
     model, x, y = problem("tied_shared_custom")
     with eval_mode(model):
@@ -122,3 +124,16 @@ def test_forget_leaves_a_train_mode_batchnorm_model_untouched():
     mf.forget(model, codes, [1], lambda1=1e-3, lambda2=10.0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # running statistics included
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer_seq_first_masked", "embedding", "norms"])
+def test_models_made_of_supported_layers_never_take_the_generic_path(engine, name, monkeypatch):
+    model, x, y = problem(name)
+    expected = ref.fisher_diagonal(model, x, y)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the generic per-sample path ran")
+
+    monkeypatch.setattr("mnemo_fast.fast.engine.ref_fisher.sum_squared_grads", forbidden)
+    assert_fisher_close(mf.fisher_diagonal(model, x, y, engine=engine), expected, 1e-10)

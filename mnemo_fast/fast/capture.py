@@ -20,40 +20,58 @@ from torch import nn
 Tensor = torch.Tensor
 
 
-class Capture:
-    """Records ``calls[module] = [[input, grad_output], ...]`` for the modules given."""
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
 
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
-        self.calls: dict[nn.Module, list[list[Tensor | None]]] = defaultdict(list)
+
+class Capture:
+    """Records ``calls[module] = [[args, kwargs, grad_output], ...]`` for the modules given.
+
+    ``layouts[module] = (dims, move)``: the dimensions of the first input that may index
+    samples (from the plan); exactly one must have the batch size, else the call is flagged.
+    With ``move`` (position-wise layers) that dimension is moved first in the saved input and
+    in the output gradient, so rules always see [N, ...]. A tuple output
+    (nn.MultiheadAttention) is followed through its first element.
+    """
+
+    def __init__(self, layouts: dict[nn.Module, tuple[set[int], bool]]):
+        self.layouts = layouts
+        self.calls: dict[nn.Module, list[list]] = defaultdict(list)
         self.leaves: list[Tensor] = []
         self.batch_mismatch = False
         self._batch = None
 
-    def _hook(self, module: nn.Module, args: tuple, output: Tensor):
-        if not isinstance(output, Tensor) or not output.is_floating_point() or not args:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        first = output[0] if isinstance(output, tuple) and output else output
+        if not isinstance(first, Tensor) or not first.is_floating_point() or not args:
             return None
-        x = args[0]
-        if x.shape[0] != self._batch:
+        candidates, move = self.layouts[module]
+        dims = [d for d in sorted(candidates) if args[0].dim() > d and args[0].shape[d] == self._batch]
+        if len(dims) != 1 and not (dims and self._batch == 1):
             self.batch_mismatch = True
-        record: list[Tensor | None] = [x.detach(), None]
+            return None
+        dim = dims[0] if move else 0
+        args = (args[0].movedim(dim, 0), *args[1:])
+        record = [tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}, None]
         self.calls[module].append(record)
         replacement = None
-        if not output.requires_grad:
-            output = output.detach().requires_grad_()
-            self.leaves.append(output)
-            replacement = output.clone()
+        if not first.requires_grad:
+            first = first.detach().requires_grad_()
+            self.leaves.append(first)
+            replacement = first.clone()
+            if isinstance(output, tuple):
+                replacement = (replacement, *output[1:])
 
         def keep(grad: Tensor) -> None:
-            record[1] = grad
+            record[2] = grad.movedim(dim, 0)
 
-        output.register_hook(keep)
+        first.register_hook(keep)
         return replacement
 
     @contextlib.contextmanager
     def recording(self, batch_size: int) -> Iterator["Capture"]:
         self._batch = batch_size
-        handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layouts]
         try:
             yield self
         finally:

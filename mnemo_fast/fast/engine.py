@@ -77,7 +77,7 @@ class FastEngine:
         step = chunk_size or inputs.shape[0]
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
-            capture = Capture(list(plan.rule_modules))
+            capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()})
             with frozen(list(params.values())), capture.recording(x.shape[0]), torch.enable_grad():
                 loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
                 wanted = capture.leaves or ([x] if x.requires_grad else [])
@@ -86,10 +86,10 @@ class FastEngine:
             if capture.batch_mismatch:
                 return None
             for module, records in capture.calls.items():
-                calls = [(inp, grad) for inp, grad in records if grad is not None]
+                rule, local_names = plan.rule_modules[module]
+                calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
                 if not calls:
                     continue
-                rule, local_names = plan.rule_modules[module]
                 for local, value in rule.accumulate(module, calls, self.kernels).items():
                     if local in local_names:
                         sums[local_names[local]] += value.to(sums[local_names[local]].dtype)

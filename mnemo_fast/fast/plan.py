@@ -1,10 +1,11 @@
 """Which parameters the layer rules can take, and which go to the generic per-sample path.
 
-A parameter is taken by a rule when it belongs to exactly one module with a rule, and a
-batch-1 forward shows it used once per call of that module (counted as edges into its
-gradient accumulator in the autograd graph). Anything else (a raw parameter of a custom
+A parameter is taken by a rule when exactly one module with a rule that can take it is
+called, and a batch-1 forward shows the parameter used once per call of that module (counted
+as edges into its gradient accumulator in the autograd graph), with an input dimension of
+size 1 that can index samples. Anything else (a raw parameter of a custom
 module, nn.MultiheadAttention's projections, a weight tied between two layers or also used
-functionally, a layer whose batch dimension is not first) goes to the generic path.
+functionally, a convolution whose batch dimension is not first) goes to the generic path.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from .rules import rule_for
 
 @dataclass
 class Plan:
-    """rule_modules: module -> (rule, {local name: full name}); generic: full names."""
+    """rule_modules: module -> (rule, {local name: full name}); generic: full names;
+    batch_dims: module -> the input dimensions that may index samples (seen of size 1)."""
 
     rule_modules: dict[nn.Module, tuple[object, dict[str, str]]] = field(default_factory=dict)
     generic: list[str] = field(default_factory=list)
+    batch_dims: dict[nn.Module, set[int]] = field(default_factory=dict)
 
 
 def _uses_per_parameter(loss: torch.Tensor) -> Counter:
@@ -58,19 +61,21 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     """Plan from one sample ``x1`` [1, ...], ``y1`` [1]; the model is in eval mode."""
     if _mixes_samples(model):
         return Plan(generic=list(params))
-    owners = defaultdict(list)
-    for module in model.modules():
-        for local, p in module.named_parameters(recurse=False):
-            owners[id(p)].append((module, local))
-    candidates = {m for own in owners.values() for m, _ in own if rule_for(m) is not None}
+    rules = {m: rule_for(m) for m in model.modules()}
+    rules = {m: r for m, r in rules.items() if r is not None}
+    claims = defaultdict(list)  # id(parameter) -> [(module, local name)] of rules that can take it
+    for module, rule in rules.items():
+        for local, p in rule.parameters(module).items():
+            claims[id(p)].append((module, local))
     calls: Counter = Counter()
-    batch_first = defaultdict(lambda: True)
+    batch_dims: dict[nn.Module, set[int]] = {}
 
     def count(module, args, output):
         calls[module] += 1
-        batch_first[module] &= bool(args) and args[0].shape[0] == 1
+        seen = rules[module].batch_candidates(module, args[0]) if args and torch.is_tensor(args[0]) else set()
+        batch_dims[module] = batch_dims.get(module, seen) & seen
 
-    handles = [m.register_forward_hook(count) for m in candidates]
+    handles = [m.register_forward_hook(count) for m in rules]
     try:
         with torch.enable_grad():
             loss = F.cross_entropy(output_fn(model(x1)), y1, reduction="sum")
@@ -79,14 +84,15 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
             handle.remove()
     uses = _uses_per_parameter(loss) if loss.grad_fn is not None else Counter()
 
-    plan = Plan()
+    plan = Plan(batch_dims=batch_dims)
     for name, p in params.items():
-        own = owners[id(p)]
-        module, local = own[0]
-        rule = rule_for(module)
-        fits = rule is not None and calls[module] <= getattr(rule, "max_calls", calls[module])
-        if len(own) == 1 and module in candidates and fits and batch_first[module] and uses[id(p)] == calls[module]:
-            plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
-        else:
-            plan.generic.append(name)
+        called = [(m, local) for m, local in claims[id(p)] if calls[m] > 0]
+        if len(called) == 1:
+            module, local = called[0]
+            rule = rules[module]
+            within = rule.max_calls is None or calls[module] <= rule.max_calls
+            if within and batch_dims[module] and uses[id(p)] == calls[module]:
+                plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
+                continue
+        plan.generic.append(name)
     return plan

@@ -37,11 +37,44 @@ def _weight(module: nn.Module) -> bool:
     return getattr(module, "weight", None) is not None and module.weight.requires_grad
 
 
-class LinearRule:
-    """W [out, in]: sum_n (g_n^T x_n)^2 over positions T; bias: sum_n (sum_t g_n[t])^2."""
+class Rule:
+    """Defaults every rule shares; a rule overrides what its layer needs."""
+
+    #: Most calls of one module per forward the rule can combine (None: any number).
+    max_calls: int | None = None
+    #: The layer acts on each position alone (Linear, Embedding, LayerNorm): samples may sit
+    #: on any dimension of the input but the feature dimensions (e.g. [T, N, d] inputs).
+    position_wise: bool = False
+    #: Trailing feature dimensions of the input (never the batch dimension).
+    feature_dims: int = 1
 
     def supports(self, module: nn.Module) -> bool:
         return True
+
+    def batch_dim(self, module: nn.Module) -> int:
+        """Dimension of the module's first input that indexes samples."""
+        return 0
+
+    def batch_candidates(self, module: nn.Module, x: Tensor) -> set[int]:
+        """Dimensions of a batch-1 input ``x`` that may index samples (size 1, not features)."""
+        if not self.position_wise:
+            dim = self.batch_dim(module)
+            return {dim} if x.dim() > dim and x.shape[dim] == 1 else set()
+        return {d for d in range(x.dim() - self.feature_dims) if x.shape[d] == 1}
+
+    def inputs(self, args: tuple, kwargs: dict):
+        """What :meth:`accumulate` receives of one call's arguments."""
+        return args[0]
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """local name -> parameter the rule computes (the module's own, by default)."""
+        return dict(module.named_parameters(recurse=False))
+
+
+class LinearRule(Rule):
+    """W [out, in]: sum_n (g_n^T x_n)^2 over positions T; bias: sum_n (sum_t g_n[t])^2."""
+
+    position_wise = True
 
     def accumulate(self, module: nn.Linear, calls: Calls, kernels) -> dict[str, Tensor]:
         n = calls[0][0].shape[0]
@@ -55,7 +88,7 @@ class LinearRule:
         return out
 
 
-class ConvRule:
+class ConvRule(Rule):
     """Conv1d/Conv2d through the conv2d kernel (Conv1d as height 1); zero or other padding
     modes (the input is padded here first); bias: sum_n (sum over positions of g_n)^2."""
 
@@ -76,8 +109,7 @@ class ConvRule:
         return (x.unsqueeze(2), g.unsqueeze(2), lift(module.kernel_size), lift(module.stride),
                 padding, lift(module.dilation))
 
-    #: Calls of different spatial sizes cannot share one kernel call: more go to the generic path.
-    max_calls = 1
+    max_calls = 1  # calls of different spatial sizes cannot share one kernel call
 
     def accumulate(self, module, calls: Calls, kernels) -> dict[str, Tensor]:
         (inp, grad), = calls
@@ -91,9 +123,12 @@ class ConvRule:
         return out
 
 
-class EmbeddingRule:
+class EmbeddingRule(Rule):
     """Rows of a sample that share a token id are summed before squaring:
     D[v] = sum_n (sum_{t: id[n,t]=v} g_n[t])^2, via unique (n, id) pairs and index_add."""
+
+    position_wise = True
+    feature_dims = 0
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
@@ -115,18 +150,24 @@ class EmbeddingRule:
         return {"weight": out}
 
 
-class NormRule:
+class NormRule(Rule):
     """LayerNorm, GroupNorm, RMSNorm, BatchNorm (running statistics): per-sample gradients
     are only [N, C]: gamma = sum over positions of xhat * g, beta = sum of g."""
 
-    def __init__(self, normalise: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]):
+    def __init__(self, normalise: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]], position_wise: bool = False):
         # normalise(module, x, g) -> (xhat, g) with the affine dims last, flattened to [N, P, C]
         self.normalise = normalise
+        self.position_wise = position_wise
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return module.running_mean is not None and module.running_var is not None
         return True
+
+    def batch_candidates(self, module: nn.Module, x: Tensor) -> set[int]:
+        if not self.position_wise:
+            return super().batch_candidates(module, x)
+        return {d for d in range(x.dim() - len(module.normalized_shape)) if x.shape[d] == 1}
 
     def accumulate(self, module, calls: Calls, kernels) -> dict[str, Tensor]:
         gamma = beta = 0
@@ -188,14 +229,23 @@ RULES: dict[type, object] = {
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
-    nn.LayerNorm: NormRule(_layer_norm),
+    nn.LayerNorm: NormRule(_layer_norm, position_wise=True),
     nn.GroupNorm: NormRule(_group_norm),
     nn.BatchNorm1d: NormRule(_batch_norm),
     nn.BatchNorm2d: NormRule(_batch_norm),
     nn.BatchNorm3d: NormRule(_batch_norm),
 }
 if hasattr(nn, "RMSNorm"):
-    RULES[nn.RMSNorm] = NormRule(_rms_norm)
+    RULES[nn.RMSNorm] = NormRule(_rms_norm, position_wise=True)
+
+
+def _register_attention() -> None:
+    from .attention import MultiheadAttentionRule  # it builds on this module's Rule
+
+    RULES[nn.MultiheadAttention] = MultiheadAttentionRule()
+
+
+_register_attention()
 
 
 def rule_for(module: nn.Module):

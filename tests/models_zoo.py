@@ -124,6 +124,33 @@ class MaskedTransformer(nn.Module):
         return self.head(h.mean(0))
 
 
+class TinyViT(nn.Module):
+    """Patch embedding (Conv2d), a class token expanded to every sample and a position
+    embedding added to every sample (raw parameters), one pre-norm encoder block with
+    attention from one qkv Linear and scaled_dot_product_attention, head on the class token."""
+
+    def __init__(self, num_classes: int = 4, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(0.1 * torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 5, dim))
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, num_classes)
+        self.heads = heads
+
+    def forward(self, x):  # x [N, 3, 8, 8] -> 4 patches + class token
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+        n, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        h = h + self.proj(attended)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm(h)[:, 0])
+
+
 class Scale(nn.Module):
     """A custom layer with raw parameters: no rule, generic path."""
 
@@ -170,3 +197,7 @@ def tied_and_shared(num_classes: int = 4):
 
 def masked_transformer(num_classes: int = 4):
     return MaskedTransformer(num_classes=num_classes), "ids"
+
+
+def vit(num_classes: int = 4):
+    return TinyViT(num_classes), (3, 8, 8)

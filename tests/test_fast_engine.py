@@ -17,7 +17,7 @@ ENGINES = [pytest.param(HOOKS_ATEN, id="hooks-aten"),
            pytest.param(EXTENSION, id="ext", marks=pytest.mark.skipif(not _ext.available(), reason="extension disabled or not built"))]
 MODELS = {
     "mlp": zoo.mlp, "cnn": zoo.cnn, "resnet": zoo.resnet, "transformer": zoo.transformer,
-    "transformer_seq_first_masked": zoo.masked_transformer,
+    "transformer_seq_first_masked": zoo.masked_transformer, "vit": zoo.vit,
     "embedding": zoo.embedding_bag, "norms": zoo.norm_net, "tied_shared_custom": zoo.tied_and_shared,
 }
 
@@ -68,7 +68,7 @@ def test_plan_routes_what_no_rule_can_take():
     model, x, y = problem("transformer")
     with eval_mode(model):
         plan = make_plan(model, trainable_parameters(model), x[:1], y[:1], logits_of)
-    assert plan.generic == ["position"]  # a raw parameter: no rule
+    assert plan.generic == [] and plan.broadcast == ["position"]  # added to every sample
     taken = {full for _, names in plan.rule_modules.values() for full in names.values()}
     assert {"embed.weight", "layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight",
             "layer.linear1.weight", "layer.norm1.weight", "head.weight"} <= taken
@@ -76,8 +76,9 @@ def test_plan_routes_what_no_rule_can_take():
     model, x, y = problem("tied_shared_custom")
     with eval_mode(model):
         plan = make_plan(model, trainable_parameters(model), x[:1], y[:1], logits_of)
-    # tied weight and custom layer: generic; Linear called twice and circular Conv1d: rules
-    assert {"first.weight", "scale.gain", "scale.offset"} <= set(plan.generic)
+    # tied weight and a multiplied raw parameter: generic; Linear called twice and circular
+    # Conv1d: rules; an added raw parameter: broadcast
+    assert set(plan.generic) == {"first.weight", "scale.gain"} and plan.broadcast == ["scale.offset"]
     taken = {full for _, names in plan.rule_modules.values() for full in names.values()}
     assert {"shared.weight", "shared.bias", "conv.weight", "second.bias"} <= taken
 
@@ -127,7 +128,7 @@ def test_forget_leaves_a_train_mode_batchnorm_model_untouched():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer_seq_first_masked", "embedding", "norms"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer", "transformer_seq_first_masked", "vit", "embedding", "norms"])
 def test_models_made_of_supported_layers_never_take_the_generic_path(engine, name, monkeypatch):
     model, x, y = problem(name)
     expected = ref.fisher_diagonal(model, x, y)

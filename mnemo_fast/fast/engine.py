@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
 from . import _ext
+from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
 
@@ -56,7 +57,7 @@ class FastEngine:
             return REFERENCE.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
         sums: dict[str, Tensor] = {}
-        if plan.rule_modules:
+        if plan.rule_modules or plan.broadcast:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if taken is None:  # a layer's batch dimension was not first: no rule is safe
                 plan = Plan(generic=list(params))
@@ -70,6 +71,8 @@ class FastEngine:
 
     def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn):
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
+        names |= set(plan.broadcast)
+        broadcast = {name: params[name] for name in plan.broadcast}
         sums = {
             n: torch.zeros_like(params[n], dtype=ref_fisher.accumulation_dtype(params[n].dtype))
             for n in names
@@ -78,13 +81,21 @@ class FastEngine:
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
             capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()})
-            with frozen(list(params.values())), capture.recording(x.shape[0]), torch.enable_grad():
+            caught = BroadcastCapture(broadcast)
+            rest = [p for name, p in params.items() if name not in broadcast]
+            with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
                 loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                wanted = capture.leaves or ([x] if x.requires_grad else [])
+                wanted = capture.leaves + list(broadcast.values()) or ([x] if x.requires_grad else [])
                 if loss.requires_grad and wanted:
+                    caught.attach(loss)
                     torch.autograd.grad(loss, wanted, allow_unused=True)
-            if capture.batch_mismatch:
+            if capture.batch_mismatch or caught.failed:
                 return None
+            for name, grad in caught.grads.items():
+                samples = per_sample(grad, params[name].shape, x.shape[0])
+                if samples is None:
+                    return None
+                sums[name] += samples.to(sums[name].dtype).square().sum(0)
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .broadcast import BROADCAST_NODES, parent_nodes
 from .rules import rule_for
 
 
@@ -28,26 +29,10 @@ class Plan:
     rule_modules: dict[nn.Module, tuple[object, dict[str, str]]] = field(default_factory=dict)
     generic: list[str] = field(default_factory=list)
     batch_dims: dict[nn.Module, set[int]] = field(default_factory=dict)
+    #: raw parameters broadcast over the batch (see :mod:`.broadcast`), full names
+    broadcast: list[str] = field(default_factory=list)
 
 
-def _uses_per_parameter(loss: torch.Tensor) -> Counter:
-    """id(parameter) -> number of graph edges into its AccumulateGrad node."""
-    uses: Counter = Counter()
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                uses[id(variable)] += 1
-            else:
-                stack.append(child)
-    return uses
 
 
 def _mixes_samples(model: nn.Module) -> bool:
@@ -82,7 +67,8 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
-    uses = _uses_per_parameter(loss) if loss.grad_fn is not None else Counter()
+    parents = parent_nodes(loss, {id(p) for p in params.values()}) if loss.grad_fn is not None else {}
+    uses = Counter({key: len(nodes) for key, nodes in parents.items()})
 
     plan = Plan(batch_dims=batch_dims)
     for name, p in params.items():
@@ -94,5 +80,8 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
             if within and batch_dims[module] and uses[id(p)] == calls[module]:
                 plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
                 continue
+        if not claims[id(p)] and uses[id(p)] == 1 and parents[id(p)][0].name() in BROADCAST_NODES:
+            plan.broadcast.append(name)
+            continue
         plan.generic.append(name)
     return plan

@@ -17,12 +17,16 @@ from .reference.engine import REFERENCE
 from .train import train_with_codes
 
 #: lambda1, lambda2 that forget class 0 on the demo's models (see benchmarks/UNLEARNING.md).
-DEFAULT_LAMBDAS = {"mlp": (1e-3, 10.0), "cnn": (1e-2, 10.0)}
+DEFAULT_LAMBDAS = {"mlp": (1e-3, 10.0), "cnn": (1e-2, 10.0), "resnet18": (1e-2, 10.0)}
+
+
+def _lambda1(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 def _add_forget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget", type=int, nargs="+", default=[0], help="classes to forget")
-    parser.add_argument("--lambda1", type=float, help="gain (default: per model)")
+    parser.add_argument("--lambda1", type=_lambda1, help="gain, or 'auto' to choose it from the codes (default: per model)")
     parser.add_argument("--lambda2", type=float, help="cap of each tensor's largest shift")
     parser.add_argument("--mode", choices=("shift", "gaussian"), default="shift")
     parser.add_argument("--engine", choices=("auto", "reference"), default="auto",
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--data", choices=data.DATASETS, default="digits")
     ev.add_argument("--forget", type=int, nargs="*", default=[])
+    sub.add_parser("experiment", add_help=False,
+                   help="baselines vs the method on real data (see `mnemo-fast experiment --help`)")
     return parser
 
 
@@ -143,6 +149,11 @@ COMMANDS = {"demo": demo, "forget": forget_command, "evaluate": evaluate_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["experiment"]:  # the experiment runner has its own options
+        from .experiment import main as experiment_main
+
+        return experiment_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -12,7 +12,7 @@ import copy
 import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class ForgetResult:
     lambda2: float = 0.0
     candidate_scores: list[float] = field(default_factory=list)
     backend: str = "reference"
+    calibration: object | None = None  # mnemo_fast.calibration.Calibration with lambda1="auto"
 
 
 ParamSelector = Callable[[str], bool] | str | Iterable[str] | None
@@ -244,8 +245,8 @@ def forget(
     codes: MnemonicCodes,
     forget_classes: Iterable[int] | int,
     *,
-    lambda1: float,
-    lambda2: float,
+    lambda1: float | str,
+    lambda2: float | Sequence[float],
     mode: str = "shift",
     tau: float = 1.0,
     draws: int = 2,
@@ -265,6 +266,8 @@ def forget(
     None), best of ``draws`` draws by the same score. Candidates are applied, scored and
     undone on one copy of the parameters; no model is copied per candidate.
 
+    ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
+    ``lambda2`` may then be a list to search too); the choice is in ``result.calibration``.
     ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
     block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
     through the model at once; ``output_fn`` picks the logits from a model that returns an
@@ -276,8 +279,11 @@ def forget(
     start = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not (lambda1 > 0 and lambda2 > 0):
-        raise ValueError(f"lambda1 and lambda2 must be positive, got {lambda1} and {lambda2}")
+    auto = isinstance(lambda1, str)
+    if auto and lambda1 != "auto":
+        raise ValueError(f"lambda1 must be a positive number or 'auto', got {lambda1!r}")
+    if not auto and not (lambda1 > 0 and isinstance(lambda2, (int, float)) and lambda2 > 0):
+        raise ValueError(f"lambda1 and lambda2 must be positive numbers, got {lambda1} and {lambda2}")
     if mode == "gaussian" and draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     classes = validation.forget_classes(codes, forget_classes)
@@ -286,6 +292,14 @@ def forget(
     validation.code_batch_fits(model, codes, inputs, output_fn)
 
     engine = engines.resolve(engine)
+    calibration = None
+    if auto:
+        from .calibration import calibrate
+
+        with only_parameters(model, params):
+            calibration = calibrate(model, codes, classes, lambda2=lambda2, eps=eps,
+                                    chunk_size=chunk_size, output_fn=output_fn, engine=engine)
+        lambda1, lambda2 = calibration.lambda1, calibration.lambda2
     target = model if inplace else copy.deepcopy(model)
     keep = parameter_filter(params)
     chosen = {name: p for name, p in trainable_parameters(target).items() if keep(name)}
@@ -303,6 +317,7 @@ def forget(
         _restore(live, originals)
         raise
     result.seconds = time.perf_counter() - start
+    result.calibration = calibration
     return result
 
 

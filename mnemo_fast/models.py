@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, safe_open, save_file
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet18")
 
 
 class MLP(nn.Sequential):
@@ -50,11 +50,15 @@ class SmallCNN(nn.Sequential):
 
 
 def build(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """A model by name ("mlp" or "cnn") for inputs of ``input_shape`` (e.g. (1, 28, 28))."""
+    """A model by name ("mlp", "cnn", "resnet18": CIFAR-style, reduced width) for inputs of ``input_shape`` (e.g. (1, 28, 28))."""
     if name == "mlp":
         return MLP(input_shape, num_classes)
     if name == "cnn":
         return SmallCNN(input_shape, num_classes)
+    if name == "resnet18":
+        from .resnet import resnet18
+
+        return resnet18(input_shape, num_classes)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 

@@ -218,3 +218,14 @@ def test_output_fn_picks_logits_from_an_object(trained_digits_mlp):
     b = mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10)
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_auto_lambda1_is_chosen_from_the_codes(trained_digits_mlp, digits_split):
+    model, codes = trained_digits_mlp
+    result = mf.forget(model, codes, [4], lambda1="auto", lambda2=10)
+    assert result.calibration is not None and result.lambda1 == result.calibration.lambda1
+    assert result.code_accuracy_after.forget == 0.0 and result.code_accuracy_after.retain == 1.0
+    _, test = digits_split
+    assert mf.evaluate(result.model, test, [4]).forget_accuracy <= 0.05
+    with pytest.raises(ValueError, match="auto"):
+        mf.forget(model, codes, [4], lambda1="best", lambda2=10)

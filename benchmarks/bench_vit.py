@@ -8,7 +8,8 @@ is forgotten with ``mnemo_fast.forget(model, codes, [0], lambda1=1e-4, lambda2=1
 
 Each measurement runs in a fresh subprocess so that ``ru_maxrss`` is that run's peak.
 
-    python benchmarks/bench_vit.py --chunks 4 8 16 --loop-codes 100 --breakdown 8 --profile 8
+    python benchmarks/bench_vit.py --chunks 8 --fisher-chunks 4 16 --fisher-codes 16 \
+        --loop-codes 10 --breakdown 8 --profile 8 --codes 16
 
 writes one JSON line per run to stdout (and ``--out FILE``); VIT.md has the results.
 """
@@ -121,20 +122,24 @@ class TimedEngine:
         return getattr(self.inner, name)
 
 
-def _setup(num_codes: int, seed: int = 0):
+def _setup(seed: int = 0):
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     model = ViT().eval()
     codes = mf.MnemonicCodes.generate(NUM_CLASSES, IMAGE, seed=seed)
-    if num_codes < NUM_CLASSES:  # a fraction of the codes, for an extrapolated timing
-        codes = mf.MnemonicCodes(codes.tensor[:num_codes], seed=None, distribution=None)
     return model, codes
 
 
-def run_forget(engine_name: str, chunk: int | None, num_codes: int) -> dict:
+def _code_batch(codes, num_codes: int):
+    """The first ``num_codes`` codes (a fraction of them gives an extrapolated timing)."""
+    inputs, labels = codes.batch(range(codes.num_classes))
+    return inputs[:num_codes], labels[:num_codes]
+
+
+def run_forget(engine_name: str, chunk: int | None) -> dict:
     from mnemo_fast import engines
 
-    model, codes = _setup(num_codes)
+    model, codes = _setup()
     timed = TimedEngine(engines.resolve(_engine(engine_name)))
     start = time.perf_counter()
     result = mf.forget(model, codes, [0], lambda1=1e-4, lambda2=1, chunk_size=chunk, engine=timed)
@@ -148,15 +153,29 @@ def run_forget(engine_name: str, chunk: int | None, num_codes: int) -> dict:
     }
 
 
+def run_fisher(engine_name: str, chunk: int | None, num_codes: int) -> dict:
+    """Only the Fisher (``sum_squared_grads``) of the first ``num_codes`` codes."""
+    from mnemo_fast import engines
+
+    model, codes = _setup()
+    inputs, labels = _code_batch(codes, num_codes)
+    engine = engines.resolve(_engine(engine_name))
+    start = time.perf_counter()
+    engine.sum_squared_grads(model, inputs, labels, chunk, ref_fisher.logits_of)
+    seconds = time.perf_counter() - start
+    return {"kind": "fisher", "engine": engine_name, "chunk_size": chunk, "codes": num_codes,
+            "seconds": round(seconds, 2), "seconds_per_code": round(seconds / num_codes, 3)}
+
+
 def run_breakdown(chunk: int, num_codes: int) -> dict:
-    """Fisher of all codes split into plan / layer-rule pass / generic (vmap) pass."""
+    """Fisher of the first ``num_codes`` codes split into plan / layer-rule pass / generic (vmap) pass."""
     from mnemo_fast.fast.engine import EXTENSION
     from mnemo_fast.fast.plan import make_plan
 
-    model, codes = _setup(num_codes)
-    inputs, labels = codes.batch(range(codes.num_classes))
+    model, codes = _setup()
+    inputs, labels = _code_batch(codes, num_codes)
     params = ref_fisher.trainable_parameters(model)
-    out = {"kind": "breakdown", "chunk_size": chunk, "codes": codes.num_classes}
+    out = {"kind": "breakdown", "chunk_size": chunk, "codes": num_codes}
     with torch.no_grad():
         start = time.perf_counter()
         model(inputs[:chunk])
@@ -171,6 +190,11 @@ def run_breakdown(chunk: int, num_codes: int) -> dict:
     start = time.perf_counter()
     ref_fisher.sum_squared_grads(model, inputs, labels, plan.generic, chunk_size=chunk)
     out["generic_pass_seconds"] = round(time.perf_counter() - start, 2)
+    # What the raw cls/pos parameters cost when they go to the generic (vmap) path, as they
+    # did before the planner learned broadcast parameters.
+    start = time.perf_counter()
+    ref_fisher.sum_squared_grads(model, inputs, labels, ["cls_token", "pos_embed"], chunk_size=chunk)
+    out["raw_params_on_generic_path_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     with torch.no_grad():
         for s in range(0, inputs.shape[0], 50):
@@ -180,16 +204,16 @@ def run_breakdown(chunk: int, num_codes: int) -> dict:
 
 
 def run_profile(chunk: int, num_codes: int) -> dict:
-    """torch.profiler over one Fisher of all codes (the default engine); top ops by CPU time."""
+    """torch.profiler over one Fisher of the first ``num_codes`` codes (default engine); top ops."""
     from mnemo_fast import engines
 
-    model, codes = _setup(num_codes)
-    inputs, labels = codes.batch(range(codes.num_classes))
+    model, codes = _setup()
+    inputs, labels = _code_batch(codes, num_codes)
     engine = engines.default_engine()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         engine.sum_squared_grads(model, inputs, labels, chunk, ref_fisher.logits_of)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return {"kind": "profile", "chunk_size": chunk, "codes": codes.num_classes, "table": table}
+    return {"kind": "profile", "chunk_size": chunk, "codes": num_codes, "table": table}
 
 
 def check_correctness() -> dict:
@@ -212,7 +236,9 @@ def check_correctness() -> dict:
 
 def _child(args) -> None:
     if args.child == "forget":
-        out = run_forget(args.engine, args.chunk, args.codes)
+        out = run_forget(args.engine, args.chunk)
+    elif args.child == "fisher":
+        out = run_fisher(args.engine, args.chunk, args.codes)
     elif args.child == "breakdown":
         out = run_breakdown(args.chunk, args.codes)
     elif args.child == "profile":
@@ -236,12 +262,15 @@ def _spawn(*extra: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunks", type=int, nargs="*", default=[4, 8, 16])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[8], help="full forget runs (100 codes)")
     parser.add_argument("--engine", default="default", choices=["default", "extension", "hooks-aten", "loop"])
-    parser.add_argument("--loop-codes", type=int, default=0, help="time the authors' batch-1 loop on this many codes (0: skip)")
+    parser.add_argument("--fisher-chunks", type=int, nargs="*", default=[], help="Fisher-only runs on --fisher-codes codes")
+    parser.add_argument("--fisher-codes", type=int, default=16)
+    parser.add_argument("--loop-codes", type=int, default=0, help="Fisher of the authors' batch-1 loop on this many codes (0: skip)")
     parser.add_argument("--breakdown", type=int, default=0, help="chunk size for a Fisher time breakdown (0: skip)")
     parser.add_argument("--profile", type=int, default=0, help="chunk size for a torch.profiler run (0: skip)")
-    parser.add_argument("--codes", type=int, default=NUM_CLASSES)
+    parser.add_argument("--codes", type=int, default=NUM_CLASSES, help="codes for --breakdown/--profile")
+    parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
@@ -249,10 +278,12 @@ def main() -> None:
     if args.child:
         return _child(args)
 
-    jobs = [("--child", "check")]
-    jobs += [("--child", "forget", "--engine", args.engine, "--chunk", str(c), "--codes", str(args.codes)) for c in args.chunks]
+    jobs = [] if args.no_check else [("--child", "check")]
+    jobs += [("--child", "forget", "--engine", args.engine, "--chunk", str(c)) for c in args.chunks]
+    jobs += [("--child", "fisher", "--engine", args.engine, "--chunk", str(c), "--codes", str(args.fisher_codes))
+             for c in args.fisher_chunks]
     if args.loop_codes:
-        jobs.append(("--child", "forget", "--engine", "loop", "--codes", str(args.loop_codes)))
+        jobs.append(("--child", "fisher", "--engine", "loop", "--codes", str(args.loop_codes)))
     if args.breakdown:
         jobs.append(("--child", "breakdown", "--chunk", str(args.breakdown), "--codes", str(args.codes)))
     if args.profile:

@@ -357,20 +357,29 @@ def _forget_in_place(
                 gen.set_state(states[draw])
             engine.gaussian_(live, forget_list, remain_list, max_ratio, lambda1, lambda2, tau, gen)
 
-    scores = []
-    for candidate in candidates:
+    # Each candidate is applied, scored on the codes and undone, except the last one, which
+    # stays applied: when it wins, neither an undo/redo nor a re-scoring pass is needed (the
+    # kernels are deterministic, so re-applying a candidate gives the same parameters and
+    # accuracy it was scored with).
+    accuracies = []
+    for k, candidate in enumerate(candidates):
         apply(candidate)
-        scores.append(code_accuracy(model, codes, classes, output_fn=output_fn).score)
-        _restore(live, originals)
+        accuracies.append(code_accuracy(model, codes, classes, output_fn=output_fn))
+        if k < len(candidates) - 1:
+            _restore(live, originals)
+    scores = [accuracy.score for accuracy in accuracies]
     if mode == "shift":
         best = 0 if scores[0] > scores[1] else 1
     else:
-        final_state = gen.get_state()
         best = max(range(len(scores)), key=lambda k: (scores[k], -k))
-    apply(candidates[best])
-    if mode == "gaussian":
-        gen.set_state(final_state)
-    after = code_accuracy(model, codes, classes, output_fn=output_fn)
+    if best != len(candidates) - 1:
+        _restore(live, originals)
+        if mode == "gaussian":
+            final_state = gen.get_state()
+        apply(candidates[best])
+        if mode == "gaussian":
+            gen.set_state(final_state)
+    after = accuracies[best]
     return ForgetResult(
         model=model,
         sign=candidates[best] if mode == "shift" else None,

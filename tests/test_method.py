@@ -58,6 +58,39 @@ def test_sign_is_the_better_scoring_candidate(trained_digits_mlp):
     assert result.code_accuracy_after.score == max(plus, minus)
 
 
+@pytest.mark.parametrize("api", [mf, ref], ids=["fast", "reference"])
+@pytest.mark.parametrize("mode, kwargs", [
+    ("shift", {}),
+    ("gaussian", {"tau": 0.5, "draws": 3}),
+])
+def test_reported_code_accuracy_after_is_the_returned_models(trained_digits_mlp, api, mode, kwargs):
+    """The last candidate stays applied when it wins (no re-scoring pass): whichever candidate
+    wins, the reported accuracy must be the returned model's, measured afresh."""
+    model, codes = trained_digits_mlp
+    for classes in ([0], [3], [1, 7]):
+        extra = dict(kwargs, generator=torch.Generator().manual_seed(5)) if mode == "gaussian" else {}
+        result = api.forget(model, codes, classes, lambda1=1e-3, lambda2=10, mode=mode, **extra)
+        assert result.code_accuracy_after == api.code_accuracy(result.model, codes, classes)
+        assert result.code_accuracy_after.score == max(result.candidate_scores)
+
+
+@pytest.mark.parametrize("api", [mf, ref], ids=["fast", "reference"])
+def test_first_candidate_winning_is_reapplied_exactly(api):
+    """Sign +1 (the first candidate, undone before -1 is tried) wins here: an untrained MLP
+    read through negated logits. The result must be +1 applied once, on clean weights."""
+    torch.manual_seed(0)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    negated = lambda logits: -logits  # noqa: E731
+    result = api.forget(model, codes, [3], lambda1=1e-3, lambda2=10, output_fn=negated)
+    assert result.sign == 1 and result.candidate_scores[0] > result.candidate_scores[1]
+    assert result.code_accuracy_after == api.code_accuracy(result.model, codes, [3], output_fn=negated)
+    f_forget, f_remain = ref.class_fishers(model, codes, [3], output_fn=negated)
+    manual = ref.perturb_(copy.deepcopy(model), ref.perturbation(f_forget, f_remain, 1e-3, 10), 1)
+    for a, b in zip(manual.parameters(), result.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_inplace_edits_the_given_model(trained_digits_mlp):
     model, codes = trained_digits_mlp
     model = copy.deepcopy(model)

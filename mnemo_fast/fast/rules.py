@@ -71,6 +71,11 @@ class Rule:
         return dict(module.named_parameters(recurse=False))
 
 
+def _cat_positions(parts: list[Tensor]) -> Tensor:
+    """The calls of one module joined along positions (dim 1); a single call is not copied."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 class LinearRule(Rule):
     """W [out, in]: sum_n (g_n^T x_n)^2 over positions T; bias: sum_n (sum_t g_n[t])^2."""
 
@@ -78,8 +83,8 @@ class LinearRule(Rule):
 
     def accumulate(self, module: nn.Linear, calls: Calls, kernels) -> dict[str, Tensor]:
         n = calls[0][0].shape[0]
-        x = torch.cat([inp.reshape(n, -1, inp.shape[-1]) for inp, _ in calls], 1)
-        g = torch.cat([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls], 1)
+        x = _cat_positions([inp.reshape(n, -1, inp.shape[-1]) for inp, _ in calls])
+        g = _cat_positions([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls])
         out = {}
         if _weight(module):
             out["weight"] = kernels.sum_sq_grad_linear(g.contiguous(), x.contiguous())
@@ -137,8 +142,8 @@ class EmbeddingRule(Rule):
         if not _weight(module):
             return {}
         n, vocab = calls[0][0].shape[0], module.num_embeddings
-        ids = torch.cat([inp.reshape(n, -1) for inp, _ in calls], 1)
-        g = _acc(torch.cat([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls], 1))
+        ids = _cat_positions([inp.reshape(n, -1) for inp, _ in calls])
+        g = _acc(_cat_positions([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls]))
         if module.padding_idx is not None:  # the padding row gets no gradient
             g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
         sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)

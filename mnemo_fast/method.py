@@ -133,7 +133,7 @@ def fisher_diagonal(
     with eval_mode(model), only_parameters(model, params):
         sums = engine.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
     if reduction == "mean":
-        sums = {name: s / inputs.shape[0] for name, s in sums.items()}
+        sums = {name: s.div_(inputs.shape[0]) for name, s in sums.items()}  # engines return fresh tensors
     return sums
 
 
@@ -160,7 +160,8 @@ def class_fishers(
     def fisher_of(classes: list[int]) -> dict[str, Tensor]:
         inputs, labels = code_inputs(model, codes, classes)
         sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
-        return {name: (eps + s / codes.per_class) / len(classes) for name, s in sums.items()}
+        # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy.
+        return {name: s.div_(codes.per_class).add_(eps).div_(len(classes)) for name, s in sums.items()}
 
     with eval_mode(model), only_parameters(model, params):
         return fisher_of(forget), fisher_of(remain)

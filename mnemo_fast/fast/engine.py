@@ -104,6 +104,9 @@ class FastEngine:
                 for local, value in rule.accumulate(module, calls, self.kernels).items():
                     if local in local_names:
                         sums[local_names[local]] += value.to(sums[local_names[local]].dtype)
+            # Drop this chunk's captured inputs and output gradients before the next forward:
+            # one chunk's activations live at a time, whatever N is.
+            capture = caught = loss = wanted = records = calls = value = None
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

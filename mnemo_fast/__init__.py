@@ -18,6 +18,7 @@ from .method import (
     perturb_,
     perturbation,
 )
+from .adapt import adapt_with_codes
 from .train import TrainHistory, train_with_codes
 from .validation import UnlearningError
 
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "UnlearningError", "backend",
+    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
 ]

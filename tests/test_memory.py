@@ -1,8 +1,8 @@
 """Peak memory of the fast path against its documented formula (README, "Memory").
 
-Allocations are read from the CPU allocator through torch.profiler (``profile_memory``):
-every tensor allocation and free, in order, so the peak of the running sum is the peak of
-the bytes the call itself held -- the caller's model and inputs are not counted.
+Allocations are read from the CPU allocator (:func:`mnemo_fast.memory.peak_allocated_bytes`,
+torch.profiler's memory events): the peak of the bytes the call itself held -- the caller's
+model and inputs are not counted.
 
 The formula for ``fisher_diagonal`` on the fast engine, ``chunk_size = c``:
 
@@ -22,28 +22,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import mnemo_fast as mf
 from mnemo_fast import models
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION
+from mnemo_fast.memory import peak_allocated_bytes
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the formula is the compiled fast path's")
 MIB = 2**20
 
 
 def peak_bytes(fn) -> int:
-    """Peak of the CPU bytes allocated and not yet freed while ``fn()`` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if "CPU" in str(event.device_type()):
-            current += event.nbytes()
-            peak = max(peak, current)
-    return peak
+    return peak_allocated_bytes(fn)[1]
 
 
 class Encoder(nn.Module):

@@ -1,9 +1,12 @@
-// Shared pieces of the perturb_* CPU kernels: argument checks and eta = exp(log f - log r).
+// Shared pieces of the perturb_* CPU kernels: argument checks and eta = f_F / f_R.
 //
-// eta is computed with the same SLEEF routines (exp/log, 1.0-ulp) that ATen's vectorised
-// torch.exp / torch.log use on x86-64 with AVX2, so results match the reference
-// (mnemo_fast.reference.perturb) bit for bit on all but the few elements ATen itself
-// computes with scalar std::exp/std::log (loop tails); elsewhere std::exp/std::log are used.
+// The reference (mnemo_fast.reference.kernels) follows the authors' formula literally,
+// eta = exp(log f_F - log f_R); here eta is the division itself, which is the same function
+// (0/0 -> NaN -> 0, x/0 -> +inf, 0/x -> 0, NaN or negative inputs -> 0 as log would make
+// them) with one rounding instead of three transcendentals: exact to 0.5 ulp, where the log
+// form loses ~|log f| ulps to cancellation. The kernel is bandwidth-bound instead of
+// compute-bound (benchmarks/RESULTS.md, noise pass); tests/test_ops_cpu.py holds it to the
+// reference within the reference's own error.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,13 +19,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define MNEMO_FAST_SLEEF 1
-extern "C" {
-__m256 Sleef_logf8_u10(__m256);
-__m256 Sleef_expf8_u10(__m256);
-__m256d Sleef_logd4_u10(__m256d);
-__m256d Sleef_expd4_u10(__m256d);
-}
+#define MNEMO_FAST_AVX2 1
 #endif
 
 namespace mnemo_fast {
@@ -31,47 +28,60 @@ namespace cpu {
 // Elements per chunk: a chunk's eta lives in a stack buffer that stays in L1.
 constexpr int64_t kChunk = 1024;
 
-#ifdef MNEMO_FAST_SLEEF
-__attribute__((target("avx2,fma"))) inline void eta_avx2(const float* f, const float* r,
-                                                          float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 lf = Sleef_logf8_u10(_mm256_loadu_ps(f + i));
-    __m256 lr = Sleef_logf8_u10(_mm256_loadu_ps(r + i));
-    _mm256_storeu_ps(out + i, Sleef_expf8_u10(_mm256_sub_ps(lf, lr)));
-  }
-  for (; i < n; ++i) out[i] = std::exp(std::log(f[i]) - std::log(r[i]));
+// eta of one element: 0 unless both Fisher values are >= 0 (NaN compares false); -0 counts
+// as +0 (x + 0 = +0 for x = -0), so x / -0 is +inf like log's -inf would make it.
+template <typename S>
+inline S eta_scalar(S f, S r) {
+  if (!(f >= S(0)) || !(r >= S(0))) return S(0);
+  const S e = (f + S(0)) / (r + S(0));
+  return std::isnan(e) ? S(0) : e;
 }
 
-__attribute__((target("avx2,fma"))) inline void eta_avx2(const double* f, const double* r,
-                                                          double* out, int64_t n) {
+#ifdef MNEMO_FAST_AVX2
+__attribute__((target("avx2"))) inline void eta_avx2(const float* f, const float* r, float* out,
+                                                     int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vf = _mm256_loadu_ps(f + i), vr = _mm256_loadu_ps(r + i);
+    const __m256 valid = _mm256_and_ps(_mm256_cmp_ps(vf, zero, _CMP_GE_OQ), _mm256_cmp_ps(vr, zero, _CMP_GE_OQ));
+    const __m256 e = _mm256_div_ps(_mm256_add_ps(vf, zero), _mm256_add_ps(vr, zero));
+    const __m256 keep = _mm256_and_ps(valid, _mm256_cmp_ps(e, e, _CMP_ORD_Q));
+    _mm256_storeu_ps(out + i, _mm256_and_ps(e, keep));
+  }
+  for (; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
+}
+
+__attribute__((target("avx2"))) inline void eta_avx2(const double* f, const double* r, double* out,
+                                                     int64_t n) {
+  const __m256d zero = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    __m256d lf = Sleef_logd4_u10(_mm256_loadu_pd(f + i));
-    __m256d lr = Sleef_logd4_u10(_mm256_loadu_pd(r + i));
-    _mm256_storeu_pd(out + i, Sleef_expd4_u10(_mm256_sub_pd(lf, lr)));
+    const __m256d vf = _mm256_loadu_pd(f + i), vr = _mm256_loadu_pd(r + i);
+    const __m256d valid = _mm256_and_pd(_mm256_cmp_pd(vf, zero, _CMP_GE_OQ), _mm256_cmp_pd(vr, zero, _CMP_GE_OQ));
+    const __m256d e = _mm256_div_pd(_mm256_add_pd(vf, zero), _mm256_add_pd(vr, zero));
+    const __m256d keep = _mm256_and_pd(valid, _mm256_cmp_pd(e, e, _CMP_ORD_Q));
+    _mm256_storeu_pd(out + i, _mm256_and_pd(e, keep));
   }
-  for (; i < n; ++i) out[i] = std::exp(std::log(f[i]) - std::log(r[i]));
+  for (; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
 }
 
 inline bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2");
   return ok;
 }
 #endif
 
-// out[i] = exp(log f[i] - log r[i]) with NaN -> 0 (+inf kept), i < n <= kChunk.
+// out[i] = f[i] / r[i] with the rules above (NaN -> 0, +inf kept), i < n <= kChunk.
 template <typename S>
 inline void eta_chunk(const S* f, const S* r, S* out, int64_t n) {
-#ifdef MNEMO_FAST_SLEEF
+#ifdef MNEMO_FAST_AVX2
   if (has_avx2()) {
     eta_avx2(f, r, out, n);
-  } else
-#endif
-  {
-    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(std::log(f[i]) - std::log(r[i]));
+    return;
   }
-  for (int64_t i = 0; i < n; ++i) out[i] = std::isnan(out[i]) ? S(0) : out[i];
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
 }
 
 // float64 Fisher computes in float64, any other floating dtype in float32.

@@ -1,4 +1,4 @@
-// Per tensor l: the largest finite eta = exp(log f_F - log f_R) (NaN -> 0), 0 if none.
+// Per tensor l: the largest finite eta = f_F / f_R (NaN -> 0; see perturb.h), 0 if none.
 #include <torch/library.h>
 
 #include <algorithm>

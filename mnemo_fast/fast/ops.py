@@ -84,7 +84,11 @@ def sum_sq_grad_conv1d(
 
 
 def perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-    """Per tensor, the largest finite ``eta = exp(log f_F - log f_R)`` (NaN -> 0), 0 if none.
+    """Per tensor, the largest finite ``eta = f_F / f_R`` (NaN -> 0), 0 if none.
+
+    The reference writes eta as ``exp(log f_F - log f_R)`` (the authors' formula); the CPU
+    kernels divide, the same function with one rounding (csrc/cpu/perturb.h), so results agree
+    with the reference within its own cancellation error (a few dozen ulps), not bitwise.
 
     Returns [L] (float64 when the Fishers are float64, else float32).
     Equivalent PyTorch: ``torch.stack([reference.perturb.max_finite_ratio(f, r) ...])``.

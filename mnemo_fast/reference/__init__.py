@@ -9,6 +9,7 @@ from ..codes import MnemonicCodes, MnemonicMix
 from .engine import REFERENCE as _REFERENCE
 from ..evaluation import Evaluation, evaluate
 from ..method import CodeAccuracy, ForgetResult, code_accuracy, perturb_
+from ..adapt import adapt_with_codes
 from ..train import TrainHistory, train_with_codes
 from ..validation import UnlearningError
 
@@ -23,5 +24,5 @@ def backend(device: str = "cpu") -> str:
 __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "UnlearningError", "backend",
+    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
 ]

@@ -306,14 +306,18 @@ def fisher_table(case: str, rows: dict, sizes) -> list[str]:
     return out + [""]
 
 
+HAND_WRITTEN = "<!-- hand-written analysis below: kept when run.py rewrites the tables -->"
+
+
 def write_results(path: str, args, fisher: dict, sizes: dict, noise: dict, forget: dict, forget_counts, wall: float, notes: list[str]) -> None:
     lines = [
         "# mnemo_fast benchmarks", "",
-        f"- Machine: {machine()}; shared with other work, so timings are noisy (see Noise).",
+        f"- Machine: {machine()}; 1-min load average when the tables were written: {os.getloadavg()[0]:.2f} "
+        "(a shared machine: compare ratios within this run, not absolute times across runs).",
         f"- Versions: {versions()}",
         f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}; wall time of the run {wall / 60:.1f} min",
         f"- Command: `{' '.join(['python', 'benchmarks/run.py'] + sys.argv[1:])}`",
-        "- No GPU was available in this session: everything below is CPU; the CUDA kernels were only compile-checked.",
+        "- Everything below runs on the CPU (this script times no CUDA kernel).",
         "",
         "Medians in ms of `torch.utils.benchmark.Timer.timeit(1)` runs after one warm-up call "
         f"({args.repeats} timed runs, 1 when the warm-up took > 2 s; ¹ = a single timed run, or the warm-up call "
@@ -371,7 +375,10 @@ def write_results(path: str, args, fisher: dict, sizes: dict, noise: dict, forge
                          f"{ratio(row, ours) if row is not ours else ''} | {err} | {row.get('sign', '')} |")
     lines += ["", "## Targets", ""] + targets(fisher, sizes, noise, forget, forget_counts)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    Path(path).write_text("\n".join(lines))
+    previous = Path(path).read_text() if Path(path).exists() else ""
+    if HAND_WRITTEN in previous:  # analysis written by hand below the marker survives a rerun
+        lines += ["", previous[previous.index(HAND_WRITTEN):].rstrip("\n")]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 FISHER_TARGET = {"mlp": 1.1, "cnn": 1.2, "resnet18": 1.2, "transformer": 1.2}

@@ -42,8 +42,20 @@ def trainable_model(model: torch.nn.Module) -> None:
     for name, p in params:
         if not p.is_floating_point():
             raise UnlearningError(f"parameter {name!r} is not floating point ({p.dtype})")
+    if _all_sums_finite([p for _, p in params]):
+        return  # NaN or inf anywhere would make its tensor's sum non-finite
+    for name, p in params:  # a sum can also overflow: the exact check names the culprit, if any
         if not torch.isfinite(p).all():
             raise UnlearningError(f"parameter {name!r} contains NaN or inf: refusing to forget")
+
+
+@torch.no_grad()
+def _all_sums_finite(tensors: list[torch.Tensor]) -> bool:
+    """One read pass per tensor and one host sync per device (not one per tensor)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double())
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 
 def code_batch_fits(

@@ -95,10 +95,10 @@ def test_fisher_peak_is_within_the_formula(case, chunk):
 def test_fisher_peak_does_not_grow_with_the_number_of_codes(case):
     chunk = 8
     peaks = []
-    for n in (chunk, 4 * chunk, 16 * chunk):
+    for n in (2 * chunk, 8 * chunk, 32 * chunk):  # one chunk alone peaks lower (no second contribution)
         model, x, y = _problem(case, n)
         peaks.append(peak_bytes(lambda: mf.fisher_diagonal(model, x, y, chunk_size=chunk, engine=EXTENSION)))
-    assert max(peaks) <= peaks[0] * 1.02 + 64 * 2**10, f"{case}: peaks {[p / MIB for p in peaks]} MiB for N = 8, 32, 128"
+    assert max(peaks) <= peaks[0] * 1.02 + 64 * 2**10, f"{case}: peaks {[p / MIB for p in peaks]} MiB for N = 16, 64, 256"
 
 
 @pytest.mark.parametrize("inplace", [False, True])

@@ -262,3 +262,18 @@ def test_auto_lambda1_is_chosen_from_the_codes(trained_digits_mlp, digits_split)
     assert mf.evaluate(result.model, test, [4]).forget_accuracy <= 0.05
     with pytest.raises(ValueError, match="auto"):
         mf.forget(model, codes, [4], lambda1="best", lambda2=10)
+
+
+def test_finite_check_is_not_fooled_by_an_overflowing_sum():
+    """The fast check sums each tensor; a finite tensor whose sum overflows must still pass,
+    and a NaN must still be named."""
+    from mnemo_fast import validation
+
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(3e38)  # finite, but the float32 sum is inf
+    validation.trainable_model(model)
+    with torch.no_grad():
+        model.bias[1] = math.nan
+    with pytest.raises(mf.UnlearningError, match="'bias' contains NaN or inf"):
+        validation.trainable_model(model)

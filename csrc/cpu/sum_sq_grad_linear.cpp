@@ -25,8 +25,9 @@ at::Tensor sum_sq_grad_linear(const at::Tensor& grad_output, const at::Tensor& i
   const int64_t T = input.size(1);
   if (T == 1 || input.size(0) == 0) {
     // One GEMM on squared operands: sum_n g_n[o]^2 x_n[i]^2.
-    at::Tensor g2 = grad_output.sum(1, false, acc).square_();
-    at::Tensor x2 = input.sum(1, false, acc).square_();
+    // T == 1: select, not sum (a sum over one position is a zero-fill plus a copy).
+    at::Tensor g2 = T == 1 ? grad_output.select(1, 0).to(acc).square() : grad_output.sum(1, false, acc).square_();
+    at::Tensor x2 = T == 1 ? input.select(1, 0).to(acc).square() : input.sum(1, false, acc).square_();
     return T == 1 ? at::mm(g2.t(), x2)
                   : at::zeros({grad_output.size(2), input.size(2)}, input.options().dtype(acc));
   }

@@ -73,10 +73,14 @@ class FastEngine:
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
         names |= set(plan.broadcast)
         broadcast = {name: params[name] for name in plan.broadcast}
-        sums = {
-            n: torch.zeros_like(params[n], dtype=ref_fisher.accumulation_dtype(params[n].dtype))
-            for n in names
-        }
+        sums: dict[str, Tensor] = {}  # the first contribution becomes the accumulator (no zero fill)
+
+        def add(name: str, value: Tensor) -> None:
+            dtype = ref_fisher.accumulation_dtype(params[name].dtype)
+            if name in sums:
+                sums[name] += value.to(dtype)
+            else:  # rule outputs are fresh tensors: safe to own and add into
+                sums[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
         step = chunk_size or inputs.shape[0]
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
@@ -95,7 +99,7 @@ class FastEngine:
                 samples = per_sample(grad, params[name].shape, x.shape[0])
                 if samples is None:
                     return None
-                sums[name] += samples.to(sums[name].dtype).square().sum(0)
+                add(name, samples.to(ref_fisher.accumulation_dtype(params[name].dtype)).square().sum(0))
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
@@ -103,10 +107,13 @@ class FastEngine:
                     continue
                 for local, value in rule.accumulate(module, calls, self.kernels).items():
                     if local in local_names:
-                        sums[local_names[local]] += value.to(sums[local_names[local]].dtype)
+                        add(local_names[local], value)
             # Drop this chunk's captured inputs and output gradients before the next forward:
             # one chunk's activations live at a time, whatever N is.
             capture = caught = loss = wanted = records = calls = value = None
+        for name in names - sums.keys():  # a parameter no code reached: zero Fisher
+            sums[name] = torch.zeros_like(params[name], dtype=ref_fisher.accumulation_dtype(params[name].dtype),
+                                          memory_format=torch.contiguous_format)
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

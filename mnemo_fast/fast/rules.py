@@ -89,7 +89,7 @@ class LinearRule(Rule):
         if _weight(module):
             out["weight"] = kernels.sum_sq_grad_linear(g.contiguous(), x.contiguous())
         if _bias(module):
-            out["bias"] = _square_sum(g.sum(1))
+            out["bias"] = _square_sum(g[:, 0] if g.shape[1] == 1 else g.sum(1))
         return out
 
 

@@ -77,6 +77,8 @@ class DistributedEngine:
     - ``sum_squared_grads``: rank r takes ``inputs[start:end]`` (:func:`share`), a rank
       with no samples contributes zeros; sums are combined by ``all_reduce(SUM)``, one
       flattened buffer per dtype. Every rank gets the full sum.
+    - ``correct`` (scoring on the codes): split the same way, one ``all_reduce(SUM)`` of
+      the per-code hits; every rank scores the candidates on the same counts.
     - ``max_ratio``: computed locally, then ``all_reduce(MAX)`` (so a rank holding a
       shard of a tensor still gets the tensor's maximum).
     - ``shift_`` / ``gaussian_``: delegated; each rank perturbs the parameters it holds.
@@ -117,6 +119,28 @@ class DistributedEngine:
         ordered = [sums[name] for name in params]  # the same order on every rank
         all_reduce_flat_(ordered, dist.ReduceOp.SUM, self.group)
         return sums
+
+    def correct(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        labels: Tensor,
+        chunk_size: int | None = None,
+        output_fn: Callable[[object], Tensor] = logits_of,
+    ) -> Tensor:
+        """[N] bool, scored like the Fisher: rank r classifies its share of the codes and one
+        ``all_reduce(SUM)`` assembles the whole vector, so every rank scores the candidates
+        on identical counts (and chooses the same one) at 1/world of the cost."""
+        from .method import correct_predictions
+
+        model = unwrap(model)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        start, end = share(inputs.shape[0], rank, world)
+        hits = torch.zeros(inputs.shape[0], dtype=torch.int32, device=inputs.device)
+        if end > start:
+            hits[start:end] = correct_predictions(model, inputs[start:end], labels[start:end], chunk_size, output_fn).int()
+        dist.all_reduce(hits, op=dist.ReduceOp.SUM, group=self.group)
+        return hits.bool()
 
     def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
         local = self.inner.max_ratio(forget, remain).clone()

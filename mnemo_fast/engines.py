@@ -8,7 +8,10 @@ inputs/output gradients and calls the fused kernels. Both take and return the sa
   S = sum_n (dL_n/dw)^2 for every trainable parameter (model already in eval mode);
 - ``max_ratio(forget, remain)`` -> [L] largest finite eta per tensor;
 - ``shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)``: w += sign*alpha*eta;
-- ``gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)``.
+- ``gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)``;
+- optionally ``correct(model, inputs, labels, chunk_size, output_fn)`` -> [N] bool, how the
+  codes are scored (default: :func:`mnemo_fast.method.correct_predictions`; the distributed
+  engine splits them across ranks).
 """
 
 from __future__ import annotations

@@ -216,18 +216,43 @@ def perturb_(model: torch.nn.Module, shifts: Mapping[str, Tensor], sign: int) ->
 
 
 @torch.no_grad()
+def correct_predictions(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    chunk_size: int | None = None,
+    output_fn: OutputFn = logits_of,
+) -> Tensor:
+    """[N] bool: the model (in eval mode) puts input n in class labels[n]; at most
+    ``chunk_size`` inputs per forward pass."""
+    step = chunk_size or max(inputs.shape[0], 1)
+    with eval_mode(model):
+        return torch.cat([
+            output_fn(model(inputs[start : start + step])).argmax(-1) == labels[start : start + step]
+            for start in range(0, inputs.shape[0], step)
+        ])
+
+
+@torch.no_grad()
 def code_accuracy(
     model: torch.nn.Module,
     codes: MnemonicCodes,
     forget_classes: Iterable[int] | int,
     *,
     output_fn: OutputFn = logits_of,
+    chunk_size: int | None = None,
+    engine=None,
 ) -> CodeAccuracy:
-    """Fraction of the forget classes' codes and of the remaining codes classified correctly."""
+    """Fraction of the forget classes' codes and of the remaining codes classified correctly.
+
+    ``chunk_size`` bounds the codes per forward pass. An engine with a ``correct`` method
+    (:class:`mnemo_fast.distributed.DistributedEngine`) may split the codes across processes;
+    others score them here with :func:`correct_predictions`.
+    """
     forget = validation.forget_classes(codes, forget_classes)
     inputs, labels = code_inputs(model, codes, range(codes.num_classes))
-    with eval_mode(model):
-        correct = output_fn(model(inputs)).argmax(-1) == labels
+    score = getattr(engines.resolve(engine), "correct", correct_predictions)
+    correct = score(model, inputs, labels, chunk_size, output_fn)
     is_forget = torch.isin(labels, torch.tensor(forget, device=labels.device))
     return CodeAccuracy(
         forget=correct[is_forget].float().mean().item(),
@@ -332,7 +357,7 @@ def _forget_in_place(
     model, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,
     generator, eps, chunk_size, output_fn, keep, engine, originals,
 ) -> ForgetResult:
-    before = code_accuracy(model, codes, classes, output_fn=output_fn)
+    before = code_accuracy(model, codes, classes, output_fn=output_fn, chunk_size=chunk_size, engine=engine)
     fisher_f, fisher_r = class_fishers(
         model, codes, classes, eps=eps, chunk_size=chunk_size, output_fn=output_fn,
         params=keep, engine=engine,
@@ -365,7 +390,7 @@ def _forget_in_place(
     accuracies = []
     for k, candidate in enumerate(candidates):
         apply(candidate)
-        accuracies.append(code_accuracy(model, codes, classes, output_fn=output_fn))
+        accuracies.append(code_accuracy(model, codes, classes, output_fn=output_fn, chunk_size=chunk_size, engine=engine))
         if k < len(candidates) - 1:
             _restore(live, originals)
     scores = [accuracy.score for accuracy in accuracies]

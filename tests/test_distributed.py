@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import mnemo_fast as mf
 from mnemo_fast import models
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
+from mnemo_fast.method import correct_predictions
 
 WORLD = 2
 CASES = {
@@ -58,6 +59,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "fisher_f": fisher_f, "fisher_r": fisher_r,
                 "model": result.model.state_dict(), "scores": result.candidate_scores,
             }
+        model, codes = _problem(CASES["k3-shift"])
+        inputs, labels = codes.batch(range(codes.num_classes))
+        seen = []
+        handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        split = DistributedEngine().correct(model, inputs, labels, 4)
+        handle.remove()
+        results["scoring"] = {"split": split, "whole": correct_predictions(model, inputs, labels), "seen": seen}
         model, codes = _problem(CASES["k1-shift"])
         if rank == 1:  # a replica that is not a replica: the ranks must notice
             with torch.no_grad():
@@ -125,6 +133,15 @@ def test_ranks_end_identical(runs):
     for case_id in CASES:
         for name, value in runs[0][case_id]["model"].items():
             assert torch.equal(value, runs[1][case_id]["model"][name]), f"{case_id}: {name} differs between ranks"
+
+
+def test_scoring_is_split_across_ranks(runs):
+    """Each rank classifies only its share of the 30 codes (chunks of 4), yet every rank gets
+    the whole vector of hits, equal to one process classifying all codes."""
+    for rank, run in enumerate(runs):
+        start, end = share(30, rank, WORLD)
+        assert sum(run["scoring"]["seen"]) == end - start and max(run["scoring"]["seen"]) <= 4
+        assert torch.equal(run["scoring"]["split"], run["scoring"]["whole"])
 
 
 def test_disagreeing_replicas_raise_on_every_rank(runs):

@@ -24,10 +24,17 @@ where ``forget.py`` holds::
     dist.destroy_process_group()
 
 Tested: gloo on the CPU, plain modules and ``DistributedDataParallel`` (its ``.module`` is
-used, so no DDP hook or buffer broadcast runs during the Fisher). Not tested: NCCL on GPUs
-(same code path, nothing gloo-specific here), FSDP and DTensor-sharded parameters (the
-collectives are written so that a rank may hold a shard -- sums and maxima are elementwise
-over whatever each rank holds -- but scoring a sharded model on the codes is not handled).
+used, so no DDP hook or buffer broadcast runs during the Fisher), and FSDP2 models
+(``fully_shard``, DTensor parameters). Not tested: NCCL on GPUs (same code path, nothing
+gloo-specific here).
+
+Sharded (FSDP2) models: every forward is a collective (FSDP gathers each unit's shards), so
+the ranks run their shares of the codes in lockstep, a rank with no codes left running one
+code and discarding it. The layer rules see each gathered layer's input and output gradient
+and give global-shape sums; these are all-reduced and each rank keeps its shard (a DTensor
+laid out like the parameter). The perturbation is elementwise on the local shards; the
+per-tensor maximum is an all-reduce MAX. Parameters no rule takes raise NotImplementedError
+(the generic torch.func path cannot run on shards), and the model is edited in place only.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch.distributed as dist
 
 from . import engines
 from .reference.fisher import accumulation_dtype, logits_of, trainable_parameters
+from .sharding import any_sharded, is_sharded, like, local, reject_flat_parameters, reshard
 
 Tensor = torch.Tensor
 
@@ -97,6 +105,26 @@ class DistributedEngine:
     def backend_for(self, device: torch.device) -> str:
         return self.inner.backend_for(device)
 
+    def _inner_for(self, model: torch.nn.Module):
+        """The inner engine, except that sharded parameters need the layer rules: where the
+        inner engine is the reference (torch.func cannot run on shards), the hooks engine on
+        plain ATen ops (no compiled code) takes its place for the Fisher."""
+        if any_sharded(model.parameters()) and self.inner is engines.REFERENCE:
+            from .fast.engine import HOOKS_ATEN
+
+            return HOOKS_ATEN
+        return self.inner
+
+    def _lockstep(self, num_samples: int, chunk_size: int | None) -> list[tuple[int, int]]:
+        """This rank's slices, one per step; every rank gets the same number of steps (a
+        sharded model's forward is a collective: FSDP gathers each layer's shards), and a
+        slice may be empty (the rank then runs one code and discards the result)."""
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        start, end = share(num_samples, rank, world)
+        most = -(-num_samples // world)
+        step = min(chunk_size or most, most)
+        return [(min(start + k, end), min(start + k + step, end)) for k in range(0, most, step)]
+
     def sum_squared_grads(
         self,
         model: torch.nn.Module,
@@ -106,18 +134,36 @@ class DistributedEngine:
         output_fn: Callable[[object], Tensor] = logits_of,
     ) -> dict[str, Tensor]:
         model = unwrap(model)
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        start, end = share(inputs.shape[0], rank, world)
+        reject_flat_parameters(model)
+        reshard(model)
         params = trainable_parameters(model)
-        if end > start:
-            sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
+        if any_sharded(params.values()):
+            sums = self._sharded_sums(model, params, inputs, targets, chunk_size, output_fn)
         else:
-            sums = {
-                name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format)
-                for name, p in params.items()
-            }
+            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+            start, end = share(inputs.shape[0], rank, world)
+            if end > start:
+                sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
+            else:
+                sums = {name: _zeros_like(p) for name, p in params.items()}
         ordered = [sums[name] for name in params]  # the same order on every rank
         all_reduce_flat_(ordered, dist.ReduceOp.SUM, self.group)
+        return {name: like(sums[name], p) for name, p in params.items()}
+
+    def _sharded_sums(self, model, params, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
+        """Global-shape sums over this rank's codes, the forwards in lockstep with the other
+        ranks. Each rank holds full-size float32 sums until the all-reduce, then keeps its shard."""
+        inner = self._inner_for(model)
+        sums = {name: _zeros_like(p) for name, p in params.items()}
+        for start, end in self._lockstep(inputs.shape[0], chunk_size):
+            empty = end == start
+            if empty:
+                start, end = 0, 1
+            part = inner.sum_squared_grads(model, inputs[start:end], targets[start:end], None, output_fn)
+            reshard(model)
+            if not empty:
+                for name, value in part.items():
+                    sums[name] += value
         return sums
 
     def correct(
@@ -130,29 +176,64 @@ class DistributedEngine:
     ) -> Tensor:
         """[N] bool, scored like the Fisher: rank r classifies its share of the codes and one
         ``all_reduce(SUM)`` assembles the whole vector, so every rank scores the candidates
-        on identical counts (and chooses the same one) at 1/world of the cost."""
+        on identical counts (and chooses the same one) at 1/world of the cost. A sharded
+        model's forwards run in lockstep (see :meth:`_lockstep`)."""
         from .method import correct_predictions
 
         model = unwrap(model)
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        start, end = share(inputs.shape[0], rank, world)
         hits = torch.zeros(inputs.shape[0], dtype=torch.int32, device=inputs.device)
-        if end > start:
-            hits[start:end] = correct_predictions(model, inputs[start:end], labels[start:end], chunk_size, output_fn).int()
+        if any_sharded(model.parameters()):
+            for start, end in self._lockstep(inputs.shape[0], chunk_size):
+                if end == start:
+                    correct_predictions(model, inputs[:1], labels[:1], None, output_fn)
+                else:
+                    hits[start:end] = correct_predictions(model, inputs[start:end], labels[start:end], None, output_fn).int()
+                reshard(model)  # the next perturbation edits the shards: no stale gathered copy
+        else:
+            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+            start, end = share(inputs.shape[0], rank, world)
+            if end > start:
+                hits[start:end] = correct_predictions(model, inputs[start:end], labels[start:end], chunk_size, output_fn).int()
         dist.all_reduce(hits, op=dist.ReduceOp.SUM, group=self.group)
         return hits.bool()
 
     def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-        local = self.inner.max_ratio(forget, remain).clone()
-        if local.numel():
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
-        return local
+        local_max = self.inner.max_ratio(_locals(forget), _locals(remain)).clone()
+        if local_max.numel():
+            dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=self.group)
+        return local_max
 
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        self.inner.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+        self.inner.shift_(_locals(params), _locals(forget), _locals(remain), max_ratio, lambda1, lambda2, sign)
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        self.inner.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        """Replicated tensors draw from ``generator`` (the same on every rank, so replicas stay
+        equal); sharded ones from a per-rank generator seeded from it, so shards get
+        independent noise (distributed like a one-process draw, not bitwise equal to it)."""
+        split = [is_sharded(t) for t in forget]
+        if not any(split):
+            return self.inner.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        groups = {False: [], True: []}
+        for k, sharded in enumerate(split):
+            groups[sharded].append(k)
+        for sharded, idx in groups.items():
+            if not idx:
+                continue
+            pick = lambda ts: [local(ts[k]) for k in idx]
+            gen = generator
+            if sharded:
+                gen = torch.Generator(device=generator.device).manual_seed(seed + dist.get_rank(self.group))
+            self.inner.gaussian_(pick(params), pick(forget), pick(remain), max_ratio[idx], lambda1, lambda2, tau, gen)
+
+
+def _zeros_like(p: Tensor) -> Tensor:
+    """A plain (never sharded) zero accumulator of ``p``'s global shape, in its accumulation dtype."""
+    return torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=local(p).device)
+
+
+def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [local(t) for t in tensors]
 
 
 class RankDisagreement(RuntimeError):
@@ -164,6 +245,22 @@ def _agree(values: Tensor, group) -> bool:
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     return bool(torch.equal(low, high))
+
+
+@torch.no_grad()
+def _check_finite_everywhere(model: torch.nn.Module, group, device: torch.device) -> None:
+    """Every rank raises if any rank holds a NaN or inf in a trainable parameter (its shard or
+    replica): a check on one rank only would leave the others waiting in a collective."""
+    from .validation import UnlearningError
+
+    finite = all(bool(torch.isfinite(local(p)).all()) for p in model.parameters() if p.requires_grad)
+    flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if not flag.item():
+        raise UnlearningError(
+            f"rank {dist.get_rank(group)}: a trainable parameter contains NaN or inf on "
+            f"{'this rank' if not finite else 'another rank'}: refusing to forget"
+        )
 
 
 def _best_candidate(result) -> int:
@@ -199,8 +296,11 @@ def forget_distributed(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("forget_distributed needs torch.distributed initialised (init_process_group)")
     module = unwrap(model)
+    reject_flat_parameters(module)
+    reshard(module)
+    device = local(next(module.parameters())).device
+    _check_finite_everywhere(module, group, device)
     result = forget(module, codes, classes, engine=DistributedEngine(inner_engine, group), **kwargs)
-    device = next(module.parameters()).device
     choice = torch.tensor([_best_candidate(result), *result.candidate_scores], dtype=torch.float64, device=device)
     if not _agree(choice, group):
         raise RankDisagreement(
@@ -208,9 +308,10 @@ def forget_distributed(
             f"(this rank: candidate {int(choice[0])}, scores {result.candidate_scores}); are the "
             f"model, codes and generator seed the same on every rank?"
         )
-    if verify_parameters:
+    replicated = [p for p in result.model.parameters() if not is_sharded(p)]  # shards differ by design
+    if verify_parameters and replicated:
         with torch.no_grad():
-            sums = torch.stack([p.detach().double().sum() for p in result.model.parameters()])
+            sums = torch.stack([p.detach().double().sum() for p in replicated])
         if not _agree(sums, group):
             raise RankDisagreement(
                 f"rank {dist.get_rank(group)}: the forgotten parameters differ between ranks; "

@@ -22,6 +22,7 @@ from .codes import MnemonicCodes
 from . import engines
 from .reference.fisher import eval_mode, logits_of, trainable_parameters
 from .reference.perturb import compute_dtype
+from .sharding import any_sharded, local, reshard
 
 Tensor = torch.Tensor
 OutputFn = Callable[[object], Tensor]
@@ -326,14 +327,20 @@ def forget(
             calibration = calibrate(model, codes, classes, lambda2=lambda2, eps=eps,
                                     chunk_size=chunk_size, output_fn=output_fn, engine=engine)
         lambda1, lambda2 = calibration.lambda1, calibration.lambda2
+    if not inplace and any_sharded(model.parameters()):
+        raise validation.UnlearningError(
+            "a model with sharded (FSDP2/DTensor) parameters cannot be copied here: pass "
+            "inplace=True (each rank edits its own shard, all or nothing)"
+        )
     target = model if inplace else copy.deepcopy(model)
+    reshard(target)  # FSDP2: the checks' forward may have left the root unit gathered
     keep = parameter_filter(params)
     chosen = {name: p for name, p in trainable_parameters(target).items() if keep(name)}
     if not chosen:
         raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
     names = list(chosen)
-    originals = [p.detach().clone() for p in chosen.values()]
-    live = [p.detach() for p in chosen.values()]
+    live = [local(p.detach()) for p in chosen.values()]  # a sharded parameter: this rank's shard
+    originals = [p.clone() for p in live]
     try:
         result = _forget_in_place(
             target, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,

@@ -11,6 +11,7 @@ import torch
 
 from .codes import MnemonicCodes
 from .reference.fisher import eval_mode
+from .sharding import local
 
 
 class UnlearningError(ValueError):
@@ -36,7 +37,8 @@ def forget_classes(codes: MnemonicCodes, classes: Iterable[int] | int) -> list[i
 
 def trainable_model(model: torch.nn.Module) -> None:
     """The model has trainable parameters and all of them are finite."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # a sharded parameter is checked on this rank's shard (forget_distributed agrees across ranks)
+    params = [(n, local(p)) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise UnlearningError("the model has no trainable parameters (requires_grad=True) to perturb")
     for name, p in params:

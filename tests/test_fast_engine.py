@@ -138,3 +138,33 @@ def test_models_made_of_supported_layers_never_take_the_generic_path(engine, nam
 
     monkeypatch.setattr("mnemo_fast.fast.engine.ref_fisher.sum_squared_grads", forbidden)
     assert_fisher_close(mf.fisher_diagonal(model, x, y, engine=engine), expected, 1e-10)
+
+
+class _WeightStandardisedConv(torch.nn.Conv2d):
+    """Keeps Conv2d.forward but changes what it computes: must not take the conv rule."""
+
+    def _conv_forward(self, input, weight, bias):
+        weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(input, weight, bias)
+
+
+class _Wrapped(torch.nn.Linear):
+    """Like FSDP2's FSDPLinear: a subclass that only changes construction and ``_apply``."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def _apply(self, *args, **kwargs):
+        return super()._apply(*args, **kwargs)
+
+
+def test_subclasses_take_a_rule_only_when_they_compute_the_base_forward():
+    from mnemo_fast.fast.rules import rule_for
+
+    assert rule_for(_Wrapped(3, 2)) is rule_for(torch.nn.Linear(3, 2)) is not None
+    assert rule_for(_WeightStandardisedConv(2, 3, 3)) is None
+    model = torch.nn.Sequential(_WeightStandardisedConv(1, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 36, 4))
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    fast, exact = mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y)
+    for name in exact:
+        torch.testing.assert_close(fast[name], exact[name], rtol=1e-5, atol=1e-7)

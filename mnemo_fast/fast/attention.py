@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sharding import any_sharded
+
 from .rules import Rule, _acc
 
 Tensor = torch.Tensor
@@ -41,6 +43,9 @@ class MultiheadAttentionRule(Rule):
             and module._qkv_same_embed_dim
             and module.bias_k is None
             and not module.add_zero_attn
+            # the projections are recomputed after the backward, when FSDP2 has put the
+            # shards back: sharded attention weights go to the generic path (an error)
+            and not any_sharded(module.parameters())
         )
 
     def batch_dim(self, module: nn.MultiheadAttention) -> int:

@@ -18,6 +18,7 @@ from . import _ext
 from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
+from ..sharding import is_sharded, local
 
 Tensor = torch.Tensor
 
@@ -56,6 +57,13 @@ class FastEngine:
         if not self._runs_on(inputs.device):
             return REFERENCE.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
+        sharded = [name for name in plan.generic if is_sharded(params[name])]
+        if sharded:
+            raise NotImplementedError(
+                f"sharded (DTensor) parameters {sharded[:5]} are not taken by any layer rule; the "
+                f"generic per-sample path cannot run on shards. Supported under FSDP2: Linear, "
+                f"Conv1d/2d, Embedding and the norm layers, each used once per forward"
+            )
         sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
@@ -112,8 +120,8 @@ class FastEngine:
             # one chunk's activations live at a time, whatever N is.
             capture = caught = loss = wanted = records = calls = value = None
         for name in names - sums.keys():  # a parameter no code reached: zero Fisher
-            sums[name] = torch.zeros_like(params[name], dtype=ref_fisher.accumulation_dtype(params[name].dtype),
-                                          memory_format=torch.contiguous_format)
+            p = params[name]  # global shape: a sharded parameter's sums are assembled by the caller
+            sums[name] = torch.zeros(p.shape, dtype=ref_fisher.accumulation_dtype(p.dtype), device=local(p).device)
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

@@ -49,11 +49,22 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     rules = {m: rule_for(m) for m in model.modules()}
     rules = {m: r for m, r in rules.items() if r is not None}
     claims = defaultdict(list)  # id(parameter) -> [(module, local name)] of rules that can take it
-    for module, rule in rules.items():
-        for local, p in rule.parameters(module).items():
+    rule_params = {module: rule.parameters(module) for module, rule in rules.items()}
+    for module, local_params in rule_params.items():
+        for local, p in local_params.items():
             claims[id(p)].append((module, local))
     calls: Counter = Counter()
     batch_dims: dict[nn.Module, set[int]] = {}
+    # id(registered parameter) -> id(the tensor the module holds under that name while it
+    # runs): the same, except under FSDP2, whose pre-forward hook swaps each sharded DTensor
+    # parameter for its gathered (unsharded) tensor and its post-forward hook swaps it back.
+    live: dict[int, int] = {}
+
+    def resolve(module, args):
+        for local, p in rule_params[module].items():
+            now = rules[module].parameters(module).get(local)
+            if now is not None:
+                live[id(p)] = id(now)
 
     def count(module, args, output):
         calls[module] += 1
@@ -61,13 +72,16 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
         batch_dims[module] = batch_dims.get(module, seen) & seen
 
     handles = [m.register_forward_hook(count) for m in rules]
+    handles += [m.register_forward_pre_hook(resolve) for m in rules]
     try:
         with torch.enable_grad():
             loss = F.cross_entropy(output_fn(model(x1)), y1, reduction="sum")
     finally:
         for handle in handles:
             handle.remove()
-    parents = parent_nodes(loss, {id(p) for p in params.values()}) if loss.grad_fn is not None else {}
+    used = {id(p): live.get(id(p), id(p)) for p in params.values()}
+    parents = parent_nodes(loss, set(used.values())) if loss.grad_fn is not None else {}
+    parents = {key: parents[used_id] for key, used_id in used.items() if used_id in parents}
     uses = Counter({key: len(nodes) for key, nodes in parents.items()})
 
     plan = Plan(batch_dims=batch_dims)

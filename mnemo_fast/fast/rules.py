@@ -122,7 +122,7 @@ class ConvRule(Rule):
         if _weight(module):
             x, g, k, s, p, d = self._as_2d(module, inp, grad)
             d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
-            out["weight"] = d2.view_as(module.weight)
+            out["weight"] = d2.view(module.weight.shape)
         if _bias(module):
             out["bias"] = _square_sum(grad.flatten(2).sum(2))
         return out
@@ -182,9 +182,9 @@ class NormRule(Rule):
             beta = beta + g.sum(1)
         out = {}
         if _weight(module):
-            out["weight"] = gamma.square().sum(0).view_as(module.weight)
+            out["weight"] = gamma.square().sum(0).view(module.weight.shape)
         if _bias(module):
-            out["bias"] = beta.square().sum(0).view_as(module.bias)
+            out["bias"] = beta.square().sum(0).view(module.bias.shape)
         return out
 
 
@@ -254,9 +254,23 @@ _register_attention()
 
 
 def rule_for(module: nn.Module):
-    """The rule of ``module``'s exact type (subclasses may override forward: no rule), if it
-    supports this configuration; else None."""
-    rule = RULES.get(type(module))
-    if rule is None and isinstance(module, nn.Linear):  # e.g. NonDynamicallyQuantizableLinear
-        rule = RULES[nn.Linear] if type(module).forward is nn.Linear.forward else None
+    """The rule of ``module``'s type, if it supports this configuration; else None. A subclass
+    (NonDynamicallyQuantizableLinear, FSDP2's FSDPLinear/FSDPConv2d) takes its base's rule
+    only if it keeps the base's ``forward``: one that overrides it may compute anything."""
+    rule = None
+    mro = type(module).__mro__
+    for depth, base in enumerate(mro):
+        if base in RULES:
+            overridden = {
+                name for cls in mro[:depth] if cls not in base.__mro__
+                for name, value in vars(cls).items() if callable(value) and hasattr(base, name)
+            }
+            if not overridden - _HARMLESS_OVERRIDES:
+                rule = RULES[base]
+            break
     return rule if rule is not None and rule.supports(module) else None
+
+
+# Methods a subclass may override and still compute its base's forward: construction, and
+# FSDP2's ``_apply`` (device moves of the sharded parameters).
+_HARMLESS_OVERRIDES = {"__init__", "__new__", "_apply", "extra_repr", "reset_parameters"}

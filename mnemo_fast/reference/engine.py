@@ -11,6 +11,7 @@ import torch
 
 from . import fisher as ref_fisher
 from . import kernels
+from ..sharding import any_sharded
 
 Tensor = torch.Tensor
 
@@ -31,6 +32,12 @@ class ReferenceEngine:
         chunk_size: int | None = None,
         output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
     ) -> dict[str, Tensor]:
+        if any_sharded(model.parameters()):
+            raise NotImplementedError(
+                "the reference engine's per-sample gradients (torch.func) cannot run on sharded "
+                "(DTensor / FSDP2) parameters; use mnemo_fast.distributed.DistributedEngine, which "
+                "takes them through the layer rules"
+            )
         return ref_fisher.sum_squared_grads(
             model, inputs, targets, chunk_size=chunk_size, output_fn=output_fn
         )

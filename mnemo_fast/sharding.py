@@ -1,0 +1,76 @@
+"""Parameters sharded across ranks (FSDP2 ``fully_shard``, DTensor): detection and views.
+
+A sharded parameter is a ``torch.distributed.tensor.DTensor``: each rank holds a shard
+(``to_local()``) of a tensor whose ``shape`` is the global one. The method touches such
+parameters in three places only: the Fisher pass (run through FSDP's own forward, which
+gathers each layer's weights while it runs), the perturbation (elementwise: each rank
+edits its own shard) and the per-tensor maximum of the ratio (an all-reduce MAX).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+Tensor = torch.Tensor
+
+try:  # torch.distributed may be compiled out
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - builds without distributed support
+    DTensor = None
+    distribute_tensor = None
+
+
+def is_sharded(t: object) -> bool:
+    """True for a DTensor (an FSDP2 or tensor-parallel parameter, or a Fisher tensor like one)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_sharded(tensors: Iterable[object]) -> bool:
+    return any(is_sharded(t) for t in tensors)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's own shard of ``t`` (sharing its storage), or ``t`` itself when not sharded."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def like(full: Tensor, param: Tensor) -> Tensor:
+    """``full`` (a global-shape tensor every rank holds identically) laid out like ``param``:
+    a DTensor with ``param``'s mesh and placements for a sharded parameter (each rank keeps
+    its own slice, no communication), else ``full`` unchanged."""
+    if not is_sharded(param):
+        return full
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state.
+
+    FSDP2 keeps the root unit gathered after a forward that no backward follows, and while
+    it is, the module holds plain full-size tensors under the parameters' names and the next
+    forward reads those. The method edits the shards between forwards, so it reshards after
+    each pass: the next forward gathers the edited shards, and parameter names resolve to
+    the sharded DTensors.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def reject_flat_parameters(model: torch.nn.Module) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) flattens parameters into one FlatParameter per
+    unit: per-parameter Fisher tensors cannot be formed from it. Say so instead of failing
+    somewhere deep in a forward."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "FullyShardedDataParallel (FSDP1, flat parameters) is not supported; shard the model "
+            "with torch.distributed.fsdp.fully_shard (FSDP2, DTensor parameters) instead"
+        )

@@ -32,7 +32,8 @@ Sharded (FSDP2) models: every forward is a collective (FSDP gathers each unit's 
 the ranks run their shares of the codes in lockstep, a rank with no codes left running one
 code and discarding it. The layer rules see each gathered layer's input and output gradient
 and give global-shape sums; these are all-reduced and each rank keeps its shard (a DTensor
-laid out like the parameter). The perturbation is elementwise on the local shards; the
+laid out like the parameter); nn.MultiheadAttention's rule, which recomputes the
+projections after the backward, gathers its weights again there. The perturbation is elementwise on the local shards; the
 per-tensor maximum is an all-reduce MAX. Parameters no rule takes raise NotImplementedError
 (the generic torch.func path cannot run on shards), and the model is edited in place only.
 """

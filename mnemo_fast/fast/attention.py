@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sharding import any_sharded
+from ..sharding import is_sharded
 
 from .rules import Rule, _acc
 
@@ -36,6 +36,13 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
+def _whole(p: Tensor) -> Tensor:
+    """The detached full weight. The projections are recomputed after the backward, when FSDP2
+    has put a sharded weight's shards back: gather it (a collective; every rank recomputes the
+    same layers in the same order, the forwards being in lockstep)."""
+    return p.full_tensor().detach() if is_sharded(p) else p.detach()
+
+
 class MultiheadAttentionRule(Rule):
     def supports(self, module: nn.Module) -> bool:
         return (
@@ -43,9 +50,6 @@ class MultiheadAttentionRule(Rule):
             and module._qkv_same_embed_dim
             and module.bias_k is None
             and not module.add_zero_attn
-            # the projections are recomputed after the backward, when FSDP2 has put the
-            # shards back: sharded attention weights go to the generic path (an error)
-            and not any_sharded(module.parameters())
         )
 
     def batch_dim(self, module: nn.MultiheadAttention) -> int:
@@ -66,8 +70,8 @@ class MultiheadAttentionRule(Rule):
         g_out = first(grad_out)
         n, length, embed = q_in.shape
         heads, dim = module.num_heads, module.head_dim
-        weight = module.in_proj_weight.detach()
-        bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
+        weight = _whole(module.in_proj_weight)
+        bias = _whole(module.in_proj_bias) if module.in_proj_bias is not None else None
         chunks = [None, None, None] if bias is None else bias.chunk(3)
         projected = [
             F.linear(x, w, b).detach().requires_grad_()
@@ -85,7 +89,7 @@ class MultiheadAttentionRule(Rule):
             causal = bool(call.get("is_causal")) and mask is None
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             merged = attended.transpose(1, 2).reshape(n, length, embed)
-            out = F.linear(merged, module.out_proj.weight.detach())
+            out = F.linear(merged, _whole(module.out_proj.weight))
             grads = torch.autograd.grad(out, projected, grad_outputs=g_out)
         return (q_in, k_in, v_in), grads, merged.detach(), g_out
 

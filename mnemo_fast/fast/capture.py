@@ -68,15 +68,27 @@ class Capture:
         first.register_hook(keep)
         return replacement
 
+    def _freeze(self, module: nn.Module, args: tuple) -> None:
+        """Under FSDP2 a module runs on gathered copies of its parameters, which the caller's
+        ``frozen`` did not reach: freeze those as the module is called (restored on exit)."""
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                self._thawed.append(p)
+
     @contextlib.contextmanager
     def recording(self, batch_size: int) -> Iterator["Capture"]:
         self._batch = batch_size
+        self._thawed: list[nn.Parameter] = []
         handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layouts]
+        handles += [m.register_forward_pre_hook(self._freeze) for m in self.layouts]
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            for p in self._thawed:
+                p.requires_grad_(True)
 
 
 @contextlib.contextmanager

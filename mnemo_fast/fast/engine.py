@@ -18,9 +18,19 @@ from . import _ext
 from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
-from ..sharding import is_sharded, local
+from ..sharding import is_sharded, local as local_shard
 
 Tensor = torch.Tensor
+
+
+def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any layer rule") -> None:
+    sharded = [name for name in plan.generic if is_sharded(params[name])]
+    if sharded:
+        raise NotImplementedError(
+            f"sharded (DTensor) parameters {sharded[:5]}: {why}, and the generic per-sample "
+            f"path cannot run on shards. Supported under FSDP2: Linear, Conv1d/2d, Embedding, "
+            f"the norm layers and nn.MultiheadAttention, each called once per forward"
+        )
 
 
 class FastEngine:
@@ -57,18 +67,13 @@ class FastEngine:
         if not self._runs_on(inputs.device):
             return REFERENCE.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
-        sharded = [name for name in plan.generic if is_sharded(params[name])]
-        if sharded:
-            raise NotImplementedError(
-                f"sharded (DTensor) parameters {sharded[:5]} are not taken by any layer rule; the "
-                f"generic per-sample path cannot run on shards. Supported under FSDP2: Linear, "
-                f"Conv1d/2d, Embedding and the norm layers, each used once per forward"
-            )
+        _refuse_sharded_generic(plan, params)
         sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if taken is None:  # a layer's batch dimension was not first: no rule is safe
                 plan = Plan(generic=list(params))
+                _refuse_sharded_generic(plan, params, "a layer's batch dimension could not be found")
             else:
                 sums.update(taken)
         if plan.generic:
@@ -121,7 +126,7 @@ class FastEngine:
             capture = caught = loss = wanted = records = calls = value = None
         for name in names - sums.keys():  # a parameter no code reached: zero Fisher
             p = params[name]  # global shape: a sharded parameter's sums are assembled by the caller
-            sums[name] = torch.zeros(p.shape, dtype=ref_fisher.accumulation_dtype(p.dtype), device=local(p).device)
+            sums[name] = torch.zeros(p.shape, dtype=ref_fisher.accumulation_dtype(p.dtype), device=local_shard(p).device)
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

@@ -185,6 +185,12 @@ def fishers(shapes, dtype, seed, special=True):
             r.view(-1)[1] = 0.0  # eta +inf
             f.view(-1)[2] = r.view(-1)[2] = 0.0  # NaN -> 0
             r.view(-1)[3] = float("nan")
+        if special and f.numel() >= 12:  # the same in the last elements (the vector loops' tails)
+            f.view(-1)[-1] = 0.0
+            r.view(-1)[-2] = 0.0
+            f.view(-1)[-3] = r.view(-1)[-3] = 0.0
+            r.view(-1)[-4] = -1e-7  # negative: log would give NaN, so eta 0
+            f.view(-1)[-5] = -0.0
         forget.append(f.to(dtype))
         remain.append(r.to(dtype))
     return forget, remain

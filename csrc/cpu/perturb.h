@@ -38,18 +38,60 @@ inline S eta_scalar(S f, S r) {
 }
 
 #ifdef MNEMO_FAST_AVX2
+// Eight etas with the rules of eta_scalar.
+__attribute__((target("avx2"))) inline __m256 eta8(__m256 vf, __m256 vr) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 valid = _mm256_and_ps(_mm256_cmp_ps(vf, zero, _CMP_GE_OQ), _mm256_cmp_ps(vr, zero, _CMP_GE_OQ));
+  const __m256 e = _mm256_div_ps(_mm256_add_ps(vf, zero), _mm256_add_ps(vr, zero));
+  return _mm256_and_ps(e, _mm256_and_ps(valid, _mm256_cmp_ps(e, e, _CMP_ORD_Q)));
+}
+
 __attribute__((target("avx2"))) inline void eta_avx2(const float* f, const float* r, float* out,
                                                      int64_t n) {
-  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, eta8(_mm256_loadu_ps(f + i), _mm256_loadu_ps(r + i)));
+  for (; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
+}
+
+// max(best, largest finite eta of f[0:n] / r[0:n]): one read of each, no eta buffer.
+__attribute__((target("avx2"))) inline float max_finite_eta_avx2(const float* f, const float* r,
+                                                                 int64_t n, float best) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vbest = _mm256_set1_ps(best);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 vf = _mm256_loadu_ps(f + i), vr = _mm256_loadu_ps(r + i);
-    const __m256 valid = _mm256_and_ps(_mm256_cmp_ps(vf, zero, _CMP_GE_OQ), _mm256_cmp_ps(vr, zero, _CMP_GE_OQ));
-    const __m256 e = _mm256_div_ps(_mm256_add_ps(vf, zero), _mm256_add_ps(vr, zero));
-    const __m256 keep = _mm256_and_ps(valid, _mm256_cmp_ps(e, e, _CMP_ORD_Q));
-    _mm256_storeu_ps(out + i, _mm256_and_ps(e, keep));
+    const __m256 e = eta8(_mm256_loadu_ps(f + i), _mm256_loadu_ps(r + i));
+    vbest = _mm256_max_ps(vbest, _mm256_and_ps(e, _mm256_cmp_ps(e, inf, _CMP_LT_OQ)));
   }
-  for (; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vbest);
+  for (float v : lanes) best = std::max(best, v);
+  for (; i < n; ++i) {
+    const float e = eta_scalar(f[i], r[i]);
+    best = e < std::numeric_limits<float>::infinity() ? std::max(best, e) : best;
+  }
+  return best;
+}
+
+// p[i] += sign * (alpha * (eta_i == inf ? max_ratio : eta_i)) for float32 p and Fisher, in the
+// scalar loop's order of operations (no FMA: the same roundings as the reference).
+__attribute__((target("avx2"))) inline void shift_avx2(float* p, const float* f, const float* r,
+                                                       int64_t n, float max_ratio, float alpha,
+                                                       float sign) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 vmax = _mm256_set1_ps(max_ratio), valpha = _mm256_set1_ps(alpha), vsign = _mm256_set1_ps(sign);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = eta8(_mm256_loadu_ps(f + i), _mm256_loadu_ps(r + i));
+    e = _mm256_blendv_ps(e, vmax, _mm256_cmp_ps(e, inf, _CMP_EQ_OQ));
+    const __m256 step = _mm256_mul_ps(vsign, _mm256_mul_ps(valpha, e));
+    _mm256_storeu_ps(p + i, _mm256_add_ps(_mm256_loadu_ps(p + i), step));
+  }
+  for (; i < n; ++i) {
+    const float e0 = eta_scalar(f[i], r[i]);
+    const float e = std::isinf(e0) ? max_ratio : e0;
+    p[i] = p[i] + sign * (alpha * e);
+  }
 }
 
 __attribute__((target("avx2"))) inline void eta_avx2(const double* f, const double* r, double* out,

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "perturb.h"
 
@@ -14,6 +15,11 @@ S max_finite_eta(const S* f, const S* r, int64_t numel) {
   return at::parallel_reduce(
       0, numel, kChunk * 32, S(0),
       [&](int64_t begin, int64_t end, S best) {
+#ifdef MNEMO_FAST_AVX2
+        if constexpr (std::is_same_v<S, float>) {
+          if (has_avx2()) return max_finite_eta_avx2(f + begin, r + begin, end - begin, best);
+        }
+#endif
         S eta[kChunk];
         for (int64_t c = begin; c < end; c += kChunk) {
           const int64_t n = std::min(kChunk, end - c);

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "perturb.h"
 
@@ -12,6 +13,16 @@ namespace {
 template <typename S, typename P>
 void shift_tensor(P* p, const S* f, const S* r, int64_t numel, S max_ratio, S alpha, S sign) {
   using opmath = at::opmath_type<P>;
+#ifdef MNEMO_FAST_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<P, float>) {
+    if (has_avx2()) {  // the common case in one vectorised read-modify-write, no eta buffer
+      at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
+        shift_avx2(p + begin, f + begin, r + begin, end - begin, max_ratio, alpha, sign);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
     S eta[kChunk];
     for (int64_t c = begin; c < end; c += kChunk) {

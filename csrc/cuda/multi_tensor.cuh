@@ -62,14 +62,17 @@ __device__ __forceinline__ void for_each_chunk(const Batch& batch, Fn&& fn) {
   }
 }
 
-// eta = f_F / f_R computed as exp(log f_F - log f_R) (the reference's formula: it maps 0/0 to
-// NaN and x/0 to +inf the same way the CPU and Python versions do). Special values are left to
-// the callers, whose rules differ.
+// eta = f_F / f_R as a division, the same function as the CPU kernels (csrc/cpu/perturb.h) and
+// the reference's exp(log f_F - log f_R): 0/0 -> NaN, x/0 -> +inf, and a NaN or negative input
+// -> NaN (where log would give NaN); -0 counts as +0. One rounding instead of three
+// transcendentals. Special values are left to the callers, whose rules differ.
 __device__ __forceinline__ float raw_eta(float forget, float remain) {
-  return expf(logf(forget) - logf(remain));
+  if (!(forget >= 0.0f) || !(remain >= 0.0f)) return __int_as_float(0x7fc00000);
+  return __fdiv_rn(forget + 0.0f, remain + 0.0f);
 }
 __device__ __forceinline__ double raw_eta(double forget, double remain) {
-  return exp(log(forget) - log(remain));
+  if (!(forget >= 0.0) || !(remain >= 0.0)) return __longlong_as_double(0x7ff8000000000000LL);
+  return __ddiv_rn(forget + 0.0, remain + 0.0);
 }
 
 // alpha_l = min(lambda1, lambda2 / max_ratio_l), or lambda1 when no finite ratio exists
@@ -82,7 +85,7 @@ __device__ __forceinline__ acc_t perturb_alpha(acc_t max_ratio, acc_t lambda1, a
   return isnan(alpha) ? alpha : std::min(alpha, lambda1);
 }
 
-// eta with the perturb rules: NaN -> 0, +inf -> max_ratio_l (exp never yields -inf or < 0).
+// eta with the perturb rules: NaN -> 0, +inf -> max_ratio_l (raw_eta never yields -inf or < 0).
 template <typename acc_t>
 __device__ __forceinline__ acc_t clamped_eta(acc_t forget, acc_t remain, acc_t max_ratio) {
   const acc_t eta = raw_eta(forget, remain);

@@ -1,4 +1,4 @@
-// CUDA perturb_max_ratio: out[l] = the largest finite eta = exp(log f_F - log f_R) of tensor l
+// CUDA perturb_max_ratio: out[l] = the largest finite eta = f_F / f_R (raw_eta, multi_tensor.cuh) of tensor l
 // (NaN counts as 0), or 0 when tensor l has no finite eta.
 //
 // One launch per batch of up to 64 tensors (multi_tensor.cuh). Each block reduces a chunk in

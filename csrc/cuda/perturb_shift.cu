@@ -1,6 +1,6 @@
 // CUDA perturb_shift_: params[l] += sign * alpha_l * eta, in place, for all tensors at once.
 //
-// eta = exp(log f_F - log f_R) with NaN -> 0 and +inf -> max_ratio[l]; alpha_l =
+// eta = f_F / f_R (raw_eta) with NaN -> 0 and +inf -> max_ratio[l]; alpha_l =
 // min(lambda1, lambda2 / max_ratio[l]) (lambda1 when max_ratio[l] is 0). One fused pass reads the
 // two Fishers and the parameter once and writes the parameter once; launches are batched over
 // tensors (multi_tensor.cuh), one instantiation per parameter dtype present. eta is computed in

@@ -87,7 +87,7 @@ def perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Ten
     """Per tensor, the largest finite ``eta = f_F / f_R`` (NaN -> 0), 0 if none.
 
     The reference writes eta as ``exp(log f_F - log f_R)`` (the authors' formula); the CPU
-    kernels divide, the same function with one rounding (csrc/cpu/perturb.h), so results agree
+    and CUDA kernels divide, the same function with one rounding (csrc/cpu/perturb.h), so results agree
     with the reference within its own cancellation error (a few dozen ulps), not bitwise.
 
     Returns [L] (float64 when the Fishers are float64, else float32).

@@ -31,8 +31,8 @@ gloo-specific here).
 Sharded (FSDP2) models: every forward is a collective (FSDP gathers each unit's shards), so
 the ranks run their shares of the codes in lockstep, a rank with no codes left running one
 code and discarding it. The layer rules see each gathered layer's input and output gradient
-and give global-shape sums; these are all-reduced and each rank keeps its shard (a DTensor
-laid out like the parameter); nn.MultiheadAttention's rule, which recomputes the
+and give global-shape sums for the step; each is reduce-scattered into the rank's shard (a
+DTensor laid out like the parameter); nn.MultiheadAttention's rule, which recomputes the
 projections after the backward, gathers its weights again there. The perturbation is elementwise on the local shards; the
 per-tensor maximum is an all-reduce MAX. Parameters no rule takes raise NotImplementedError
 (the generic torch.func path cannot run on shards), and the model is edited in place only.
@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from . import engines
 from .reference.fisher import accumulation_dtype, logits_of, trainable_parameters
-from .sharding import any_sharded, is_sharded, like, local, reject_flat_parameters, reshard
+from .sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, reshard
 
 Tensor = torch.Tensor
 
@@ -139,32 +139,39 @@ class DistributedEngine:
         reshard(model)
         params = trainable_parameters(model)
         if any_sharded(params.values()):
-            sums = self._sharded_sums(model, params, inputs, targets, chunk_size, output_fn)
+            return self._sharded_sums(model, params, inputs, targets, chunk_size, output_fn)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        start, end = share(inputs.shape[0], rank, world)
+        if end > start:
+            sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
         else:
-            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-            start, end = share(inputs.shape[0], rank, world)
-            if end > start:
-                sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
-            else:
-                sums = {name: _zeros_like(p) for name, p in params.items()}
+            sums = {name: _zeros_like(p) for name, p in params.items()}
         ordered = [sums[name] for name in params]  # the same order on every rank
         all_reduce_flat_(ordered, dist.ReduceOp.SUM, self.group)
-        return {name: like(sums[name], p) for name, p in params.items()}
+        return sums
 
     def _sharded_sums(self, model, params, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
-        """Global-shape sums over this rank's codes, the forwards in lockstep with the other
-        ranks. Each rank holds full-size float32 sums until the all-reduce, then keeps its shard."""
+        """Sums over all ranks' codes, laid out like the parameters (a DTensor shard for a
+        sharded one). The forwards run in lockstep; after each step every tensor's global-shape
+        partial sum is reduce-scattered into this rank's shard (all-reduced if replicated), so
+        a rank holds one step's full-size sums (transient) and shard-size accumulators."""
         inner = self._inner_for(model)
-        sums = {name: _zeros_like(p) for name, p in params.items()}
+        sums: dict[str, Tensor] = {}
         for start, end in self._lockstep(inputs.shape[0], chunk_size):
             empty = end == start
             if empty:
                 start, end = 0, 1
             part = inner.sum_squared_grads(model, inputs[start:end], targets[start:end], None, output_fn)
             reshard(model)
-            if not empty:
-                for name, value in part.items():
+            for name, p in params.items():  # the same order on every rank
+                value = part.pop(name)
+                if empty:
+                    value.zero_()  # the stand-in code counts for nothing, but the collective runs
+                value = reduce_to_layout(value, p, self.group)
+                if name in sums:
                     sums[name] += value
+                else:
+                    sums[name] = value
         return sums
 
     def correct(

@@ -16,10 +16,10 @@ import torch
 Tensor = torch.Tensor
 
 try:  # torch.distributed may be compiled out
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None
-    distribute_tensor = None
+    Partial = None
 
 
 def is_sharded(t: object) -> bool:
@@ -36,13 +36,17 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def like(full: Tensor, param: Tensor) -> Tensor:
-    """``full`` (a global-shape tensor every rank holds identically) laid out like ``param``:
-    a DTensor with ``param``'s mesh and placements for a sharded parameter (each rank keeps
-    its own slice, no communication), else ``full`` unchanged."""
+def reduce_to_layout(partial: Tensor, param: Tensor, group=None) -> Tensor:
+    """Sum ``partial`` (a global-shape tensor, this rank's share of a sum) over the ranks and
+    lay it out like ``param``: for a sharded parameter a DTensor with its mesh and placements
+    (one reduce-scatter over the mesh, uneven shards included), else a plain tensor
+    all-reduced over ``group``. The mesh must span the ranks that split the sum."""
     if not is_sharded(param):
-        return full
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        torch.distributed.all_reduce(partial, group=group)
+        return partial
+    mesh = param.device_mesh
+    pending = DTensor.from_local(partial, mesh, [Partial()] * mesh.ndim, run_check=False)
+    return pending.redistribute(mesh, param.placements)
 
 
 def reshard(model: torch.nn.Module) -> None:

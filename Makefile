@@ -31,7 +31,15 @@ test: $(STAMP)
 test-reference: $(STAMP)
 	MNEMO_FAST_DISABLE_EXT=1 $(BIN)/python -m pytest -q $(ARGS)
 
-bench: $(STAMP)
+# The side-by-side baselines, without letting them replace the pinned CPU torch: BackPACK's
+# torchvision requirement would pull a CUDA torch, and it imports torchvision only in examples.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check opacus "torch==2.13.0"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps backpack-for-pytorch einops unfoldNd packaging
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
 cuda-check:

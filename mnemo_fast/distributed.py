@@ -5,8 +5,9 @@ its contiguous share of the codes and one ``all_reduce(SUM)`` per dtype combines
 rest of the method (ratio, shift, scoring on the codes) runs on every rank as it does on
 one: for a model replicated on every rank all ranks end with the same parameters.
 
-Launch one process per device with torchrun, e.g. ``torchrun --nproc_per_node=2 forget.py``
-where ``forget.py`` holds::
+For a saved checkpoint, ``torchrun --standalone --nproc_per_node=2 -m mnemo_fast.launch ...``
+is the ready-made job (:mod:`mnemo_fast.launch`). In your own script, launched with torchrun
+(one process per device)::
 
     import torch, torch.distributed as dist
     import mnemo_fast as mf

@@ -1,0 +1,100 @@
+"""Forget classes of a saved model on many processes: the ``torchrun`` entry point.
+
+    torchrun --standalone --nproc_per_node=2 -m mnemo_fast.launch \\
+        runs/demo/model.safetensors runs/demo/codes.safetensors --forget 3 \\
+        --output forgotten.safetensors [--fsdp] [--chunk-size 16]
+
+Every rank loads the checkpoint (``mnemo-fast demo`` or :func:`mnemo_fast.models.save_checkpoint`)
+and the codes, onto its GPU (``LOCAL_RANK``) where CUDA is available, else the CPU (NCCL or
+gloo accordingly). With ``--fsdp`` the model is sharded with FSDP2 first (each Linear and
+Conv2d its own unit, the rest in the root unit). :func:`mnemo_fast.distributed.forget_distributed`
+then splits the codes across the ranks; rank 0 writes the forgotten model (gathered from the
+shards under ``--fsdp``) and prints what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import models
+from .cli import DEFAULT_LAMBDAS, _add_forget_options, _describe
+from .codes import MnemonicCodes
+from .distributed import forget_distributed
+from .sharding import is_sharded
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchrun ... -m mnemo_fast.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("codes", type=Path)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) first")
+    parser.add_argument("--chunk-size", type=int, default=None, help="codes per forward pass on a rank")
+    _add_forget_options(parser)
+    return parser
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over all ranks: every Linear/Conv2d its own unit, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in list(model.modules()):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on every rank (shards gathered: a collective under FSDP)."""
+    return {name: (t.full_tensor() if is_sharded(t) else t).detach().cpu() for name, t in model.state_dict().items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    device = _device()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        rank = dist.get_rank()
+        model, meta = models.load_checkpoint(args.checkpoint)
+        model.to(device)
+        codes = MnemonicCodes.load(args.codes)
+        if args.fsdp:
+            model = shard(model, device)
+        lambda1, lambda2 = DEFAULT_LAMBDAS.get(meta["model"], DEFAULT_LAMBDAS["mlp"])
+        result = forget_distributed(
+            model, codes, args.forget, inplace=True, chunk_size=args.chunk_size, mode=args.mode,
+            lambda1=lambda1 if args.lambda1 is None else args.lambda1,
+            lambda2=lambda2 if args.lambda2 is None else args.lambda2,
+        )
+        state = full_state(model)
+        if rank == 0:
+            plain = models.build(meta["model"], tuple(codes.shape), codes.num_classes)
+            plain.load_state_dict(state)
+            models.save_checkpoint(plain, args.output, name=meta["model"], input_shape=tuple(codes.shape),
+                                   num_classes=codes.num_classes, forgotten=" ".join(map(str, args.forget)))
+            print(f"{dist.get_world_size()} ranks{' (FSDP2)' if args.fsdp else ''}: {_describe(result)}")
+            print(f"saved {args.output}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

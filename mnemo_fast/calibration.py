@@ -35,6 +35,7 @@ from . import engines, validation
 from .codes import MnemonicCodes
 from .method import class_fishers, code_inputs
 from .reference.fisher import eval_mode, logits_of, trainable_parameters
+from .sharding import local, reshard
 
 Tensor = torch.Tensor
 
@@ -77,9 +78,10 @@ class _Prober:
 
     def __init__(self, model, codes, classes, eps, chunk_size, output_fn, engine):
         self.model, self.output_fn, self.engine = model, output_fn, engine
+        reshard(model)  # FSDP2: parameters by name are the shards, not a gathered copy
         params = trainable_parameters(model)
         self.names = list(params)
-        self.live = [p.detach() for p in params.values()]
+        self.live = [local(p.detach()) for p in params.values()]  # a sharded one: this rank's shard
         self.originals = [p.clone() for p in self.live]
         fisher_f, fisher_r = class_fishers(model, codes, classes, eps=eps, chunk_size=chunk_size,
                                            output_fn=output_fn, engine=engine)
@@ -94,6 +96,7 @@ class _Prober:
     def margins(self) -> tuple[Tensor, Tensor]:
         with eval_mode(self.model):
             logits = self.output_fn(self.model(self.inputs)).float()
+        reshard(self.model)  # the next probe edits the shards: the next forward must gather them
         return _margins(logits, self.labels)
 
     @torch.no_grad()

@@ -35,7 +35,9 @@ FORGET = [0]
 # FSDP2 (fully_shard, DTensor parameters): each Linear/Conv2d its own unit, the rest (BatchNorm,
 # LayerNorm) in the root unit. Odd sizes give uneven shards (hidden 33: 17 and 16 rows).
 FSDP_CASES = {
-    "fsdp-mlp": dict(build=lambda: models.MLP((1, 8, 8), 10, hidden=33), shape=(1, 8, 8), params=None),
+    # one code per class: the forget class's single code leaves rank 1 without codes, and the
+    # 9 remaining codes in steps of 4 leave it a step short (both run a discarded stand-in)
+    "fsdp-mlp": dict(build=lambda: models.MLP((1, 8, 8), 10, hidden=33), shape=(1, 8, 8), params=None, per_class=1),
     "fsdp-cnn": dict(build=lambda: models.SmallCNN((1, 8, 8), 10, width=5), shape=(1, 8, 8), params=None),
     # The class token and position embedding are raw parameters, which no rule takes: left
     # out. So is qkv.bias: its key third has exactly zero gradient (softmax ignores a shift of
@@ -68,7 +70,7 @@ def _fsdp_problem(case_id: str):
     case = FSDP_CASES[case_id]
     torch.manual_seed(0)
     model = case["build"]()
-    codes = mf.MnemonicCodes.generate(10, case["shape"], per_class=3, seed=1)
+    codes = mf.MnemonicCodes.generate(10, case["shape"], per_class=case.get("per_class", 3), seed=1)
     return model, codes
 
 
@@ -100,6 +102,11 @@ def _fsdp_runs(rank: int) -> dict:
             "model": _full(dict(model.named_parameters())), "scores": result.candidate_scores,
             "same_object": result.model is model,
         }
+    # lambda1="auto": the calibration's probes perturb the shards and score the codes
+    model, codes = _fsdp_problem("fsdp-cnn")
+    model = _fully_shard(model)
+    result = forget_distributed(model, codes, FORGET, inplace=True, lambda1="auto", lambda2=10.0, chunk_size=4)
+    results["fsdp-auto"] = {"lambda1": result.lambda1, "model": _full(dict(model.named_parameters()))}
     # Gaussian on shards: every rank draws its own shard's noise, so only the mask is compared.
     model, codes = _fsdp_problem("fsdp-mlp")
     model = _fully_shard(model)
@@ -279,6 +286,15 @@ def test_fsdp_sharded_model_equals_one_process(runs, case_id):
         assert diff <= 4e-6, f"rank {rank} forgotten {name}: max relative difference {diff:.3g}"
         changed = [n for n in expected if not torch.equal(expected[n].detach(), dict(model.named_parameters())[n].detach())]
         assert changed, "the one-process run changed nothing: the comparison would be vacuous"
+
+
+def test_fsdp_calibrated_lambda_equals_one_process(runs):
+    model, codes = _fsdp_problem("fsdp-cnn")
+    single = mf.forget(model, codes, FORGET, lambda1="auto", lambda2=10.0)
+    for rank, run in enumerate(runs):
+        assert run["fsdp-auto"]["lambda1"] == pytest.approx(single.lambda1, rel=1e-6)
+        diff, name = _max_rel_diff(run["fsdp-auto"]["model"], {n: p.detach() for n, p in single.model.named_parameters()})
+        assert diff <= 4e-6, f"rank {rank} {name}: max relative difference {diff:.3g}"
 
 
 def test_fsdp_gaussian_perturbs_exactly_the_masked_entries(runs):

@@ -1,10 +1,11 @@
 """Parameters sharded across ranks (FSDP2 ``fully_shard``, DTensor): detection and views.
 
 A sharded parameter is a ``torch.distributed.tensor.DTensor``: each rank holds a shard
-(``to_local()``) of a tensor whose ``shape`` is the global one. The method touches such
-parameters in three places only: the Fisher pass (run through FSDP's own forward, which
-gathers each layer's weights while it runs), the perturbation (elementwise: each rank
-edits its own shard) and the per-tensor maximum of the ratio (an all-reduce MAX).
+(``to_local()``) of a tensor whose ``shape`` is the global one. The method meets such
+parameters in the Fisher pass and the scoring of the codes (FSDP's own forwards, which
+gather each layer's weights while it runs, in lockstep on every rank), the perturbation
+(elementwise: each rank edits its own shard) and the per-tensor maximum of the ratio (an
+all-reduce MAX); :mod:`mnemo_fast.distributed` puts these together.
 """
 
 from __future__ import annotations

@@ -79,12 +79,17 @@ def format_table(before: Evaluation, after: Evaluation | None, forget_classes: l
     return "\n".join(lines)
 
 
-def _run_forget(model, codes, args, model_name: str) -> ForgetResult:
+def forget_lambdas(args, model_name: str) -> tuple[float | str, float]:
+    """(lambda1, lambda2) from the command line, each defaulting to the model's."""
     lambda1, lambda2 = DEFAULT_LAMBDAS.get(model_name, DEFAULT_LAMBDAS["mlp"])
+    return (lambda1 if args.lambda1 is None else args.lambda1,
+            lambda2 if args.lambda2 is None else args.lambda2)
+
+
+def _run_forget(model, codes, args, model_name: str) -> ForgetResult:
+    lambda1, lambda2 = forget_lambdas(args, model_name)
     return forget(
-        model, codes, args.forget,
-        lambda1=lambda1 if args.lambda1 is None else args.lambda1,
-        lambda2=lambda2 if args.lambda2 is None else args.lambda2,
+        model, codes, args.forget, lambda1=lambda1, lambda2=lambda2,
         mode=args.mode,
         engine=REFERENCE if args.engine == "reference" else None,
     )

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import engines
-from .reference.fisher import accumulation_dtype, logits_of, trainable_parameters
+from .reference.fisher import logits_of, trainable_parameters, zero_accumulator
 from .sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, reshard
 
 Tensor = torch.Tensor
@@ -146,7 +146,7 @@ class DistributedEngine:
         if end > start:
             sums = self.inner.sum_squared_grads(model, inputs[start:end], targets[start:end], chunk_size, output_fn)
         else:
-            sums = {name: _zeros_like(p) for name, p in params.items()}
+            sums = {name: zero_accumulator(p) for name, p in params.items()}
         ordered = [sums[name] for name in params]  # the same order on every rank
         all_reduce_flat_(ordered, dist.ReduceOp.SUM, self.group)
         return sums
@@ -219,26 +219,16 @@ class DistributedEngine:
         """Replicated tensors draw from ``generator`` (the same on every rank, so replicas stay
         equal); sharded ones from a per-rank generator seeded from it, so shards get
         independent noise (distributed like a one-process draw, not bitwise equal to it)."""
-        split = [is_sharded(t) for t in forget]
-        if not any(split):
+        sharded = [k for k, t in enumerate(forget) if is_sharded(t)]
+        if not sharded:
             return self.inner.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        replicated = [k for k, t in enumerate(forget) if not is_sharded(t)]
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        groups = {False: [], True: []}
-        for k, sharded in enumerate(split):
-            groups[sharded].append(k)
-        for sharded, idx in groups.items():
-            if not idx:
-                continue
-            pick = lambda ts: [local(ts[k]) for k in idx]
-            gen = generator
-            if sharded:
-                gen = torch.Generator(device=generator.device).manual_seed(seed + dist.get_rank(self.group))
-            self.inner.gaussian_(pick(params), pick(forget), pick(remain), max_ratio[idx], lambda1, lambda2, tau, gen)
-
-
-def _zeros_like(p: Tensor) -> Tensor:
-    """A plain (never sharded) zero accumulator of ``p``'s global shape, in its accumulation dtype."""
-    return torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=local(p).device)
+        per_rank = torch.Generator(device=generator.device).manual_seed(seed + dist.get_rank(self.group))
+        for idx, gen in ((replicated, generator), (sharded, per_rank)):
+            if idx:
+                pick = lambda ts: [local(ts[k]) for k in idx]  # noqa: E731
+                self.inner.gaussian_(pick(params), pick(forget), pick(remain), max_ratio[idx], lambda1, lambda2, tau, gen)
 
 
 def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -260,9 +250,9 @@ def _agree(values: Tensor, group) -> bool:
 def _check_finite_everywhere(model: torch.nn.Module, group, device: torch.device) -> None:
     """Every rank raises if any rank holds a NaN or inf in a trainable parameter (its shard or
     replica): a check on one rank only would leave the others waiting in a collective."""
-    from .validation import UnlearningError
+    from .validation import UnlearningError, all_finite
 
-    finite = all(bool(torch.isfinite(local(p)).all()) for p in model.parameters() if p.requires_grad)
+    finite = all_finite([local(p) for p in model.parameters() if p.requires_grad])
     flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if not flag.item():
@@ -306,7 +296,6 @@ def forget_distributed(
         raise RuntimeError("forget_distributed needs torch.distributed initialised (init_process_group)")
     module = unwrap(model)
     reject_flat_parameters(module)
-    reshard(module)
     device = local(next(module.parameters())).device
     _check_finite_everywhere(module, group, device)
     result = forget(module, codes, classes, engine=DistributedEngine(inner_engine, group), **kwargs)

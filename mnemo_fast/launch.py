@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from . import models
-from .cli import DEFAULT_LAMBDAS, _add_forget_options, _describe
+from .cli import _add_forget_options, _describe, forget_lambdas
 from .codes import MnemonicCodes
 from .distributed import forget_distributed
-from .sharding import is_sharded
+from .sharding import gathered
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,21 +48,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2 over all ranks: every Linear/Conv2d its own unit, then the root."""
+def shard(model: torch.nn.Module, device: torch.device,
+          units: tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)) -> torch.nn.Module:
+    """FSDP2 over all ranks: every module of a ``units`` type its own unit, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in list(model.modules()):
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(module, units):
             fully_shard(module, mesh=mesh)
     return fully_shard(model, mesh=mesh)
-
-
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on every rank (shards gathered: a collective under FSDP)."""
-    return {name: (t.full_tensor() if is_sharded(t) else t).detach().cpu() for name, t in model.state_dict().items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         codes = MnemonicCodes.load(args.codes)
         if args.fsdp:
             model = shard(model, device)
-        lambda1, lambda2 = DEFAULT_LAMBDAS.get(meta["model"], DEFAULT_LAMBDAS["mlp"])
-        result = forget_distributed(
-            model, codes, args.forget, inplace=True, chunk_size=args.chunk_size, mode=args.mode,
-            lambda1=lambda1 if args.lambda1 is None else args.lambda1,
-            lambda2=lambda2 if args.lambda2 is None else args.lambda2,
-        )
-        state = full_state(model)
+        lambda1, lambda2 = forget_lambdas(args, meta["model"])
+        result = forget_distributed(model, codes, args.forget, inplace=True, chunk_size=args.chunk_size,
+                                    mode=args.mode, lambda1=lambda1, lambda2=lambda2)
+        state = {name: t.cpu() for name, t in gathered(model.state_dict()).items()}  # collective
         if rank == 0:
             plain = models.build(meta["model"], tuple(codes.shape), codes.num_classes)
             plain.load_state_dict(state)

@@ -10,7 +10,7 @@ all-reduce MAX); :mod:`mnemo_fast.distributed` puts these together.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -35,6 +35,12 @@ def any_sharded(tensors: Iterable[object]) -> bool:
 def local(t: Tensor) -> Tensor:
     """The rank's own shard of ``t`` (sharing its storage), or ``t`` itself when not sharded."""
     return t.to_local() if is_sharded(t) else t
+
+
+def gathered(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached whole tensors: shards all-gathered (a collective: call on every rank), others as
+    they are."""
+    return {name: (t.full_tensor() if is_sharded(t) else t).detach() for name, t in tensors.items()}
 
 
 def reduce_to_layout(partial: Tensor, param: Tensor, group=None) -> Tensor:

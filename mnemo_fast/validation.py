@@ -44,11 +44,19 @@ def trainable_model(model: torch.nn.Module) -> None:
     for name, p in params:
         if not p.is_floating_point():
             raise UnlearningError(f"parameter {name!r} is not floating point ({p.dtype})")
-    if _all_sums_finite([p for _, p in params]):
-        return  # NaN or inf anywhere would make its tensor's sum non-finite
-    for name, p in params:  # a sum can also overflow: the exact check names the culprit, if any
+    if all_finite([p for _, p in params]):
+        return
+    for name, p in params:
         if not torch.isfinite(p).all():
             raise UnlearningError(f"parameter {name!r} contains NaN or inf: refusing to forget")
+
+
+@torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No NaN or inf in any of ``tensors``. NaN or inf anywhere makes its tensor's sum
+    non-finite, so the sums decide with one host sync per device; a sum can also overflow,
+    and only then is each tensor checked exactly."""
+    return _all_sums_finite(tensors) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 import mnemo_fast as mf
 import mnemo_fast.reference
 from mnemo_fast import models
+from mnemo_fast.launch import shard
+from mnemo_fast.sharding import gathered
 from mnemo_fast.validation import UnlearningError
 import models_zoo as zoo
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
@@ -74,19 +76,12 @@ def _fsdp_problem(case_id: str):
     return model, codes
 
 
-def _fully_shard(model: torch.nn.Module, units=(torch.nn.Linear, torch.nn.Conv2d)) -> torch.nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for module in list(model.modules()):
-        if isinstance(module, units):
-            fully_shard(module, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+def _fully_shard(model: torch.nn.Module, *units: tuple[type, ...]) -> torch.nn.Module:
+    return shard(model, torch.device("cpu"), *units)
 
 
 def _full(tensors: dict) -> dict:
-    return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for name, t in tensors.items()}
+    return {name: t.clone() for name, t in gathered(tensors).items()}
 
 
 def _fsdp_runs(rank: int) -> dict:

@@ -18,7 +18,7 @@ from . import _ext
 from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
-from ..sharding import is_sharded, local as local_shard
+from ..sharding import is_sharded
 
 Tensor = torch.Tensor
 
@@ -125,8 +125,7 @@ class FastEngine:
             # one chunk's activations live at a time, whatever N is.
             capture = caught = loss = wanted = records = calls = value = None
         for name in names - sums.keys():  # a parameter no code reached: zero Fisher
-            p = params[name]  # global shape: a sharded parameter's sums are assembled by the caller
-            sums[name] = torch.zeros(p.shape, dtype=ref_fisher.accumulation_dtype(p.dtype), device=local_shard(p).device)
+            sums[name] = ref_fisher.zero_accumulator(params[name])
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

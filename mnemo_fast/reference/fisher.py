@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from ..sharding import local
+
 Tensor = torch.Tensor
 
 # Per-sample gradients of a chunk are held at once: keep them near this many bytes.
@@ -46,11 +48,15 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def zero_accumulator(p: Tensor) -> Tensor:
+    """A contiguous zero sum for parameter ``p``: its (global) shape, its accumulation dtype,
+    its device. Always a plain tensor, also for a sharded (DTensor) parameter, whose sums the
+    distributed engine assembles into shards."""
+    return torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=local(p).device)
+
+
 def _zeros_like_accumulators(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {
-        name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype), memory_format=torch.contiguous_format)
-        for name, p in params.items()
-    }
+    return {name: zero_accumulator(p) for name, p in params.items()}
 
 
 def _auto_chunk(params: dict[str, Tensor], num_samples: int) -> int:

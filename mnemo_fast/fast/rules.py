@@ -10,6 +10,8 @@ Returns {local parameter name: sum of squares}; PERFORMANCE.md has the math.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -257,18 +259,23 @@ def rule_for(module: nn.Module):
     """The rule of ``module``'s type, if it supports this configuration; else None. A subclass
     (NonDynamicallyQuantizableLinear, FSDP2's FSDPLinear/FSDPConv2d) takes its base's rule
     only if it keeps the base's ``forward``: one that overrides it may compute anything."""
-    rule = None
-    mro = type(module).__mro__
+    rule = _rule_of_type(type(module))
+    return rule if rule is not None and rule.supports(module) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_of_type(cls: type):
+    """The rule of the nearest base in RULES, unless ``cls`` overrides one of its methods beyond
+    _HARMLESS_OVERRIDES (looked up once per class: the planner asks for every module, every call)."""
+    mro = cls.__mro__
     for depth, base in enumerate(mro):
         if base in RULES:
             overridden = {
-                name for cls in mro[:depth] if cls not in base.__mro__
-                for name, value in vars(cls).items() if callable(value) and hasattr(base, name)
+                name for sub in mro[:depth] if sub not in base.__mro__
+                for name, value in vars(sub).items() if callable(value) and hasattr(base, name)
             }
-            if not overridden - _HARMLESS_OVERRIDES:
-                rule = RULES[base]
-            break
-    return rule if rule is not None and rule.supports(module) else None
+            return None if overridden - _HARMLESS_OVERRIDES else RULES[base]
+    return None
 
 
 # Methods a subclass may override and still compute its base's forward: construction, and

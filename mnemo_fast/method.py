@@ -21,7 +21,7 @@ from . import validation
 from .codes import MnemonicCodes
 from . import engines
 from .reference.fisher import eval_mode, logits_of, trainable_parameters
-from .reference.perturb import compute_dtype
+from .dtypes import accumulation_dtype
 from .sharding import any_sharded, local, reshard
 
 Tensor = torch.Tensor
@@ -194,7 +194,7 @@ def perturbation(
     names = _aligned(forget_fisher, remain_fisher)
     forget = [forget_fisher[n].contiguous() for n in names]
     remain = [remain_fisher[n].contiguous() for n in names]
-    shifts = [torch.zeros_like(f, dtype=compute_dtype(f)) for f in forget]
+    shifts = [torch.zeros_like(f, dtype=accumulation_dtype(f.dtype)) for f in forget]
     engine.shift_(shifts, forget, remain, engine.max_ratio(forget, remain), lambda1, lambda2, 1.0)
     return dict(zip(names, shifts))
 

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from .codes import MnemonicCodes
+from .dtypes import accumulation_dtype
 from .reference.fisher import eval_mode
 from .sharding import local
 
@@ -64,7 +65,7 @@ def _all_sums_finite(tensors: list[torch.Tensor]) -> bool:
     """One read pass per tensor and one host sync per device (not one per tensor)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double())
+        by_device.setdefault(t.device, []).append(t.detach().sum(dtype=accumulation_dtype(t.dtype)).double())
     return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 

@@ -1,4 +1,5 @@
-"""Compiled CPU operators vs their pure-PyTorch twins (mnemo_fast.reference.kernels)."""
+"""Compiled CPU operators vs their pure-PyTorch twins, both from the op table
+(mnemo_fast.fast.ops.OPS), plus ground truth from batch-1 autograd and the paper's formula."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if not _ext.available():
     pytest.skip(f"mnemo_fast._C unavailable: {_ext.load_error()}", allow_module_level=True)
 
 from mnemo_fast.fast import ops  # noqa: E402
-from mnemo_fast.reference import kernels as ref  # noqa: E402
+from mnemo_fast.fast.ops import TWINS  # noqa: E402
 from mnemo_fast.reference import perturb  # noqa: E402
 
 LOW = (torch.bfloat16, torch.float16)
@@ -49,15 +50,11 @@ LINEAR = [
 ]
 
 
-@pytest.mark.parametrize("case", LINEAR, ids=case_id)
-def test_sum_sq_grad_linear(case):
+def linear_inputs(case: dict) -> tuple:
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(case["N"], case["T"], case["out"], generator=gen, dtype=case["dtype"])
     x = torch.randn(case["N"], case["T"], case["inp"], generator=gen, dtype=case["dtype"])
-    g, x = maybe_strided(g, case["strided"]), maybe_strided(x, case["strided"])
-    got = ops.sum_sq_grad_linear(g, x)
-    assert got.dtype == case["dtype"]
-    torch.testing.assert_close(got, ref.sum_sq_grad_linear(g, x), **tol(case["dtype"]))
+    return maybe_strided(g, case["strided"]), maybe_strided(x, case["strided"])
 
 
 def test_sum_sq_grad_linear_matches_batch_one_autograd():
@@ -80,7 +77,7 @@ def low_precision_error_ok(fast_low, ref_fn, args64, dtype) -> None:
 
 
 def _plain_low_precision(ref_fn, args64, dtype):
-    if ref_fn is ref.sum_sq_grad_linear:
+    if ref_fn is TWINS.sum_sq_grad_linear:
         g, x = (a.to(dtype) for a in args64)
         return torch.einsum("nto,nti->noi", g, x).square().sum(0)
     g, x, *rest = args64
@@ -100,7 +97,7 @@ def test_sum_sq_grad_linear_low_precision(dtype, T):
     g, x = g.to(dtype).double(), x.to(dtype).double()  # exactly representable in `dtype`
     fast = ops.sum_sq_grad_linear(g.to(dtype), x.to(dtype))
     assert fast.dtype == torch.float32
-    low_precision_error_ok(fast, ref.sum_sq_grad_linear, (g, x), dtype)
+    low_precision_error_ok(fast, TWINS.sum_sq_grad_linear, (g, x), dtype)
 
 
 # --- sum_sq_grad_conv2d / conv1d ------------------------------------------------------------
@@ -126,16 +123,6 @@ def conv_args(case):
     return [list(case["k"]), list(case["s"]), list(case["p"]), list(case["d"]), case["groups"]]
 
 
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", CONV, ids=case_id)
-def test_sum_sq_grad_conv2d(case, dtype, strided):
-    g, x = conv_inputs(case, dtype, torch.Generator().manual_seed(3))
-    g, x = maybe_strided(g, strided), maybe_strided(x, strided)
-    got = ops.sum_sq_grad_conv2d(g, x, *conv_args(case))
-    torch.testing.assert_close(got, ref.sum_sq_grad_conv2d(g, x, *conv_args(case)), **tol(dtype))
-
-
 def test_sum_sq_grad_conv2d_matches_batch_one_autograd():
     case = CONV[1]
     g, x = conv_inputs(case, torch.float64, torch.Generator().manual_seed(4))
@@ -156,7 +143,7 @@ def test_sum_sq_grad_conv2d_low_precision(dtype):
     g, x = conv_inputs(case, torch.float64, torch.Generator().manual_seed(5))
     g, x = g.to(dtype).double(), x.to(dtype).double()
     fast = ops.sum_sq_grad_conv2d(g.to(dtype), x.to(dtype), *conv_args(case))
-    low_precision_error_ok(fast, ref.sum_sq_grad_conv2d, (g, x, *conv_args(case)), dtype)
+    low_precision_error_ok(fast, TWINS.sum_sq_grad_conv2d, (g, x, *conv_args(case)), dtype)
 
 
 @pytest.mark.parametrize("stride, padding, dilation, groups", [(1, 0, 1, 1), (2, 3, 2, 2)])
@@ -205,16 +192,6 @@ def assert_close_ulps(got: torch.Tensor, want: torch.Tensor) -> None:
     reference follows exp(log f - log r), which loses ~|log f| ulps (~14-20 here) to cancellation."""
     eps = torch.finfo(got.dtype if got.dtype.is_floating_point else torch.float32).eps
     torch.testing.assert_close(got, want, rtol=64 * eps, atol=0.0, equal_nan=True)
-
-
-@pytest.mark.parametrize("fisher_dtype", FISHER_DTYPES, ids=str)
-@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
-def test_perturb_max_ratio(shapes, fisher_dtype):
-    forget, remain = fishers(shapes, fisher_dtype, seed=7)
-    got = ops.perturb_max_ratio(forget, remain)
-    want = ref.perturb_max_ratio(forget, remain)
-    assert got.dtype == want.dtype
-    assert_close_ulps(got, want)
 
 
 def test_perturb_max_ratio_without_finite_ratio_is_zero():
@@ -289,7 +266,7 @@ def test_perturb_gaussian_uses_the_global_generator_by_default():
     torch.manual_seed(15)
     ops.perturb_gaussian_(a, forget, remain, m, 0.1, 1.0, 0.0)
     torch.manual_seed(15)
-    ref.perturb_gaussian_(b, forget, remain, m, 0.1, 1.0, 0.0, None)
+    TWINS.perturb_gaussian_(b, forget, remain, m, 0.1, 1.0, 0.0, None)
     assert_close_ulps(a[0], b[0])
 
 
@@ -306,6 +283,129 @@ def test_argument_errors_name_the_argument():
         ops.sum_sq_grad_conv2d(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 4, 4), 3, groups=2)
 
 
+# --- every op of the table: compiled vs twin, same arguments -------------------------------
+
+CONV1D = [
+    dict(N=1, cin=2, cout=3, L=9, k=3, s=1, p=0, d=1, groups=1),
+    dict(N=5, cin=4, cout=6, L=20, k=3, s=2, p=3, d=2, groups=2),
+]
+EDGE_FISHERS = {
+    "all_zero": lambda: ([torch.zeros(6)], [torch.zeros(6)]),  # eta NaN -> 0, max 0: alpha = lambda1
+    "zero_forget": lambda: ([torch.zeros(4)], [torch.rand(4) + 0.1]),
+    "zero_remain": lambda: ([torch.rand(5) + 0.1], [torch.zeros(5)]),  # only +inf: no finite eta
+    "inf_values": lambda: ([torch.tensor([float("inf"), 1.0, float("inf"), 2.0, 0.0])],
+                           [torch.tensor([1.0, float("inf"), float("inf"), 1.0, 0.0])]),
+}
+
+
+def conv1d_inputs(case: dict, dtype: torch.dtype) -> tuple:
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(case["N"], case["cin"], case["L"], generator=gen, dtype=dtype)
+    w = torch.empty(case["cout"], case["cin"] // case["groups"], case["k"], dtype=dtype)
+    g = torch.randn(F.conv1d(x, w, None, case["s"], case["p"], case["d"], case["groups"]).shape,
+                    generator=gen, dtype=dtype)
+    return g, x, case["k"], case["s"], case["p"], case["d"], case["groups"]
+
+
+def perturb_args(name: str, forget, remain, param_dtype=torch.float32, sign=-1.0):
+    params = [torch.randn(f.shape, generator=torch.Generator().manual_seed(20)).to(param_dtype) for f in forget]
+    m = TWINS.perturb_max_ratio(forget, remain)  # the same max ratio for both paths
+    if name == "perturb_max_ratio":
+        return forget, remain
+    last = sign if name == "perturb_shift_" else 0.7  # the sign, or tau (no exact ratio ties it)
+    return (params, forget, remain, m, 0.1, 1.0, last) + ((20,) if name == "perturb_gaussian_" else ())
+
+
+def table_cases():
+    """(op name, case id, argument factory) covering every op of the table."""
+    for case in LINEAR:
+        yield "sum_sq_grad_linear", case_id(case), lambda case=case: linear_inputs(case)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for case in CONV:
+            for strided in (False, True):
+                def conv(case=case, dtype=dtype, strided=strided):
+                    g, x = conv_inputs(case, dtype, torch.Generator().manual_seed(3))
+                    return (maybe_strided(g, strided), maybe_strided(x, strided), *conv_args(case))
+                yield "sum_sq_grad_conv2d", f"{case_id(case)}-{dtype}-strided{strided}", conv
+        for case in CONV1D:
+            yield "sum_sq_grad_conv1d", f"{case_id(case)}-{dtype}", lambda case=case, dtype=dtype: conv1d_inputs(case, dtype)
+    zeros = dict(N=3, T=4, out=5, inp=6, dtype=torch.float32, strided=False)
+    yield "sum_sq_grad_linear", "zero_grads", lambda: tuple(torch.zeros_like(t) for t in linear_inputs(zeros))
+    for name in ("perturb_max_ratio", "perturb_shift_", "perturb_gaussian_"):
+        for label, shapes in SHAPES.items():
+            for fisher_dtype in FISHER_DTYPES:
+                for param_dtype in (torch.float32, torch.bfloat16):
+                    yield name, f"{label}-{fisher_dtype}-param{param_dtype}", \
+                        lambda n=name, sh=shapes, fd=fisher_dtype, pd=param_dtype: perturb_args(n, *fishers(sh, fd, seed=21), pd)
+        for label, make in EDGE_FISHERS.items():
+            yield name, label, lambda n=name, make=make: perturb_args(n, *make())
+    yield "perturb_shift_", "sign+1", lambda: perturb_args("perturb_shift_", *fishers([(40,)], torch.float32, 22), sign=1.0)
+
+
+TABLE_CASES = [pytest.param(name, make, id=f"{name}-{label}".replace("torch.", "")) for name, label, make in table_cases()]
+
+
+def run(fn, name: str, args: tuple):
+    """The op's result: its output, or the parameters it edits in place (on a copy)."""
+    if not name.endswith("_"):
+        return fn(*args)
+    params = [p.clone() for p in args[0]]
+    rest = list(args[1:])
+    if name == "perturb_gaussian_":
+        rest[-1] = torch.Generator().manual_seed(rest[-1])  # the same draws for both paths
+    fn(params, *rest)
+    return params
+
+
+@pytest.mark.parametrize("name, make", TABLE_CASES)
+def test_compiled_op_matches_its_twin(name, make):
+    op = ops.OPS[name]
+    args = make()
+    got, want = run(op.compiled, name, args), run(op.twin, name, args)
+    if name.startswith("sum_sq_grad"):
+        assert got.dtype == want.dtype == (torch.float64 if args[1].dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got, want, **tol(args[1].dtype))
+    elif name == "perturb_max_ratio":
+        assert got.dtype == want.dtype
+        assert_close_ulps(got, want)
+    else:
+        for g, w, old in zip(got, want, args[0]):
+            assert g.dtype == w.dtype == old.dtype
+            # eta by division vs exp(log - log): a few ulps of the compute dtype, which the
+            # parameter dtype can turn into one rounding step of its own
+            step = torch.finfo(old.dtype).eps * w.abs().double() + 64 * 1.2e-7 * (w.double() - old.double()).abs()
+            assert ((g.double() - w.double()).abs() <= step).all()
+
+
+def test_every_op_of_the_table_is_compared_with_its_twin():
+    assert {name for name, _, _ in table_cases()} == set(ops.OPS)
+    for op in ops.OPS.values():
+        assert op.compiled is getattr(ops.COMPILED, op.name) and op.twin is getattr(TWINS, op.name)
+        assert op.compiled is not op.twin
+
+
+def test_a_class_with_one_code_through_the_layer_rules():
+    """class_fishers with one code per class: every rule sees one sample per class; the
+    compiled ops and their twins (through the same hooks and rules) agree."""
+    import mnemo_fast as mf
+    from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+    import models_zoo as zoo
+
+    for build in (zoo.cnn, zoo.vit):  # conv, norms; linear T > 1, attention, broadcast
+        torch.manual_seed(0)
+        model, shape = build()
+        model = model.double()
+        classes = list(model.parameters())[-1].shape[0]
+        codes = mf.MnemonicCodes.generate(classes, shape, per_class=1, seed=4)
+        codes = codes.to(torch.float64)
+        fast = mf.class_fishers(model, codes, [1], engine=EXTENSION)
+        twin = mf.class_fishers(model, codes, [1], engine=HOOKS_ATEN)
+        for got, want in zip(fast, twin):
+            assert list(got) == list(want)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-30, msg=name)
+
+
 # --- opcheck and torch.compile --------------------------------------------------------------
 
 def opcheck_cases():
@@ -313,7 +413,7 @@ def opcheck_cases():
     g, x = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 6, generator=gen)
     cg, cx = conv_inputs(CONV[1], torch.float32, gen)
     forget, remain = fishers([(8, 3), (5,)], torch.float32, seed=18)
-    m = ref.perturb_max_ratio(forget, remain)
+    m = TWINS.perturb_max_ratio(forget, remain)
     params = [torch.randn(8, 3), torch.randn(5)]
     return {
         "sum_sq_grad_linear": (g, x),
@@ -334,7 +434,7 @@ def test_opcheck(name):
 def test_sum_sq_grad_linear_under_torch_compile():
     g, x = torch.randn(4, 3, 5), torch.randn(4, 3, 6)
     compiled = torch.compile(ops.sum_sq_grad_linear, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(g, x), ops.sum_sq_grad_linear(g, x))
+    torch.testing.assert_close(compiled(g, x), TWINS.sum_sq_grad_linear(g, x))
 
 
 def test_disable_env_var_turns_the_extension_off():

@@ -1,5 +1,5 @@
-"""CUDA operators vs the reference twins on the GPU (runs only where a GPU and the CUDA
-kernels are present; CI is CPU-only and compile-checks the .cu files instead)."""
+"""CUDA operators vs their pure-PyTorch twins (mnemo_fast.fast.ops.TWINS) on the GPU (runs only
+where a GPU and the CUDA kernels are present; CI is CPU-only and compile-checks the .cu files instead)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ if not (torch.cuda.is_available() and _ext.available() and _ext.has_cuda_kernels
     pytest.skip("needs a GPU and the CUDA build of mnemo_fast._C", allow_module_level=True)
 
 from mnemo_fast.fast import ops  # noqa: E402
-from mnemo_fast.reference import kernels as ref  # noqa: E402
+from mnemo_fast.fast.ops import TWINS as twin  # noqa: E402
 from test_ops_cpu import CONV, LINEAR, SHAPES, case_id, conv_args, conv_inputs, fishers  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -28,7 +28,7 @@ def test_sum_sq_grad_linear_cuda(case, dtype):
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(case["N"], case["T"], case["out"], generator=gen).to(dtype)
     x = torch.randn(case["N"], case["T"], case["inp"], generator=gen).to(dtype)
-    want = ref.sum_sq_grad_linear(g.double(), x.double())
+    want = twin.sum_sq_grad_linear(g.double(), x.double())
     got = ops.sum_sq_grad_linear(g.to(CUDA), x.to(CUDA)).cpu()
     low = dtype in (torch.bfloat16, torch.float16)
     torch.testing.assert_close(got.double(), want, **({"rtol": 1e-3, "atol": 1e-3} if low else tol(dtype)))
@@ -38,7 +38,7 @@ def test_sum_sq_grad_linear_cuda(case, dtype):
 @pytest.mark.parametrize("case", CONV, ids=case_id)
 def test_sum_sq_grad_conv2d_cuda(case, dtype):
     g, x = conv_inputs(case, dtype, torch.Generator().manual_seed(3))
-    want = ref.sum_sq_grad_conv2d(g, x, *conv_args(case))
+    want = twin.sum_sq_grad_conv2d(g, x, *conv_args(case))
     got = ops.sum_sq_grad_conv2d(g.to(CUDA), x.to(CUDA), *conv_args(case)).cpu()
     torch.testing.assert_close(got, want, **tol(dtype))
 
@@ -49,7 +49,7 @@ def test_perturb_shift_cuda(shapes, sign):
     forget, remain = fishers(shapes, torch.float32, seed=8, special=True)
     params = [torch.randn(s) for s in shapes]
     want = [p.clone() for p in params]
-    ref.perturb_shift_(want, forget, remain, ref.perturb_max_ratio(forget, remain), 1e-3, 10.0, sign)
+    twin.perturb_shift_(want, forget, remain, twin.perturb_max_ratio(forget, remain), 1e-3, 10.0, sign)
     on_gpu = [p.to(CUDA) for p in params]
     f, r = [t.to(CUDA) for t in forget], [t.to(CUDA) for t in remain]
     ops.perturb_shift_(on_gpu, f, r, ops.perturb_max_ratio(f, r), 1e-3, 10.0, sign)

@@ -1,6 +1,8 @@
 """The paper's formula on hand-made tensors: ratio, NaN/inf handling, lambda caps, sign."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +74,24 @@ def test_float16_fisher_is_computed_in_float32():
     got = ref.perturbation({"w": torch.tensor([4.0], dtype=torch.float16)},
                            {"w": torch.tensor([1.0], dtype=torch.float16)}, 1.0, 100.0)["w"]
     assert got.dtype == torch.float32 and got.item() == 4.0
+
+
+def test_the_table_never_loads_the_extension():
+    """Importing the table and running every twin (the reference engine's perturbation) leaves
+    mnemo_fast._C unloaded."""
+    code = (
+        "import sys, torch\n"
+        "from mnemo_fast.fast import ops\n"
+        "from mnemo_fast.reference.engine import REFERENCE\n"
+        "g, x = torch.randn(3, 2, 4), torch.randn(3, 2, 5)\n"
+        "ops.TWINS.sum_sq_grad_linear(g, x)\n"
+        "ops.TWINS.sum_sq_grad_conv1d(torch.randn(2, 3, 4), torch.randn(2, 2, 6), 3)\n"
+        "f, r, p = [torch.rand(7)], [torch.rand(7)], [torch.zeros(7)]\n"
+        "m = REFERENCE.max_ratio(f, r)\n"
+        "REFERENCE.shift_(p, f, r, m, 0.1, 1.0, 1.0)\n"
+        "REFERENCE.gaussian_(p, f, r, m, 0.1, 1.0, 0.0, None)\n"
+        "assert p[0].abs().sum() > 0\n"
+        "print('mnemo_fast._C' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

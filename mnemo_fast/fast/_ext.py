@@ -15,6 +15,7 @@ import torch
 
 _DISABLE_VAR = "MNEMO_FAST_DISABLE_EXT"
 _state: dict[str, object] = {}
+_on_load: list = []  # callbacks to run once the extension has loaded
 
 
 def _load() -> None:
@@ -36,6 +37,17 @@ def _load() -> None:
         )
         return
     _state.update(available=True, error=None)
+    while _on_load:
+        _on_load.pop(0)()
+
+
+def when_loaded(callback) -> None:
+    """Run ``callback()`` once the extension has loaded: now if it has, else right after it
+    does. Lets :mod:`mnemo_fast.fast.ops` register its fake kernels without loading ``_C``."""
+    if _state.get("available"):
+        callback()
+    else:
+        _on_load.append(callback)
 
 
 def available() -> bool:

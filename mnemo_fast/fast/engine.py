@@ -12,12 +12,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import accumulation_dtype
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
 from . import _ext
-from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
+from .rules.broadcast import BroadcastCapture, per_sample
 from ..sharding import is_sharded
 
 Tensor = torch.Tensor
@@ -34,7 +35,7 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
 
 
 class FastEngine:
-    """``kernels``: :mod:`mnemo_fast.fast.ops` (compiled) or :mod:`mnemo_fast.fast.aten`."""
+    """``kernels``: one path of the op table, :data:`.ops.COMPILED` or :data:`.ops.TWINS`."""
 
     def __init__(self, kernels, name: str, fused_perturbation: bool):
         self.kernels = kernels
@@ -89,7 +90,7 @@ class FastEngine:
         sums: dict[str, Tensor] = {}  # the first contribution becomes the accumulator (no zero fill)
 
         def add(name: str, value: Tensor) -> None:
-            dtype = ref_fisher.accumulation_dtype(params[name].dtype)
+            dtype = accumulation_dtype(params[name].dtype)
             if name in sums:
                 sums[name] += value.to(dtype)
             else:  # rule outputs are fresh tensors: safe to own and add into
@@ -112,7 +113,7 @@ class FastEngine:
                 samples = per_sample(grad, params[name].shape, x.shape[0])
                 if samples is None:
                     return None
-                add(name, samples.to(ref_fisher.accumulation_dtype(params[name].dtype)).square().sum(0))
+                add(name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
@@ -155,18 +156,18 @@ class FastEngine:
 
 
 def _aten_engine() -> FastEngine:
-    from . import aten
+    from .ops import TWINS
 
-    return FastEngine(aten, "hooks-aten", fused_perturbation=False)
+    return FastEngine(TWINS, "hooks-aten", fused_perturbation=False)
 
 
 def _extension_engine() -> FastEngine:
-    from . import ops
+    from .ops import COMPILED
 
-    return FastEngine(ops, "ext", fused_perturbation=True)
+    return FastEngine(COMPILED, "ext", fused_perturbation=True)
 
 
-#: Hooks + layer rules in plain ATen ops (no compiled code): the best pure-PyTorch version.
+#: Hooks + layer rules on the ops' pure-PyTorch twins (no compiled code): the best pure-PyTorch version.
 HOOKS_ATEN = _aten_engine()
 #: Hooks + layer rules on the compiled kernels, fused perturbation.
 EXTENSION = _extension_engine()

@@ -1,31 +1,54 @@
-"""Typed wrappers of the compiled operators ``torch.ops.mnemo_fast.*``.
+"""The op table: each fused op's compiled version beside its pure-PyTorch twin, one signature.
 
-Each op has a fake kernel (shapes only) so it traces under torch.compile, and a
-pure-PyTorch twin with the same signature in :mod:`mnemo_fast.reference.kernels`.
-Importing this module never fails; calling an op without the extension raises
-RuntimeError (see :func:`mnemo_fast.fast._ext.load_error`).
+``sum_sq_grad_linear`` etc. call the compiled operators ``torch.ops.mnemo_fast.*`` (calling
+one without the extension raises RuntimeError, see :func:`mnemo_fast.fast._ext.load_error`);
+``twin_sum_sq_grad_linear`` etc. compute the same in ATen ops only, with bounded memory
+(samples in blocks). :data:`OPS` pairs them by name; :data:`COMPILED` and :data:`TWINS` give
+one path of every op as attributes, which is what an engine's layer rules call. The tests
+(tests/test_ops_cpu.py) and benchmarks/bench_kernels.py iterate :data:`OPS`.
+
+Importing this module never loads ``mnemo_fast._C``: the reference engine runs the twins
+without the extension. The fake kernels (shapes only, for torch.compile) are registered when
+the extension loads. Arithmetic follows :func:`mnemo_fast.dtypes.accumulation_dtype`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
-from mnemo_fast.fast import _ext
+from ..dtypes import accumulation_dtype
+from ..reference import perturb as formula
+from . import _ext
 
 Tensor = torch.Tensor
+Ints = int | Sequence[int]
+
+# Per-sample gradients of one block held at once by a twin: about this many bytes.
+_BLOCK_BYTES = 64 * 2**20
 
 
-def _op(name: str):
+def _library():
+    """``torch.ops.mnemo_fast``, loading the extension on first use."""
     if not _ext.available():
-        raise RuntimeError(f"mnemo_fast.fast.ops.{name}: compiled kernels unavailable ({_ext.load_error()})")
-    return getattr(torch.ops.mnemo_fast, name).default
+        raise RuntimeError(f"mnemo_fast.fast.ops: compiled kernels unavailable ({_ext.load_error()})")
+    return torch.ops.mnemo_fast
 
 
-def _pair(v: int | Sequence[int]) -> list[int]:
+def _pair(v: Ints) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
+
+def _block(n: int, per_sample_elements: int) -> int:
+    """Samples per block so that a block's per-sample gradients stay near _BLOCK_BYTES."""
+    return max(1, min(n, _BLOCK_BYTES // max(4 * per_sample_elements, 1)))
+
+
+# ---- sum_sq_grad_linear ------------------------------------------------------------------
 
 def sum_sq_grad_linear(grad_output: Tensor, input: Tensor) -> Tensor:
     """Sum over samples of the squared per-sample weight gradients of a linear layer.
@@ -33,16 +56,34 @@ def sum_sq_grad_linear(grad_output: Tensor, input: Tensor) -> Tensor:
     grad_output [N, T, out], input [N, T, in] -> [out, in] (float64 for float64, else float32).
     Equivalent PyTorch: ``torch.einsum("nto,nti->noi", g, x).square().sum(0)``.
     """
-    return _op("sum_sq_grad_linear")(grad_output, input)
+    return _library().sum_sq_grad_linear.default(grad_output, input)
 
+
+def twin_sum_sq_grad_linear(grad_output: Tensor, input: Tensor) -> Tensor:
+    """Twin of :func:`sum_sq_grad_linear`: one GEMM on squared operands when T = 1, else
+    per-sample gradients in blocks of samples (bmm)."""
+    dtype = accumulation_dtype(input.dtype)
+    g, x = grad_output.to(dtype), input.to(dtype)
+    if g.shape[1] == 1:  # (g^2)^T (x^2): nothing per-sample is formed
+        return g[:, 0].square().t() @ x[:, 0].square()
+    n, _, out_features = g.shape
+    acc = torch.zeros(out_features, x.shape[2], dtype=dtype, device=x.device)
+    step = _block(n, out_features * x.shape[2])
+    for start in range(0, n, step):
+        per_sample = torch.bmm(g[start : start + step].transpose(1, 2), x[start : start + step])
+        acc += per_sample.square_().sum(0)
+    return acc
+
+
+# ---- sum_sq_grad_conv2d / conv1d ---------------------------------------------------------
 
 def sum_sq_grad_conv2d(
     grad_output: Tensor,
     input: Tensor,
-    kernel_size: int | Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
+    kernel_size: Ints,
+    stride: Ints = 1,
+    padding: Ints = 0,
+    dilation: Ints = 1,
     groups: int = 1,
 ) -> Tensor:
     """Sum over samples of the squared per-sample weight gradients of a Conv2d (zero padding).
@@ -51,49 +92,82 @@ def sum_sq_grad_conv2d(
     Equivalent PyTorch: ``einsum("ngol,ngkl->ngok", g, unfold(x)).square().sum(0)`` per group.
     """
     args = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), int(groups))
-    return _op("sum_sq_grad_conv2d")(grad_output, input, *args)
+    return _library().sum_sq_grad_conv2d.default(grad_output, input, *args)
 
 
-def sum_sq_grad_conv1d(
+def twin_sum_sq_grad_conv2d(
     grad_output: Tensor,
     input: Tensor,
-    kernel_size: int | Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
+    kernel_size: Ints,
+    stride: Ints = 1,
+    padding: Ints = 0,
+    dilation: Ints = 1,
     groups: int = 1,
 ) -> Tensor:
-    """Conv1d version: grad_output [N, out, Lo], input [N, in, L] -> [out, in/groups, k].
+    """Twin of :func:`sum_sq_grad_conv2d`: unfold + einsum per group, in blocks of samples."""
+    kh, kw = _pair(kernel_size)
+    dtype = accumulation_dtype(input.dtype)
+    n, out_channels = grad_output.shape[:2]
+    in_per_group, out_per_group = input.shape[1] // groups, out_channels // groups
+    acc = torch.zeros(groups, out_per_group, in_per_group * kh * kw, dtype=dtype, device=input.device)
+    step = _block(n, out_channels * in_per_group * kh * kw)
+    for start in range(0, n, step):
+        x = input[start : start + step].to(dtype)
+        cols = F.unfold(x, (kh, kw), dilation=_pair(dilation), padding=_pair(padding), stride=_pair(stride))
+        cols = cols.view(x.shape[0], groups, in_per_group * kh * kw, -1)
+        g = grad_output[start : start + step].to(dtype).reshape(x.shape[0], groups, out_per_group, -1)
+        acc += torch.einsum("ngol,ngkl->ngok", g, cols).square_().sum(0)
+    return acc.view(out_channels, in_per_group, kh, kw)
 
-    Runs the conv2d kernel on a height-1 image.
-    """
 
-    def one(v: int | Sequence[int]) -> int:
-        return int(v) if isinstance(v, int) else int(v[0])
+def _conv1d_as_2d(conv2d: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The Conv1d op from a Conv2d one: the signal as an image of height 1."""
 
-    d = sum_sq_grad_conv2d(
-        grad_output.unsqueeze(2),
-        input.unsqueeze(2),
-        (1, one(kernel_size)),
-        (1, one(stride)),
-        (0, one(padding)),
-        (1, one(dilation)),
-        groups,
-    )
-    return d.squeeze(2)
+    def sum_sq_grad_conv1d(
+        grad_output: Tensor,
+        input: Tensor,
+        kernel_size: Ints,
+        stride: Ints = 1,
+        padding: Ints = 0,
+        dilation: Ints = 1,
+        groups: int = 1,
+    ) -> Tensor:
+        """Conv1d: grad_output [N, out, Lo], input [N, in, L] -> [out, in/groups, k]."""
 
+        def one(v: Ints) -> int:
+            return int(v) if isinstance(v, int) else int(v[0])
+
+        d = conv2d(grad_output.unsqueeze(2), input.unsqueeze(2), (1, one(kernel_size)),
+                   (1, one(stride)), (0, one(padding)), (1, one(dilation)), groups)
+        return d.squeeze(2)
+
+    return sum_sq_grad_conv1d
+
+
+#: Conv1d version of :func:`sum_sq_grad_conv2d`, run as a height-1 image.
+sum_sq_grad_conv1d = _conv1d_as_2d(sum_sq_grad_conv2d)
+#: Twin of :func:`sum_sq_grad_conv1d`.
+twin_sum_sq_grad_conv1d = _conv1d_as_2d(twin_sum_sq_grad_conv2d)
+
+
+# ---- perturbation ------------------------------------------------------------------------
 
 def perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
     """Per tensor, the largest finite ``eta = f_F / f_R`` (NaN -> 0), 0 if none.
 
-    The reference writes eta as ``exp(log f_F - log f_R)`` (the authors' formula); the CPU
-    and CUDA kernels divide, the same function with one rounding (csrc/cpu/perturb.h), so results agree
-    with the reference within its own cancellation error (a few dozen ulps), not bitwise.
-
+    The twin writes eta as ``exp(log f_F - log f_R)`` (the authors' formula); the CPU and
+    CUDA kernels divide, the same function with one rounding, so results agree within the
+    twin's own cancellation error (a few dozen ulps), not bitwise.
     Returns [L] (float64 when the Fishers are float64, else float32).
-    Equivalent PyTorch: ``torch.stack([reference.perturb.max_finite_ratio(f, r) ...])``.
     """
-    return _op("perturb_max_ratio")(list(forget), list(remain))
+    return _library().perturb_max_ratio.default(list(forget), list(remain))
+
+
+def twin_perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
+    """Twin of :func:`perturb_max_ratio`, tensor by tensor with the paper's formula."""
+    if len(forget) == 0:
+        return torch.zeros(0)
+    return torch.stack([formula.max_finite_ratio(f, r) for f, r in zip(forget, remain)])
 
 
 def perturb_shift_(
@@ -108,10 +182,25 @@ def perturb_shift_(
     """In place, one pass per tensor: ``p += sign * min(lambda1, lambda2 / max_ratio[l]) * eta``.
 
     eta: NaN -> 0, +inf -> max_ratio[l]. params must be contiguous.
-    Equivalent PyTorch: ``p.add_((sign * reference.perturb.shift(f, r, lambda1, lambda2)).to(p.dtype))``.
     """
-    _op("perturb_shift_")(list(params), list(forget), list(remain), max_ratio,
-                          float(lambda1), float(lambda2), float(sign))
+    _library().perturb_shift_.default(list(params), list(forget), list(remain), max_ratio,
+                                      float(lambda1), float(lambda2), float(sign))
+
+
+def twin_perturb_shift_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    max_ratio: Tensor,
+    lambda1: float,
+    lambda2: float,
+    sign: float,
+) -> None:
+    """Twin of :func:`perturb_shift_`: ``p += sign * alpha_l * eta_l``, the paper's formula."""
+    for p, f, r, m in zip(params, forget, remain, max_ratio):
+        m = m.to(accumulation_dtype(f.dtype))
+        shift = formula.alpha(m, lambda1, lambda2) * formula.ratio(f, r, m)
+        p.add_((sign * shift).to(p.dtype))
 
 
 def perturb_gaussian_(
@@ -127,24 +216,72 @@ def perturb_gaussian_(
     """In place: ``p += [eta > tau] * alpha_l * eta * z``, z drawn like ``torch.randn(p.shape)``.
 
     Draws tensor by tensor in list order from ``generator``; entries with eta <= tau are
-    left untouched. Equivalent PyTorch: ``p.add_(reference.perturb.gaussian_noise(...).to(p.dtype))``.
+    left untouched.
     """
-    _op("perturb_gaussian_")(list(params), list(forget), list(remain), max_ratio,
-                             float(lambda1), float(lambda2), float(tau), generator)
+    _library().perturb_gaussian_.default(list(params), list(forget), list(remain), max_ratio,
+                                         float(lambda1), float(lambda2), float(tau), generator)
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def twin_perturb_gaussian_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    max_ratio: Tensor,
+    lambda1: float,
+    lambda2: float,
+    tau: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Twin of :func:`perturb_gaussian_`, the same draws from ``generator`` on the CPU."""
+    for p, f, r, m in zip(params, forget, remain, max_ratio):
+        m = m.to(accumulation_dtype(f.dtype))
+        eta = formula.ratio(f, r, m)
+        z = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+        update = formula.alpha(m, lambda1, lambda2) * eta * z.to(eta.dtype)
+        p.add_(torch.where(eta > tau, update, torch.zeros_like(update)).to(p.dtype))
 
+
+# ---- the table -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Op:
+    """One fused op: ``compiled`` runs the extension, ``twin`` is pure PyTorch; same signature."""
+
+    name: str
+    compiled: Callable
+    twin: Callable
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("sum_sq_grad_linear", sum_sq_grad_linear, twin_sum_sq_grad_linear),
+        Op("sum_sq_grad_conv2d", sum_sq_grad_conv2d, twin_sum_sq_grad_conv2d),
+        Op("sum_sq_grad_conv1d", sum_sq_grad_conv1d, twin_sum_sq_grad_conv1d),
+        Op("perturb_max_ratio", perturb_max_ratio, twin_perturb_max_ratio),
+        Op("perturb_shift_", perturb_shift_, twin_perturb_shift_),
+        Op("perturb_gaussian_", perturb_gaussian_, twin_perturb_gaussian_),
+    )
+}
+#: Every op's compiled version as an attribute (``COMPILED.sum_sq_grad_linear``).
+COMPILED = SimpleNamespace(**{name: op.compiled for name, op in OPS.items()})
+#: Every op's pure-PyTorch twin as an attribute (``TWINS.sum_sq_grad_linear``).
+TWINS = SimpleNamespace(**{name: op.twin for name, op in OPS.items()})
+
+
+# ---- fake kernels (shapes only), registered once the extension has loaded -------------------
 
 def _register_fakes() -> None:
+    def out_dtype(t: Tensor) -> torch.dtype:
+        return accumulation_dtype(t.dtype)
+
     @torch.library.register_fake("mnemo_fast::sum_sq_grad_linear")
     def _(grad_output, input):
         torch._check(grad_output.dim() == 3 and input.dim() == 3, lambda: "expected [N, T, *] inputs")
         torch._check(grad_output.shape[0] == input.shape[0], lambda: "N must match")
         torch._check(grad_output.shape[1] == input.shape[1], lambda: "T must match")
         torch._check(grad_output.dtype == input.dtype, lambda: "dtypes must match")
-        return input.new_empty((grad_output.shape[2], input.shape[2]), dtype=_compute_dtype(input))
+        return input.new_empty((grad_output.shape[2], input.shape[2]), dtype=out_dtype(input))
 
     @torch.library.register_fake("mnemo_fast::sum_sq_grad_conv2d")
     def _(grad_output, input, kernel_size, stride, padding, dilation, groups):
@@ -156,7 +293,7 @@ def _register_fakes() -> None:
             size = (input.shape[2 + k] + 2 * padding[k] - dilation[k] * (kernel_size[k] - 1) - 1) // stride[k] + 1
             torch._check(grad_output.shape[2 + k] == size, lambda: "output size mismatch")
         shape = (grad_output.shape[1], input.shape[1] // groups, kernel_size[0], kernel_size[1])
-        return input.new_empty(shape, dtype=_compute_dtype(input))
+        return input.new_empty(shape, dtype=out_dtype(input))
 
     @torch.library.register_fake("mnemo_fast::perturb_max_ratio")
     def _(forget, remain):
@@ -165,7 +302,7 @@ def _register_fakes() -> None:
             return torch.empty(0)
         for f, r in zip(forget, remain):
             torch._check(f.shape == r.shape, lambda: "forget and remain shapes differ")
-        return forget[0].new_empty((len(forget),), dtype=_compute_dtype(forget[0]))
+        return forget[0].new_empty((len(forget),), dtype=out_dtype(forget[0]))
 
     def check_lists(params, forget, remain, max_ratio):
         torch._check(len(params) == len(forget) == len(remain), lambda: "list lengths differ")
@@ -182,5 +319,4 @@ def _register_fakes() -> None:
         check_lists(params, forget, remain, max_ratio)
 
 
-if _ext.available():
-    _register_fakes()
+_ext.when_loaded(_register_fakes)

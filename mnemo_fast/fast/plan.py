@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .broadcast import BROADCAST_NODES, parent_nodes
 from .rules import rule_for
+from .rules.broadcast import BROADCAST_NODES, parent_nodes
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from . import fisher as ref_fisher
-from . import kernels
+from ..fast import ops  # the op table; importing it never loads the compiled extension
 from ..sharding import any_sharded
 
 Tensor = torch.Tensor
@@ -42,18 +42,20 @@ class ReferenceEngine:
             model, inputs, targets, chunk_size=chunk_size, output_fn=output_fn
         )
 
-    # The perturbation is the kernels' pure-PyTorch twins, so there is one copy of the formula.
-    max_ratio = staticmethod(kernels.perturb_max_ratio)
+    # The perturbation is the fused ops' pure-PyTorch twins, so there is one copy of the formula.
+    @staticmethod
+    def max_ratio(forget, remain) -> Tensor:
+        return ops.TWINS.perturb_max_ratio(forget, remain)
 
     @staticmethod
     @torch.no_grad()
     def shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        kernels.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+        ops.TWINS.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
 
     @staticmethod
     @torch.no_grad()
     def gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        kernels.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        ops.TWINS.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
 
 
 REFERENCE = ReferenceEngine()

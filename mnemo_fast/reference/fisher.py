@@ -18,17 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from ..dtypes import accumulation_dtype
 from ..sharding import local
 
 Tensor = torch.Tensor
 
 # Per-sample gradients of a chunk are held at once: keep them near this many bytes.
 _VMAP_BYTES = 256 * 2**20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Squares of float16/bfloat16 gradients are accumulated in float32."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -1,4 +1,5 @@
-"""The paper's perturbation, written literally (ALGORITHM.md, sections 4 and 5).
+"""The paper's perturbation, written literally (docs/METHOD.md, "The perturbation" and "The
+Gaussian variant").
 
 For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_R``
 (remaining classes), all of the parameter's shape:
@@ -8,7 +9,8 @@ For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_
     shift = alpha * eta                 (the model moves by sign * shift)
 
 Arithmetic is done in float32 (float64 when the Fisher is float64), whatever the
-parameter's dtype, and the result is cast back on write.
+parameter's dtype (:func:`mnemo_fast.dtypes.accumulation_dtype`), and the result is cast
+back on write.
 """
 
 from __future__ import annotations
@@ -17,17 +19,14 @@ from typing import Mapping
 
 import torch
 
+from ..dtypes import accumulation_dtype
+
 Tensor = torch.Tensor
-
-
-def compute_dtype(fisher: Tensor) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if fisher.dtype == torch.float64 else torch.float32
 
 
 def raw_ratio(forget: Tensor, remain: Tensor) -> Tensor:
     """``exp(log f_F - log f_R)`` with NaN set to 0; +inf is left in place."""
-    dtype = compute_dtype(forget)
+    dtype = accumulation_dtype(forget.dtype)
     eta = torch.exp(torch.log(forget.to(dtype)) - torch.log(remain.to(dtype)))
     return torch.nan_to_num(eta, nan=0.0, posinf=float("inf"), neginf=0.0)
 
@@ -55,7 +54,7 @@ def alpha(max_ratio: Tensor, lambda1: float, lambda2: float) -> Tensor:
 
 
 def shift(forget: Tensor, remain: Tensor, lambda1: float, lambda2: float) -> Tensor:
-    """``alpha * eta`` for one tensor, in the compute dtype (see :func:`compute_dtype`)."""
+    """``alpha * eta`` for one tensor, in the accumulation dtype of the Fisher."""
     max_ratio = max_finite_ratio(forget, remain)
     return alpha(max_ratio, lambda1, lambda2) * ratio(forget, remain, max_ratio)
 

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sharding import is_sharded
+from ...sharding import is_sharded
+from .base import Rule, Tensor, acc
 
-from .rules import Rule, _acc
-
-Tensor = torch.Tensor
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 
 
@@ -44,6 +42,8 @@ def _whole(p: Tensor) -> Tensor:
 
 
 class MultiheadAttentionRule(Rule):
+    max_calls = 1  # each call recomputes its own attention
+
     def supports(self, module: nn.Module) -> bool:
         return (
             isinstance(module, nn.MultiheadAttention)
@@ -93,8 +93,6 @@ class MultiheadAttentionRule(Rule):
             grads = torch.autograd.grad(out, projected, grad_outputs=g_out)
         return (q_in, k_in, v_in), grads, merged.detach(), g_out
 
-    max_calls = 1  # each call recomputes its own attention
-
     def accumulate(self, module, calls, kernels) -> dict[str, Tensor]:
         (call, grad_out), = calls
         inputs, grads, merged, g_out = self._recompute(module, call, grad_out)
@@ -103,9 +101,9 @@ class MultiheadAttentionRule(Rule):
             blocks = [kernels.sum_sq_grad_linear(g.contiguous(), x.contiguous()) for x, g in zip(inputs, grads)]
             result["in_proj_weight"] = torch.cat(blocks, 0)
         if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
-            result["in_proj_bias"] = torch.cat([_acc(g.sum(1)) for g in grads], 1).square().sum(0)
+            result["in_proj_bias"] = torch.cat([acc(g.sum(1)) for g in grads], 1).square().sum(0)
         if module.out_proj.weight.requires_grad:
             result["out_proj.weight"] = kernels.sum_sq_grad_linear(g_out.contiguous(), merged.contiguous())
         if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
-            result["out_proj.bias"] = _acc(g_out.sum(1)).square().sum(0)
+            result["out_proj.bias"] = acc(g_out.sum(1)).square().sum(0)
         return result

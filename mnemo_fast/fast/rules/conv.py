@@ -1,0 +1,43 @@
+"""nn.Conv1d / nn.Conv2d through the conv2d op (Conv1d as an image of height 1); zero or
+other padding modes (the input is padded here first, the op then runs unpadded); the bias
+gets sum_n (sum over positions of g_n)^2."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Calls, Rule, Tensor, has_bias, has_weight, square_sum
+
+
+class ConvRule(Rule):
+    max_calls = 1  # calls of different spatial sizes cannot share one kernel call
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str) \
+            and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+    def _as_2d(self, module, x: Tensor, g: Tensor):
+        """(input, grad_output, kernel, stride, padding, dilation) of the equivalent Conv2d."""
+        two_d = isinstance(module, nn.Conv2d)
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = (0, 0)
+        else:
+            padding = module.padding if two_d else (0, module.padding[0])
+        if two_d:
+            return x, g, module.kernel_size, module.stride, padding, module.dilation
+        lift = lambda p: (1, p[0])  # noqa: E731
+        return (x.unsqueeze(2), g.unsqueeze(2), lift(module.kernel_size), lift(module.stride),
+                padding, lift(module.dilation))
+
+    def accumulate(self, module, calls: Calls, kernels) -> dict[str, Tensor]:
+        (inp, grad), = calls
+        out = {}
+        if has_weight(module):
+            x, g, k, s, p, d = self._as_2d(module, inp, grad)
+            d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
+            out["weight"] = d2.view(module.weight.shape)
+        if has_bias(module):
+            out["bias"] = square_sum(grad.flatten(2).sum(2))
+        return out

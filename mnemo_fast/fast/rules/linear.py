@@ -1,0 +1,23 @@
+"""nn.Linear: W [out, in] gets sum_n (g_n^T x_n)^2 over positions T, through the linear op;
+the bias gets sum_n (sum_t g_n[t])^2. Several calls are joined along positions first."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Calls, Rule, Tensor, cat_positions, has_bias, has_weight, square_sum
+
+
+class LinearRule(Rule):
+    position_wise = True
+
+    def accumulate(self, module: nn.Linear, calls: Calls, kernels) -> dict[str, Tensor]:
+        n = calls[0][0].shape[0]
+        x = cat_positions([inp.reshape(n, -1, inp.shape[-1]) for inp, _ in calls])
+        g = cat_positions([grad.reshape(n, -1, grad.shape[-1]) for _, grad in calls])
+        out = {}
+        if has_weight(module):
+            out["weight"] = kernels.sum_sq_grad_linear(g.contiguous(), x.contiguous())
+        if has_bias(module):
+            out["bias"] = square_sum(g[:, 0] if g.shape[1] == 1 else g.sum(1))
+        return out

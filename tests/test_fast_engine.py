@@ -168,3 +168,41 @@ def test_subclasses_take_a_rule_only_when_they_compute_the_base_forward():
     fast, exact = mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y)
     for name in exact:
         torch.testing.assert_close(fast[name], exact[name], rtol=1e-5, atol=1e-7)
+
+
+def test_rule_registry_maps_each_layer_class_to_its_rule():
+    from mnemo_fast.fast.rules import RULES, Rule, rule_for
+    from mnemo_fast.fast.rules.attention import MultiheadAttentionRule
+    from mnemo_fast.fast.rules.conv import ConvRule
+    from mnemo_fast.fast.rules.embedding import EmbeddingRule
+    from mnemo_fast.fast.rules.linear import LinearRule
+    from mnemo_fast.fast.rules.norm import NormRule
+
+    nn = torch.nn
+    expected = {nn.Linear: LinearRule, nn.Conv1d: ConvRule, nn.Conv2d: ConvRule, nn.Embedding: EmbeddingRule,
+                nn.LayerNorm: NormRule, nn.GroupNorm: NormRule, nn.BatchNorm2d: NormRule,
+                nn.MultiheadAttention: MultiheadAttentionRule}
+    for cls, rule_cls in expected.items():
+        assert isinstance(RULES[cls], rule_cls) and isinstance(RULES[cls], Rule)
+    assert isinstance(rule_for(nn.MultiheadAttention(4, 2)), MultiheadAttentionRule)
+    assert rule_for(nn.MultiheadAttention(4, 2, add_bias_kv=True)) is None  # not supported: generic
+    assert rule_for(nn.ReLU()) is None and rule_for(nn.ConvTranspose2d(2, 2, 3)) is None
+
+
+# The modules a cycle went through (rules <-> attention), each imported first.
+FAST_MODULES = ["mnemo_fast.fast.rules", "mnemo_fast.fast.rules.attention", "mnemo_fast.fast.ops",
+                "mnemo_fast.fast.plan", "mnemo_fast.fast.engine"]
+
+
+def test_fast_path_modules_import_alone():
+    """Each module imports first in a fresh interpreter (no import cycle), without loading _C."""
+    import subprocess
+    import sys
+
+    code = "import importlib, sys; importlib.import_module(sys.argv[1]); print('mnemo_fast._C' in sys.modules)"
+    runs = {m: subprocess.Popen([sys.executable, "-c", code, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for m in FAST_MODULES}
+    for module, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, (module, err[-2000:])
+        assert out.strip() == "False", module

@@ -95,3 +95,20 @@ def test_the_table_never_loads_the_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_one_accumulation_dtype_rule():
+    """float64 stays float64, everything else accumulates in float32; written once
+    (mnemo_fast/dtypes.py), the other modules import it."""
+    from pathlib import Path
+
+    import mnemo_fast
+    from mnemo_fast.dtypes import accumulation_dtype
+
+    assert accumulation_dtype(torch.float64) == torch.float64
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert accumulation_dtype(dtype) == torch.float32
+    package = Path(mnemo_fast.__file__).parent
+    copies = [str(path.relative_to(package)) for path in package.rglob("*.py")
+              if "float64 else torch.float32" in path.read_text()]
+    assert copies == ["dtypes.py"]

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import accumulation_dtype
-from ..reference import perturb as formula
 from . import _ext
 
 Tensor = torch.Tensor
@@ -41,6 +40,14 @@ def _library():
 
 def _pair(v: Ints) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _formula():
+    """The paper's formula, tensor by tensor (:mod:`mnemo_fast.reference.perturb`), imported on
+    first use: the table stays a leaf module, which the reference package itself imports."""
+    from ..reference import perturb
+
+    return perturb
 
 
 def _block(n: int, per_sample_elements: int) -> int:
@@ -167,6 +174,7 @@ def twin_perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -
     """Twin of :func:`perturb_max_ratio`, tensor by tensor with the paper's formula."""
     if len(forget) == 0:
         return torch.zeros(0)
+    formula = _formula()
     return torch.stack([formula.max_finite_ratio(f, r) for f, r in zip(forget, remain)])
 
 
@@ -197,6 +205,7 @@ def twin_perturb_shift_(
     sign: float,
 ) -> None:
     """Twin of :func:`perturb_shift_`: ``p += sign * alpha_l * eta_l``, the paper's formula."""
+    formula = _formula()
     for p, f, r, m in zip(params, forget, remain, max_ratio):
         m = m.to(accumulation_dtype(f.dtype))
         shift = formula.alpha(m, lambda1, lambda2) * formula.ratio(f, r, m)
@@ -233,6 +242,7 @@ def twin_perturb_gaussian_(
     generator: torch.Generator | None = None,
 ) -> None:
     """Twin of :func:`perturb_gaussian_`, the same draws from ``generator`` on the CPU."""
+    formula = _formula()
     for p, f, r, m in zip(params, forget, remain, max_ratio):
         m = m.to(accumulation_dtype(f.dtype))
         eta = formula.ratio(f, r, m)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from . import fisher as ref_fisher
-from ..fast import ops  # the op table; importing it never loads the compiled extension
+from ..fast.ops import TWINS  # the op table: a leaf module that never loads the extension
 from ..sharding import any_sharded
 
 Tensor = torch.Tensor
@@ -45,17 +45,17 @@ class ReferenceEngine:
     # The perturbation is the fused ops' pure-PyTorch twins, so there is one copy of the formula.
     @staticmethod
     def max_ratio(forget, remain) -> Tensor:
-        return ops.TWINS.perturb_max_ratio(forget, remain)
+        return TWINS.perturb_max_ratio(forget, remain)
 
     @staticmethod
     @torch.no_grad()
     def shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        ops.TWINS.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+        TWINS.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
 
     @staticmethod
     @torch.no_grad()
     def gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        ops.TWINS.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        TWINS.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
 
 
 REFERENCE = ReferenceEngine()

@@ -3,7 +3,7 @@
 Sums of squares (the Fisher), the ratio eta and the shift are computed in float32 whatever
 the parameter's dtype (float16/bfloat16 squares of small gradients underflow), except that
 float64 stays float64: the reference in float64 is the ground truth the fast path is tested
-against. The C++/CUDA kernels follow the same rule (``csrc/``).
+against. The C++/CUDA kernels follow the same rule (``csrc/``). docs/METHOD.md, "Precision".
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ one path of every op as attributes, which is what an engine's layer rules call. 
 Importing this module never loads ``mnemo_fast._C``: the reference engine runs the twins
 without the extension. The fake kernels (shapes only, for torch.compile) are registered when
 the extension loads. Arithmetic follows :func:`mnemo_fast.dtypes.accumulation_dtype`.
+docs/FAST_PATH.md, "Each compiled op has a pure-PyTorch twin" and "The fused perturbation".
 """
 
 from __future__ import annotations

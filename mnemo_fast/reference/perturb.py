@@ -1,5 +1,5 @@
-"""The paper's perturbation, written literally (docs/METHOD.md, "The perturbation" and "The
-Gaussian variant").
+"""The paper's perturbation, written literally (docs/METHOD.md, "The shift (the
+paper's perturbation)" and "The Gaussian variant").
 
 For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_R``
 (remaining classes), all of the parameter's shape:

@@ -6,7 +6,7 @@ output gradient, one file per use of a parameter.
 - :mod:`.broadcast`: raw parameters broadcast over the batch (class tokens, position
   embeddings), caught at their expand/add autograd node rather than at a module.
 
-docs/FAST_PATH.md has each layer's math.
+docs/FAST_PATH.md has each layer's math, one section per rule file.
 """
 
 from __future__ import annotations

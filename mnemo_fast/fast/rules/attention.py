@@ -7,6 +7,7 @@ through it: that costs one attention forward/backward, and gives per-sample grad
 q/k/v projections ([N, L, 3E]) and the output projection's input, which then go through the
 Linear kernel like any other layer. Supported: shared q/k/v embedding size (``in_proj_weight``),
 no ``bias_k``/``bias_v``, no ``add_zero_attn``; anything else takes the generic path.
+docs/FAST_PATH.md, "Attention: recompute from the saved inputs".
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A rule sees every call of its module in one batched pass: ``calls`` is a list of
 per-sample gradients. Several calls of one module are summed per sample *before* squaring.
 ``kernels`` is one path of the op table (:data:`mnemo_fast.fast.ops.COMPILED` or
 :data:`mnemo_fast.fast.ops.TWINS`). ``accumulate`` returns {local parameter name: sum of
-squares}; docs/FAST_PATH.md has each layer's math.
+squares}; docs/FAST_PATH.md, "One batched pass, parameters frozen", has the common setup.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ Such a parameter has one use: an expand, add or subtract node whose output holds
 in dimension 0. A hook on that autograd node catches the gradient of its output [N, ...];
 the per-sample gradient is that gradient summed over the dimensions the parameter was
 broadcast along (within each sample), so no per-sample forward pass is needed.
+docs/FAST_PATH.md, "Raw parameters broadcast over the batch".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """nn.Conv1d / nn.Conv2d through the conv2d op (Conv1d as an image of height 1); zero or
 other padding modes (the input is padded here first, the op then runs unpadded); the bias
-gets sum_n (sum over positions of g_n)^2."""
+gets sum_n (sum over positions of g_n)^2. docs/FAST_PATH.md, "Conv1d / Conv2d via im2col blocks"."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """nn.Embedding: rows of a sample that share a token id are summed before squaring,
-D[v] = sum_n (sum_{t: id[n,t]=v} g_n[t])^2, via unique (sample, id) pairs and index_add."""
+D[v] = sum_n (sum_{t: id[n,t]=v} g_n[t])^2, via unique (sample, id) pairs and index_add.
+docs/FAST_PATH.md, "Embedding"."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """nn.Linear: W [out, in] gets sum_n (g_n^T x_n)^2 over positions T, through the linear op;
-the bias gets sum_n (sum_t g_n[t])^2. Several calls are joined along positions first."""
+the bias gets sum_n (sum_t g_n[t])^2. Several calls are joined along positions first.
+docs/FAST_PATH.md, "Linear, T = 1" and "Linear, T > 1"."""
 
 from __future__ import annotations
 

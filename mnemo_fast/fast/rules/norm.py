@@ -1,6 +1,6 @@
 """LayerNorm, GroupNorm, RMSNorm, BatchNorm (running statistics): per-sample gradients are
 only [N, C], gamma = sum over positions of xhat * g and beta = sum of g; several calls add
-their per-sample gradients before squaring."""
+their per-sample gradients before squaring. docs/FAST_PATH.md, "Norm layers"."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from mnemo_fast.fast import _ext
 if not _ext.available():
     pytest.skip(f"mnemo_fast._C unavailable: {_ext.load_error()}", allow_module_level=True)
 
+from mnemo_fast.dtypes import accumulation_dtype  # noqa: E402
 from mnemo_fast.fast import ops  # noqa: E402
 from mnemo_fast.fast.ops import TWINS  # noqa: E402
 from mnemo_fast.reference import perturb  # noqa: E402
@@ -308,10 +309,10 @@ def conv1d_inputs(case: dict, dtype: torch.dtype) -> tuple:
 
 
 def perturb_args(name: str, forget, remain, param_dtype=torch.float32, sign=-1.0):
-    params = [torch.randn(f.shape, generator=torch.Generator().manual_seed(20)).to(param_dtype) for f in forget]
-    m = TWINS.perturb_max_ratio(forget, remain)  # the same max ratio for both paths
     if name == "perturb_max_ratio":
         return forget, remain
+    params = [torch.randn(f.shape, generator=torch.Generator().manual_seed(20)).to(param_dtype) for f in forget]
+    m = TWINS.perturb_max_ratio(forget, remain)  # the same max ratio for both paths
     last = sign if name == "perturb_shift_" else 0.7  # the sign, or tau (no exact ratio ties it)
     return (params, forget, remain, m, 0.1, 1.0, last) + ((20,) if name == "perturb_gaussian_" else ())
 
@@ -363,7 +364,7 @@ def test_compiled_op_matches_its_twin(name, make):
     args = make()
     got, want = run(op.compiled, name, args), run(op.twin, name, args)
     if name.startswith("sum_sq_grad"):
-        assert got.dtype == want.dtype == (torch.float64 if args[1].dtype == torch.float64 else torch.float32)
+        assert got.dtype == want.dtype == accumulation_dtype(args[1].dtype)
         torch.testing.assert_close(got, want, **tol(args[1].dtype))
     elif name == "perturb_max_ratio":
         assert got.dtype == want.dtype

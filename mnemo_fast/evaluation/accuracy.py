@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .reference.fisher import eval_mode, logits_of
+from ..reference.fisher import eval_mode, logits_of
 
 
 @dataclass(frozen=True)

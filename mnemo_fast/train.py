@@ -99,7 +99,8 @@ def train_with_codes(
 ) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` with each sample replaced by its class's code
     with probability ``t_mix`` (:class:`MnemonicMix`), cross-entropy, a cosine learning-rate
-    schedule over all steps, and a seeded shuffle. Returns the per-epoch history.
+    schedule over all steps, and a seeded shuffle (docs/METHOD.md, "Training with codes").
+    Returns the per-epoch history.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")

@@ -1,6 +1,6 @@
 """Models, inputs and the authors' algorithm for the benchmarks (benchmarks/run.py, test_benchmarks.py).
 
-Four models on the same footing: the paper's MLP and the small CNN from :mod:`mnemo_fast.models`,
+Four models on the same footing: the paper's MLP and the small CNN from :mod:`mnemo_fast.evaluation.models`,
 a CIFAR ResNet-18 (full width 64) and a 4-layer transformer encoder whose attention is written
 with nn.Linear projections and F.scaled_dot_product_attention (nn.MultiheadAttention would send
 its projections to the generic per-sample path: see mnemo_fast/fast/plan.py).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnemo_fast.models import MLP, SmallCNN
+from mnemo_fast.evaluation.models import MLP, SmallCNN
 
 Tensor = torch.Tensor
 

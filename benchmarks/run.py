@@ -34,7 +34,7 @@ import bench_models as bm  # noqa: E402
 
 import mnemo_fast  # noqa: E402
 from mnemo_fast.codes import MnemonicCodes  # noqa: E402
-from mnemo_fast.models import MLP  # noqa: E402
+from mnemo_fast.evaluation.models import MLP  # noqa: E402
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN  # noqa: E402
 from mnemo_fast.reference.engine import REFERENCE  # noqa: E402
 from mnemo_fast.reference.fisher import sum_squared_grads  # noqa: E402
@@ -131,7 +131,7 @@ def time_it(fn, repeats: int, cap: float):
 # ---- peak memory in a subprocess ------------------------------------------------------------
 def memory_probe(case: str, n: int, method: str) -> None:
     """Print the peak MiB of CPU tensors one call of ``method`` holds (model and inputs excluded)."""
-    from mnemo_fast.memory import peak_allocated_bytes
+    from mnemo_fast.evaluation.memory import peak_allocated_bytes
 
     model, x, y = bm.make(case, n)
     fn = fisher_fn(method, model, x, y)
@@ -325,7 +325,7 @@ def write_results(path: str, args, fisher: dict, sizes: dict, noise: dict, forge
         "faster mnemo_fast is). Correctness: each method's Fisher sum from its warm-up call vs REFERENCE "
         "(torch.func vmap), max over tensors of max|a-b| / max|b|; allclose at rtol 1e-3, atol 1e-5*max|b|.",
         "Peak extra MiB: the most memory of CPU tensors one call holds at once, from the allocator's "
-        "events (`mnemo_fast.memory.peak_allocated_bytes`, torch.profiler) in a fresh subprocess; the "
+        "events (`mnemo_fast.evaluation.memory.peak_allocated_bytes`, torch.profiler) in a fresh subprocess; the "
         "model and inputs are not counted (`ru_maxrss` is not used: Linux carries the parent's peak "
         "into a child across fork and exec).", "",
         "## Fisher diagonal (sum over N codes of squared per-sample gradients)", "",

@@ -20,7 +20,7 @@ import bench_models as bm  # noqa: E402
 import mnemo_fast  # noqa: E402
 from mnemo_fast.codes import MnemonicCodes  # noqa: E402
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN  # noqa: E402
-from mnemo_fast.models import MLP  # noqa: E402
+from mnemo_fast.evaluation.models import MLP  # noqa: E402
 from mnemo_fast.reference.engine import REFERENCE  # noqa: E402
 
 ENGINES = {"reference": REFERENCE, "hooks-aten": HOOKS_ATEN, "extension": EXTENSION}

@@ -2,7 +2,7 @@
 
 The paper adapts pre-trained models (e.g. ImageNet ResNet-18: 2,000 steps, SGD, lr 1e-3,
 weight decay 5e-4, batch 64) by fine-tuning with each sample replaced by its class's code
-with probability ``t_mix`` (ALGORITHM.md, section 2). Long jobs get interrupted, so the
+with probability ``t_mix`` (docs/METHOD.md, "Training with codes"). Long jobs get interrupted, so the
 loop is step-based and checkpoints everything that decides the next step: weights,
 optimizer state, step and RNG state. The batch of step s is a pure function of
 (seed, s), so a resumed run gives the same final weights as an uninterrupted one.
@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
+from .train import cross_entropy, fit, make_optimizer
 
 OPTIMIZERS = ("sgd", "adam")
 CHECKPOINT_NAME = "adapt.pt"
@@ -29,12 +29,6 @@ def _batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> t
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return epoch, order[position * batch_size : (position + 1) * batch_size]
-
-
-def _make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def _rng_state() -> dict:
@@ -111,7 +105,7 @@ def adapt_with_codes(
         )
     mixed = MnemonicMix(dataset, codes, t_mix, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params, lr, weight_decay, momentum)
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     config = {"t_mix": float(t_mix), "lr": float(lr), "weight_decay": float(weight_decay),
               "batch_size": int(batch_size), "optimizer": optimizer, "momentum": float(momentum),
               "seed": int(seed), "num_samples": len(dataset)}
@@ -125,24 +119,23 @@ def adapt_with_codes(
     if start == 0:
         torch.manual_seed(seed)  # dropout etc.: the same from step 0 as after a resume
 
-    first = next(iter(model.parameters()))
-    model.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="adapt", disable=not progress, leave=False)
-    for step in range(start, steps):
-        epoch, indices = _batch_indices(step, len(mixed), batch_size, seed)
-        mixed.set_epoch(epoch)
-        items = [mixed[int(i)] for i in indices]
-        x = torch.stack([torch.as_tensor(item[0]) for item in items]).to(first.device, first.dtype)
-        y = torch.as_tensor([int(item[1]) for item in items], device=first.device)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def batches():
+        for step in range(start, steps):
+            epoch, indices = _batch_indices(step, len(mixed), batch_size, seed)
+            mixed.set_epoch(epoch)
+            items = [mixed[int(i)] for i in indices]
+            yield (torch.stack([torch.as_tensor(item[0]) for item in items]),
+                   torch.as_tensor([int(item[1]) for item in items]))
+
+    def after_step(i: int, loss: torch.Tensor) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
+        done = start + i + 1
         if path is not None and (done % checkpoint_every == 0 or done == steps):
             _save(path, done, model, opt, config)
+
+    fit(model, opt, batches(), cross_entropy, on_step=after_step)
     bar.close()
-    model.eval()
     return model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, models
+from .evaluation import data, models
 from .codes import MnemonicCodes
 from .engines import backend
 from .evaluation import Evaluation, evaluate
@@ -156,7 +156,7 @@ COMMANDS = {"demo": demo, "forget": forget_command, "evaluate": evaluate_command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["experiment"]:  # the experiment runner has its own options
-        from .experiment import main as experiment_main
+        from .evaluation.experiment import main as experiment_main
 
         return experiment_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,8 +1,16 @@
-"""A small, honest training loop with mnemonic codes mixed into the data."""
+"""The package's one training loop, and training with mnemonic codes mixed into the data.
+
+:func:`fit` is the loop (loss, backward, optimizer step, schedule step); every trainer of the
+package calls it: :func:`train_with_codes` here, :func:`mnemo_fast.adapt_with_codes`, and the
+baselines' plain training and NegGrad+ (:mod:`mnemo_fast.evaluation.baselines`). Each caller
+brings its batches (an iterable, so epochs, checkpoints and resumption stay the caller's) and
+its loss.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,58 @@ class TrainHistory:
 
     loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+
+
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """Adam (``"adam"``) or SGD with momentum (``"sgd"``) over ``params``."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def to_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) on the model's device; floating inputs in the model's dtype (token ids stay ints)."""
+    p = next(model.parameters())
+    x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
+    return x, torch.as_tensor(y).to(p.device)
+
+
+def fit(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable,
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+    *,
+    schedule=None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.nn.Module:
+    """The one training loop: for each ``batch``, ``loss = loss_fn(model, batch)`` (a scalar),
+    backward, ``optimizer.step()``, ``schedule.step()`` (if any), then ``on_step(i, loss)``
+    (i counts from 0 within this call). Train mode during the loop, eval mode after; returns
+    ``model``. ``batches`` may be a generator: code after its last ``yield`` of an epoch runs
+    once that epoch's last step is done (per-epoch bookkeeping).
+    """
+    model.train()
+    for i, batch in enumerate(batches):
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        if on_step is not None:
+            on_step(i, loss)
+    model.eval()
+    return model
+
+
+def cross_entropy(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean cross-entropy of one (x [B, ...], y [B]) batch."""
+    x, y = to_model(model, *batch)
+    return F.cross_entropy(model(x), y)
 
 
 def train_with_codes(
@@ -39,7 +99,8 @@ def train_with_codes(
 ) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` with each sample replaced by its class's code
     with probability ``t_mix`` (:class:`MnemonicMix`), cross-entropy, a cosine learning-rate
-    schedule over all steps, and a seeded shuffle. Returns the per-epoch history.
+    schedule over all steps, and a seeded shuffle (docs/METHOD.md, "Training with codes").
+    Returns the per-epoch history.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -51,31 +112,60 @@ def train_with_codes(
         generator=torch.Generator().manual_seed(seed),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
-    device = next(model.parameters()).device
     history = TrainHistory()
-    model.train()
-    bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
-    for epoch in bar:
-        mixed.set_epoch(epoch)
-        total_loss, correct, seen = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(-1) == y).sum().item()
-            seen += len(y)
-        history.loss.append(total_loss / seen)
-        history.accuracy.append(correct / seen)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", acc=f"{history.accuracy[-1]:.3f}")
-    model.eval()
+    totals = [0.0, 0, 0]  # loss sum, correct, seen in the current epoch
+
+    def loss_fn(net, batch):
+        x, y = to_model(net, *batch)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        totals[0] += loss.item() * len(y)
+        totals[1] += (logits.argmax(-1) == y).sum().item()
+        totals[2] += len(y)
+        return loss
+
+    def epochs_of_batches():
+        bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
+        for epoch in bar:
+            mixed.set_epoch(epoch)
+            totals[:] = [0.0, 0, 0]
+            yield from loader
+            history.loss.append(totals[0] / totals[2])
+            history.accuracy.append(totals[1] / totals[2])
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}", acc=f"{history.accuracy[-1]:.3f}")
+
+    fit(model, opt, epochs_of_batches(), loss_fn, schedule=schedule)
     return history
+
+
+def train(
+    model: torch.nn.Module,
+    dataset,
+    epochs: int,
+    *,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    cosine: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "train",
+) -> torch.nn.Module:
+    """Plain cross-entropy training in place (seeded shuffle, optional cosine schedule over
+    all steps); returns ``model`` in eval mode."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+                if cosine else None)
+
+    def epochs_of_batches():
+        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+            yield from loader
+
+    return fit(model, opt, epochs_of_batches(), cross_entropy, schedule=schedule)

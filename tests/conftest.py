@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import mnemo_fast as mf  # noqa: E402
-from mnemo_fast import data, models  # noqa: E402
+from mnemo_fast.evaluation import data, models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnemo_fast import models
+from mnemo_fast.evaluation import models
 
 
 class EmbeddingBag(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast import models
+from mnemo_fast.evaluation import models
 from mnemo_fast.adapt import adapt_with_codes
 
 

@@ -1,4 +1,4 @@
-"""Unlearning baselines (mnemo_fast.baselines): contracts, estimators, the with-data ablation."""
+"""Unlearning baselines (mnemo_fast.evaluation.baselines): contracts, estimators, the with-data ablation."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import Subset, TensorDataset
 
 import mnemo_fast as mf
-from mnemo_fast import baselines as B, data, models
-from mnemo_fast.baselines.ssd import dampen_, lfssd_importance, ssd_importance
-from mnemo_fast.resnet import resnet18
+from mnemo_fast.evaluation import baselines as B, data, models
+from mnemo_fast.evaluation.baselines.ssd import dampen_, lfssd_importance, ssd_importance
+from mnemo_fast.evaluation.resnet import resnet18
 
 
 @pytest.fixture(scope="module")

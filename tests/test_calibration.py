@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast import data, models
+from mnemo_fast.evaluation import data, models
 from mnemo_fast.calibration import Calibration, calibrate
 
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import mnemo_fast as mf
 import mnemo_fast.reference
-from mnemo_fast import models
+from mnemo_fast.evaluation import models
 from mnemo_fast.launch import shard
 from mnemo_fast.sharding import gathered
 from mnemo_fast.validation import UnlearningError

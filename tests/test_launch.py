@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast import models
+from mnemo_fast.evaluation import models
 from mnemo_fast.cli import DEFAULT_LAMBDAS
 
 if not torch.distributed.is_available():

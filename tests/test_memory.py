@@ -1,6 +1,6 @@
 """Peak memory of the fast path against its documented formula (README, "Memory").
 
-Allocations are read from the CPU allocator (:func:`mnemo_fast.memory.peak_allocated_bytes`,
+Allocations are read from the CPU allocator (:func:`mnemo_fast.evaluation.memory.peak_allocated_bytes`,
 torch.profiler's memory events): the peak of the bytes the call itself held -- the caller's
 model and inputs are not counted.
 
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import mnemo_fast as mf
-from mnemo_fast import models
+from mnemo_fast.evaluation import models
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION
-from mnemo_fast.memory import peak_allocated_bytes
+from mnemo_fast.evaluation.memory import peak_allocated_bytes
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the formula is the compiled fast path's")
 MIB = 2**20

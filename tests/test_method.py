@@ -8,7 +8,8 @@ import torch
 
 import mnemo_fast as mf
 import mnemo_fast.reference as ref
-from mnemo_fast import cli, models
+from mnemo_fast import cli
+from mnemo_fast.evaluation import models
 
 DEMO_LAMBDAS = cli.DEFAULT_LAMBDAS["mlp"]
 

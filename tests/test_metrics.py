@@ -1,11 +1,11 @@
-"""Forgetting metrics (mnemo_fast.metrics)."""
+"""Forgetting metrics (mnemo_fast.evaluation.metrics)."""
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import mnemo_fast as mf
-from mnemo_fast import data, metrics as M, models
+from mnemo_fast.evaluation import data, metrics as M, models
 
 
 @pytest.fixture(scope="module")

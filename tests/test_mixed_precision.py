@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast import models, reference
+from mnemo_fast import reference
+from mnemo_fast.evaluation import models
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
 

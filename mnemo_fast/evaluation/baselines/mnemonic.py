@@ -7,9 +7,9 @@ from typing import Iterable
 
 import torch
 
-from ..calibration import calibrate
-from ..codes import MnemonicCodes
-from ..method import ForgetResult, forget
+from ...calibration import calibrate
+from ...codes import MnemonicCodes
+from ...method import ForgetResult, forget
 from ._common import labels_of, tensors
 
 AUTO = "auto"

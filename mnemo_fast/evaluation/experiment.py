@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..codes import MnemonicCodes
+from ..method import forget
+from ..train import train_with_codes
 from . import baselines as B
 from . import data as data_mod
 from . import metrics as M
 from . import models as models_mod
-from .calibration import calibrate
-from .codes import MnemonicCodes
-from .evaluation import evaluate
-from .method import forget
+from .accuracy import evaluate
 from .resnet import resnet18
 
 EPOCHS = {"digits": 40, "fashion-mnist": 10}
@@ -35,7 +37,37 @@ ORACLE_GRID = [10 ** (k / 2) for k in range(-12, 1)]   # 1e-6 .. 1, half decades
 METHODS = ("original", "retrain", "finetune", "neggrad+", "fisher", "ssd", "ssd-orig", "lfssd",
            "lfssd-orig", "mnemonic-paper", "mnemonic-auto", "mnemonic-misclassify",
            "mnemonic-oracle", "mnemonic-data-k1", "mnemonic-data-k10")
-HEAVY = ("retrain", "finetune", "neggrad+")
+
+#: Baselines that take (model, train data, forget classes): method -> (function, fixed options).
+DATA_BASELINES = {
+    "finetune": (B.finetune, {}),
+    "neggrad+": (B.neggrad_plus, {}),
+    "fisher": (B.fisher_forgetting, {}),
+    "ssd": (B.ssd, {"estimator": "per_sample"}),
+    "ssd-orig": (B.ssd, {"estimator": "original_batch"}),
+    "lfssd": (B.lfssd, {"estimator": "per_sample"}),
+    "lfssd-orig": (B.lfssd, {"estimator": "original_batch"}),
+}
+SEEDED = ("finetune", "neggrad+", "fisher")   # baselines that take a seed
+
+
+@dataclass
+class Case:
+    """One trained model of the experiment: where it came from and the data it saw."""
+
+    data: str
+    model: str
+    seed: int
+    epochs: int
+    t_mix: float
+    cache: Path
+    net: torch.nn.Module
+    codes: MnemonicCodes
+    train: torch.utils.data.TensorDataset
+    test: torch.utils.data.TensorDataset
+
+    def path(self, suffix: str = "") -> Path:
+        return self.cache / f"{self.data}-{self.model}-s{self.seed}-e{self.epochs}-t{self.t_mix}{suffix}.safetensors"
 
 
 def build_model(name: str, shape, classes: int) -> torch.nn.Module:
@@ -69,29 +101,36 @@ def _load_into(model, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def trained(cache: Path, data: str, model: str, seed: int, train, shape, classes, epochs, t_mix):
-    """(model trained with codes, codes), cached."""
-    path = cache / f"{data}-{model}-s{seed}-e{epochs}-t{t_mix}.safetensors"
+def _saved_seconds(path: Path) -> float:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        return float((handle.metadata() or {}).get("seconds", "nan"))
+
+
+def trained(cache: Path, data: str, model: str, seed: int, train, test, epochs: int, t_mix: float) -> Case:
+    """The model trained with codes on ``train`` (cached), as a :class:`Case`."""
+    shape, classes = tuple(train.tensors[0].shape[1:]), data_mod.num_classes(train)
     codes = MnemonicCodes.generate(classes, shape, seed=seed)
-    net = build_model(model, shape, classes)
-    if path.exists():
-        return _load_into(net, path), codes
+    case = Case(data, model, seed, epochs, t_mix, cache, None, codes, train, test)
+    if case.path().exists():
+        case.net = _load_into(build_model(model, shape, classes), case.path())
+        return case
     torch.manual_seed(seed)
     net = build_model(model, shape, classes)
-    from .train import train_with_codes
     train_with_codes(net, train, codes, t_mix, epochs, seed=seed, progress=True)
-    _save(net, codes, path, {"data": data, "model": model, "seed": seed, "epochs": epochs})
-    return net.eval(), codes
+    _save(net, codes, case.path(), {"data": data, "model": model, "seed": seed, "epochs": epochs})
+    case.net = net.eval()
+    return case
 
 
-def retrained(cache: Path, data, model_name, seed, net, train, codes, forget_set, epochs, t_mix):
-    tag = "-".join(map(str, forget_set))
-    path = cache / f"{data}-{model_name}-s{seed}-e{epochs}-t{t_mix}-retrain-{tag}.safetensors"
+def retrained(case: Case, forget_set: list[int]) -> tuple[torch.nn.Module, float]:
+    """(the model retrained without ``forget_set``, its training seconds), cached."""
+    path = case.path("-retrain-" + "-".join(map(str, forget_set)))
     if path.exists():
-        return _load_into(copy.deepcopy(net), path), None
+        return _load_into(copy.deepcopy(case.net), path), _saved_seconds(path)
     start = time.perf_counter()
-    ref = B.retrain(net, train, forget_set, epochs=epochs, codes=codes, t_mix=t_mix, seed=seed,
-                    progress=True)
+    ref = B.retrain(case.net, case.train, forget_set, epochs=case.epochs, codes=case.codes,
+                    t_mix=case.t_mix, seed=case.seed, progress=True)
     seconds = time.perf_counter() - start
     _save(ref, None, path, {"seconds": seconds})
     return ref, seconds
@@ -110,38 +149,33 @@ def oracle(net, codes, test, forget_set):
     return best[1]
 
 
-def run_method(method, net, codes, train, test, forget_set, seed, ref_seconds):
-    """(model, seconds, extra info) of one method."""
-    info = {}
+def _mnemonic(method, net, codes, train, test, forget_set, seed):
+    """The method's ForgetResult for one of the "mnemonic-*" entries."""
+    if method == "mnemonic-paper":
+        return forget(net, codes, forget_set, lambda1=PAPER_LAMBDAS[0], lambda2=PAPER_LAMBDAS[1])
+    if method == "mnemonic-auto":
+        return B.mnemonic_result(net, codes, forget_set, lambda1="auto", lambda2=10.0)
+    if method == "mnemonic-misclassify":
+        return B.mnemonic_result(net, codes, forget_set, lambda1="auto", lambda2=10.0,
+                                 depth=0.0, max_forget_prob=1.0)
+    if method == "mnemonic-oracle":
+        return forget(net, codes, forget_set, lambda1=oracle(net, codes, test, forget_set), lambda2=10.0)
+    k = int(method.rsplit("k", 1)[1])
+    return B.mnemonic_with_data_result(net, train, forget_set, k=k, seed=seed, lambda1="auto", lambda2=10.0)
+
+
+def run_method(method, net, codes, train, test, forget_set, seed):
+    """(model, seconds, extra info) of one method other than "retrain"."""
     if method == "original":
-        return net, 0.0, info
-    if method == "finetune":
-        return (*M.timed(B.finetune, net, train, forget_set, seed=seed), info)
-    if method == "neggrad+":
-        return (*M.timed(B.neggrad_plus, net, train, forget_set, seed=seed), info)
-    if method == "fisher":
-        return (*M.timed(B.fisher_forgetting, net, train, forget_set, seed=seed), info)
-    if method in ("ssd", "ssd-orig"):
-        est = "per_sample" if method == "ssd" else "original_batch"
-        return (*M.timed(B.ssd, net, train, forget_set, estimator=est), info)
-    if method in ("lfssd", "lfssd-orig"):
-        est = "per_sample" if method == "lfssd" else "original_batch"
-        return (*M.timed(B.lfssd, net, train, forget_set, estimator=est), info)
+        return net, 0.0, {}
+    if method in DATA_BASELINES:
+        fn, options = DATA_BASELINES[method]
+        if method in SEEDED:
+            options = {**options, "seed": seed}
+        return (*M.timed(fn, net, train, forget_set, **options), {})
     if method.startswith("mnemonic"):
-        if method == "mnemonic-paper":
-            r = forget(net, codes, forget_set, lambda1=PAPER_LAMBDAS[0], lambda2=PAPER_LAMBDAS[1])
-        elif method in ("mnemonic-auto", "mnemonic-misclassify"):
-            opts = {} if method == "mnemonic-auto" else {"depth": 0.0, "max_forget_prob": 1.0}
-            r = B.mnemonic_result(net, codes, forget_set, lambda1="auto", lambda2=10.0, **opts)
-        elif method == "mnemonic-oracle":
-            l1 = oracle(net, codes, test, forget_set)
-            r = forget(net, codes, forget_set, lambda1=l1, lambda2=10.0)
-        else:
-            k = int(method.rsplit("k", 1)[1])
-            r = B.mnemonic_with_data_result(net, train, forget_set, k=k, seed=seed, lambda1="auto",
-                                            lambda2=10.0)
-        info = {"lambda1": r.lambda1, "lambda2": r.lambda2}
-        return r.model, r.seconds, info
+        r = _mnemonic(method, net, codes, train, test, forget_set, seed)
+        return r.model, r.seconds, {"lambda1": r.lambda1, "lambda2": r.lambda2}
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -178,60 +212,61 @@ def _key(row):
     return (row["data"], row["model"], row["seed"], tuple(row["forget"]), row["method"], row["epochs"])
 
 
+def _read_rows(results: Path) -> dict:
+    """key -> row of every row already in ``results`` (the last one wins)."""
+    if not results.exists():
+        return {}
+    return {_key(row): row for row in map(json.loads, results.read_text().splitlines())}
+
+
+def _forget_set_rows(case: Case, forget_set: list[int], methods, done: dict, results: Path) -> list[dict]:
+    """One row per method for one forget set, computing (and appending) only the missing ones.
+    The retrained reference is loaded or trained once, when the first missing row needs it."""
+    rows, ref, ref_seconds = [], None, None
+    for method in methods:
+        key = (case.data, case.model, case.seed, tuple(forget_set), method, case.epochs)
+        if key in done:
+            rows.append(done[key])
+            continue
+        if ref is None and "retrain" in methods:
+            ref, ref_seconds = retrained(case, forget_set)
+        if method == "retrain":
+            out, seconds, info = ref, ref_seconds, {}
+        else:
+            torch.manual_seed(case.seed)
+            out, seconds, info = run_method(method, case.net, case.codes, case.train, case.test,
+                                            forget_set, case.seed)
+        row = {"data": case.data, "model": case.model, "seed": case.seed, "forget": forget_set,
+               "method": method, "epochs": case.epochs, "seconds": seconds, **info,
+               **M.report(out, case.train, case.test, forget_set, reference=ref, seed=case.seed)}
+        row["per_class"] = {str(k): v for k, v in evaluate(out, case.test, forget_set).per_class.items()}
+        with results.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done[key] = row
+        rows.append(row)
+        print(f"{case.data} {case.model} s{case.seed} forget={forget_set} {method:22s} "
+              f"A_R {100 * row['A_R']:.1f} E_F {100 * row['E_F']:.1f} "
+              f"MIA {row['mia_auc']:.2f} {seconds:.3f}s", flush=True)
+    return rows
+
+
 def run(args) -> list[dict]:
+    """Every asked-for row: read from ``<cache>/results.jsonl`` or computed and appended."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     results = args.cache / "results.jsonl"
-    done = {}
-    if results.exists() and not args.fresh:
-        for line in results.read_text().splitlines():
-            row = json.loads(line)
-            done[_key(row)] = row
+    done = {} if args.fresh else _read_rows(results)
     rows = []
     for data in args.data:
         train, test = load_data(data, args.limit if data == "fashion-mnist" else None)
-        shape, classes = tuple(train.tensors[0].shape[1:]), data_mod.num_classes(train)
         epochs = args.epochs or EPOCHS[data]
-        for model_name in args.models:
-            for seed in args.seeds:
-                net, codes = trained(args.cache, data, model_name, seed, train, shape, classes,
-                                     epochs, args.t_mix)
-                for spec in args.forget:
-                    methods = args.methods if spec != "each" or not args.each_methods else args.each_methods
-                    for fs in forget_sets(spec, classes):
-                        ref = None
-                        for method in methods:
-                            key = (data, model_name, seed, tuple(fs), method, epochs)
-                            if key in done:
-                                rows.append(done[key])
-                                continue
-                            if ref is None and "retrain" in methods:
-                                ref, ref_seconds = retrained(args.cache, data, model_name, seed, net,
-                                                             train, codes, fs, epochs, args.t_mix)
-                            if method == "retrain":
-                                out, seconds, info = ref, ref_seconds, {}
-                                if seconds is None:
-                                    from safetensors import safe_open
-                                    tag = "-".join(map(str, fs))
-                                    path = args.cache / f"{data}-{model_name}-s{seed}-e{epochs}-t{args.t_mix}-retrain-{tag}.safetensors"
-                                    with safe_open(str(path), framework="pt") as h:
-                                        seconds = float((h.metadata() or {}).get("seconds", "nan"))
-                            else:
-                                torch.manual_seed(seed)
-                                out, seconds, info = run_method(method, net, codes, train, test, fs,
-                                                                seed, ref_seconds)
-                            row = {"data": data, "model": model_name, "seed": seed, "forget": fs,
-                                   "method": method, "epochs": epochs, "seconds": seconds, **info,
-                                   **M.report(out, train, test, fs, reference=ref, seed=seed)}
-                            row["per_class"] = {str(k): v for k, v in evaluate(out, test, fs).per_class.items()}
-                            with results.open("a") as handle:
-                                handle.write(json.dumps(row) + "\n")
-                            done[key] = row
-                            rows.append(row)
-                            print(f"{data} {model_name} s{seed} forget={fs} {method:22s} "
-                                  f"A_R {100 * row['A_R']:.1f} E_F {100 * row['E_F']:.1f} "
-                                  f"MIA {row['mia_auc']:.2f} {seconds:.3f}s", flush=True)
+        for model_name, seed in itertools.product(args.models, args.seeds):
+            case = trained(args.cache, data, model_name, seed, train, test, epochs, args.t_mix)
+            for spec in args.forget:
+                methods = args.each_methods if spec == "each" and args.each_methods else args.methods
+                for forget_set in forget_sets(spec, data_mod.num_classes(train)):
+                    rows += _forget_set_rows(case, forget_set, methods, done, results)
     return rows
 
 
@@ -342,8 +377,7 @@ def figure(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_all:
-        lines = (args.cache / "results.jsonl").read_text().splitlines()
-        rows = list({_key(r): r for r in map(json.loads, lines)}.values())
+        rows = list(_read_rows(args.cache / "results.jsonl").values())
     else:
         rows = run(args)
     fig_path = args.figure or args.out.with_suffix(".png")

@@ -4,7 +4,8 @@
 in order; the peak of their running sum is the most memory the call itself held at once.
 Memory that existed before the call (the model, the inputs) is not counted, and neither is
 memory outside torch's allocator (Python objects, the allocator's own caching), so this is
-exact and repeatable where ``ru_maxrss`` is neither.
+exact and repeatable where ``ru_maxrss`` is neither. The bound it checks on the fast path is in
+docs/FAST_PATH.md, "Memory".
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluation import evaluate
-from .reference.fisher import eval_mode
+from .accuracy import evaluate
+from ..reference.fisher import eval_mode
 
 
 def _classes(forget_classes) -> list[int]:

@@ -1,4 +1,5 @@
-"""Shared helpers of the baselines: class splits, a plain training loop, parameter resets."""
+"""Shared helpers of the baselines: class splits, parameter resets, and the plain training
+(:func:`mnemo_fast.train.train`, re-exported: the package has one training loop)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import copy
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
-from tqdm.auto import tqdm
+
+from ...train import train  # noqa: F401 (re-exported for the baselines)
 
 
 def as_classes(forget_classes: Iterable[int] | int) -> list[int]:
@@ -59,42 +60,3 @@ def reinitialize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         if hasattr(module, "reset_running_stats"):
             module.reset_running_stats()
     return fresh
-
-
-def train(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    epochs: int,
-    *,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    batch_size: int = 64,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    cosine: bool = True,
-    seed: int = 0,
-    progress: bool = False,
-    desc: str = "train",
-) -> torch.nn.Module:
-    """Plain cross-entropy training in place (seeded shuffle); returns ``model`` in eval mode."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader))) if cosine else None
-    device, dtype = device_dtype(model)
-    model.train()
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        for x, y in loader:
-            x, y = x.to(device, dtype), y.to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-    model.eval()
-    return model

@@ -10,7 +10,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ._common import device_dtype, split
+from ...train import fit, to_model
+from ._common import split
 
 
 def neggrad_plus(
@@ -37,13 +38,13 @@ def neggrad_plus(
     r_loader = torch.utils.data.DataLoader(retain, batch_size=batch_size, shuffle=True, generator=g)
     f_loader = torch.utils.data.DataLoader(forget, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.SGD(out.parameters(), lr=lr, momentum=0.9)
-    device, dtype = device_dtype(out)
-    out.train()
-    for _ in range(epochs):
-        for (xr, yr), (xf, yf) in zip(r_loader, itertools.cycle(f_loader)):
-            xr, yr, xf, yf = xr.to(device, dtype), yr.to(device), xf.to(device, dtype), yf.to(device)
-            loss = alpha * F.cross_entropy(out(xr), yr) - (1 - alpha) * F.cross_entropy(out(xf), yf)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return out.eval()
+
+    def batches():
+        for _ in range(epochs):
+            yield from zip(r_loader, itertools.cycle(f_loader))
+
+    def loss_fn(net, batch):
+        (xr, yr), (xf, yf) = (to_model(net, *pair) for pair in batch)
+        return alpha * F.cross_entropy(net(xr), yr) - (1 - alpha) * F.cross_entropy(net(xf), yf)
+
+    return fit(out, opt, batches(), loss_fn)

@@ -7,7 +7,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from .reference.fisher import eval_mode, logits_of
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,17 @@ def _as_loader(data, batch_size: int = 512):
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, data, output_fn: Callable = logits_of) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels [N], true labels [N]) over a DataLoader or a map-style dataset."""
+def predictions(model: torch.nn.Module, data, output_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels [N], true labels [N]) over a DataLoader or a map-style dataset.
+
+    ``output_fn`` picks the logits from the model's output (default: the method's
+    ``logits_of``: a tensor, ``.logits`` or ``["logits"]``).
+    """
+    # imported here: mnemo_fast.reference re-exports evaluate, so a module-level import of
+    # mnemo_fast.reference.fisher would make reference/__init__ -> evaluation -> reference a cycle
+    from ..reference.fisher import eval_mode, logits_of
+
+    output_fn = logits_of if output_fn is None else output_fn
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     preds, labels = [], []
@@ -51,7 +59,7 @@ def evaluate(
     loader,
     forget_classes: Iterable[int] | int = (),
     *,
-    output_fn: Callable = logits_of,
+    output_fn: Callable | None = None,
 ) -> Evaluation:
     """Accuracy per class, on ``forget_classes`` (forget accuracy) and on the rest (retain).
 

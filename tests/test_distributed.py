@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 import mnemo_fast as mf
 import mnemo_fast.reference
 from mnemo_fast import models
-from mnemo_fast.launch import shard
-from mnemo_fast.sharding import gathered
+from mnemo_fast.distributed.launch import shard
+from mnemo_fast.distributed.sharding import gathered
 from mnemo_fast.validation import UnlearningError
 import models_zoo as zoo
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
-from mnemo_fast.method import correct_predictions
+from mnemo_fast.session import correct_predictions
 
 WORLD = 2
 CASES = {

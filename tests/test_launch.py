@@ -1,4 +1,4 @@
-"""``torchrun -m mnemo_fast.launch`` on 2 CPU processes (gloo) equals one process, with and
+"""``torchrun -m mnemo_fast.distributed.launch`` on 2 CPU processes (gloo) equals one process, with and
 without FSDP2 sharding: the launcher, the rendezvous and the gathered checkpoint end to end."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _torchrun(saved, output, *extra) -> str:
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mnemo_fast.launch", str(saved / "model.safetensors"), str(saved / "codes.safetensors"),
+        "-m", "mnemo_fast.distributed.launch", str(saved / "model.safetensors"), str(saved / "codes.safetensors"),
         "--forget", "0", "--lambda1", "0.1", "--output", str(output), *extra,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -40,10 +40,13 @@ def _torchrun(saved, output, *extra) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["--fsdp", "--chunk-size", "4"]], ids=["replicated", "fsdp"])
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--chunk-size", "4"], ["--engine", "reference"]],
+                         ids=["replicated", "fsdp", "reference-engine"])
 def test_torchrun_job_equals_one_process(saved, tmp_path, extra):
     out = _torchrun(saved, tmp_path / "forgotten.safetensors", *extra)
     assert "2 ranks" in out and "saved" in out
+    if "--engine" in extra:  # the option reaches the ranks' engine
+        assert "backend=reference" in out, out
     model, _ = models.load_checkpoint(saved / "model.safetensors")
     codes = mf.MnemonicCodes.load(saved / "codes.safetensors")
     single = mf.forget(model, codes, [0], lambda1=0.1, lambda2=DEFAULT_LAMBDAS["mlp"][1])

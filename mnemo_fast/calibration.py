@@ -114,12 +114,9 @@ class _Prober:
     @torch.no_grad()
     def probe(self, lambda1: float, lambda2: float) -> Trial:
         results = []
-        for sign in (1, -1):
-            self.session.shift(lambda1, lambda2, sign)
-            try:
-                margin, prob = _margins(self.session.logits(), self.labels)
-            finally:
-                self.session.restore()
+        for sign in (1, -1):  # each written from the originals: no undo in between
+            self.session.set_shift(lambda1, lambda2, sign)
+            margin, prob = _margins(self.session.logits(), self.labels)
             correct = margin > 0
             # ties count as wrong, as argmax would pick the first index; close enough here
             a_r = correct[~self.is_forget].float().mean().item() if (~self.is_forget).any() else 1.0
@@ -192,7 +189,8 @@ def calibrate_session(
     steps: int = 6,
 ) -> Calibration:
     """The search of :func:`calibrate` on an open session (its Fisher pair, its live
-    parameters, left as they were). Cost: 2 forwards of the codes per trial."""
+    parameters, left as they were). Cost: 2 forwards of the codes per trial, each after one
+    elementwise pass that writes the candidate from the original values."""
     start = time.perf_counter()
     criterion = Criterion(depth, max_forget_prob, min_retain_margin)
     lo, hi = lambda1_range
@@ -273,8 +271,8 @@ def calibrate(
     """
     start = time.perf_counter()
     classes = validation.forget_classes(codes, forget_classes)
-    validation.trainable_model(model)
     engine = engines.resolve(engine)
+    validation.trainable_model(model)
     lambda2s = lambda2_candidates(lambda2)
     lo, hi = lambda1_range
     if not 0 < lo < hi:

@@ -252,14 +252,14 @@ def forget(
         raise ValueError(f"draws must be >= 1, got {draws}")
     classes = validation.forget_classes(codes, forget_classes)
     validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
-    validation.trainable_model(model)
     engine = engines.resolve(engine)
+    validation.trainable_model(model)
     with engines.forwards(engine, model):
         inputs, _ = code_inputs(model, codes, classes)
         validation.code_batch_fits(model, codes, inputs, output_fn)
         target = model if inplace else copy.deepcopy(model)
         session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
-                                   output_fn=output_fn, params=params)
+                                   output_fn=output_fn, params=params, source=None if inplace else model)
         try:
             before = session.accuracy_before()
             calibration_options, calibration = calibration, None

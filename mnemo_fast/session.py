@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -21,6 +22,7 @@ import torch
 from . import engines, validation
 from .codes import MnemonicCodes
 from .reference.fisher import eval_mode, logits_of, trainable_parameters
+from .reference.perturb import compute_dtype
 
 Tensor = torch.Tensor
 OutputFn = Callable[[object], Tensor]
@@ -125,8 +127,15 @@ def fisher_of(engine, model, inputs: Tensor, labels: Tensor, num_classes: int, p
     """f = (eps + sum_{codes} g^2 / K) / |C| for the class set whose K codes each are ``inputs``
     (docs/METHOD.md, "Fisher information from the codes"). Model in eval mode already."""
     sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
-    # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy.
-    return {name: s.div_(per_class).add_(eps).div_(num_classes) for name, s in sums.items()}
+    # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy;
+    # a division by 1 (one code per class, one class) is exact and skipped (one pass less each).
+    for s in sums.values():
+        if per_class != 1:
+            s.div_(per_class)
+        s.add_(eps)
+        if num_classes != 1:
+            s.div_(num_classes)
+    return sums
 
 
 class _OutputRecorder:
@@ -180,7 +189,9 @@ class CandidateSession:
     sharded parameter's local shard), ``originals`` (their values on entry), ``forget_fisher``
     and ``remain_fisher`` (lists aligned with ``names``), ``max_ratio`` [L], the codes of all
     classes (``inputs`` [N, *shape], ``labels`` [N], ``is_forget`` [N]) and ``logits_before``
-    [N, C] (float32). The caller enters the engine's ``forwards`` context around the session.
+    [N, C] (float32). ``source``: the model ``model`` was copied from, left untouched, whose
+    parameters then serve as the originals (no clone). The caller enters the engine's
+    ``forwards`` context around the session.
     """
 
     def __init__(
@@ -194,6 +205,7 @@ class CandidateSession:
         chunk_size: int | None = None,
         output_fn: OutputFn = logits_of,
         params: ParamSelector = None,
+        source: torch.nn.Module | None = None,
     ):
         self.model, self.engine = model, engine
         self.chunk_size, self.output_fn = chunk_size, output_fn
@@ -204,7 +216,11 @@ class CandidateSession:
         self.names = list(chosen)
         local = engines.local_of(engine)
         self.live = [local(p.detach()) for p in chosen.values()]
-        self.originals = [p.clone() for p in self.live]
+        if source is None:
+            self.originals = [p.clone() for p in self.live]
+        else:  # ``model`` is a copy of ``source``, which no candidate touches: its values are the originals
+            named = dict(source.named_parameters())
+            self.originals = [local(named[name].detach()) for name in self.names]
         self.inputs, self.labels = code_inputs(model, codes, range(codes.num_classes))
         self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
         self.num_forget = len(classes)
@@ -228,6 +244,7 @@ class CandidateSession:
         self.remain_fisher = [remain_fisher[n].contiguous() for n in self.names]
         del forget_fisher, remain_fisher
         self.max_ratio = engine.max_ratio(self.forget_fisher, self.remain_fisher)
+        self._eta: list[Tensor] | None = None
         self.logits_before: Tensor | None = None
         if forget_logits is not None and remain_logits is not None and not hasattr(engine, "correct"):
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
@@ -240,6 +257,22 @@ class CandidateSession:
         """Apply w += sign * alpha_l * eta to the live parameters."""
         self.engine.shift_(self.live, self.forget_fisher, self.remain_fisher, self.max_ratio,
                            lambda1, lambda2, float(sign))
+
+    @torch.no_grad()
+    def set_shift(self, lambda1: float, lambda2: float, sign: int) -> None:
+        """live = originals + sign * alpha_l * eta: the candidate of :meth:`shift`, written from
+        the original values, so trials need no undo in between (one pass per tensor; eta is
+        computed once and kept, one float32 tensor per parameter). Equal to :meth:`shift` up to
+        rounding: for the calibration's trials; the chosen candidate is applied by :meth:`shift`."""
+        if self._eta is None:  # the engine's own shift with gain 1 (lambda1 = 1, lambda2 = inf) gives eta
+            self._eta = [torch.zeros_like(p, dtype=compute_dtype(f)) for p, f in zip(self.live, self.forget_fisher)]
+            self.engine.shift_(self._eta, self.forget_fisher, self.remain_fisher, self.max_ratio, 1.0, math.inf, 1.0)
+        gains = torch.clamp(lambda2 / self.max_ratio, max=lambda1).tolist() if len(self.live) else []
+        for p, original, eta, gain in zip(self.live, self.originals, self._eta, gains):
+            if p.dtype == eta.dtype:
+                torch.add(original, eta, alpha=sign * gain, out=p)
+            else:  # float16/bfloat16 parameter: the shift is computed in float32, written in its dtype
+                p.copy_(original + (sign * gain * eta).to(p.dtype))
 
     @torch.no_grad()
     def gaussian(self, lambda1: float, lambda2: float, tau: float, generator: torch.Generator) -> None:

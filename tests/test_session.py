@@ -14,6 +14,7 @@ import mnemo_fast as mf
 import mnemo_fast.reference as ref
 from mnemo_fast import engines, models
 from mnemo_fast.calibration import Calibration, CalibrationWarning, calibrate
+from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
 from mnemo_fast.reference.engine import REFERENCE
 from mnemo_fast.session import CandidateSession
@@ -125,7 +126,10 @@ def test_unreached_criterion_warns_and_is_not_feasible():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("engine", [REFERENCE, HOOKS_ATEN, EXTENSION], ids=["reference", "hooks-aten", "extension"])
+@pytest.mark.parametrize("engine", [
+    pytest.param(REFERENCE, id="reference"), pytest.param(HOOKS_ATEN, id="hooks-aten"),
+    pytest.param(EXTENSION, id="extension", marks=pytest.mark.skipif(not _ext.available(), reason="extension disabled or not built")),
+])
 def test_before_accuracy_is_the_models(engine):
     """The code accuracy before forgetting, read off the Fisher's forwards where the engine runs
     plain ones, equals a separate scoring pass."""

@@ -12,7 +12,7 @@ import functools
 from . import method
 
 #: Functions of the method that take an ``engine`` argument.
-ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget")
+ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy")
 
 
 def bind(engine) -> dict[str, object]:

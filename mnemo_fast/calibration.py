@@ -1,4 +1,4 @@
-"""Choose lambda1 (and optionally lambda2) from the mnemonic codes alone (ALGORITHM.md, 7).
+"""Choose lambda1 (and optionally lambda2) from the mnemonic codes alone (docs/METHOD.md, "Choosing lambda1 from the codes").
 
 Misclassifying the forget codes is not enough (on Fashion-MNIST lambda1 = 1e-3 flips every
 forget code, yet some classes keep ~20% test accuracy). The criterion therefore asks for a
@@ -14,18 +14,22 @@ forget code, yet some classes keep ~20% test accuracy). The criterion therefore 
 lambda1 is the smallest scale meeting the forget side, found on a log scale: one trial per
 decade from ``lambda1_range[0]`` up, then ``steps`` bisections in log space inside the first
 decade that meets it. Each trial applies the shift with both signs to the live parameters
-(the fused engine's ``max_ratio``/``shift_``), scores them on the codes with the rule of
-:func:`mnemo_fast.forget` (keep +1 only if A_R + E_F is strictly better), and undoes it: no copy
-of the model is made. If the retain side fails at that lambda1, ``feasible`` is False in the
-diagnostics (the codes say the classes cannot be forgotten cleanly at this lambda2). With
-several lambda2 candidates, each gets its lambda1 and the feasible one whose remaining codes keep
-the largest median margin wins (ties: the smaller lambda2).
+of a :class:`mnemo_fast.session.CandidateSession` (the one :func:`mnemo_fast.forget` then
+uses: the Fisher pair is computed once), scores them on the codes (at most ``chunk_size`` per
+forward) with the rule of :func:`mnemo_fast.forget` (keep +1 only if A_R + E_F is strictly
+better), and undoes it: no copy of the model is made. If the retain side fails at that
+lambda1, ``feasible`` is False (the codes say the classes cannot be forgotten cleanly at this
+lambda2); if no trial meets the forget side, lambda1 is the top of the range, ``feasible`` is
+False and a :class:`CalibrationWarning` says so. With several lambda2 candidates, each gets its
+lambda1 and the feasible one whose remaining codes keep the largest median margin wins (ties:
+the smaller lambda2).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -33,11 +37,14 @@ import torch
 
 from . import engines, validation
 from .codes import MnemonicCodes
-from .method import class_fishers, code_inputs
-from .reference.fisher import eval_mode, logits_of, trainable_parameters
-from .sharding import local, reshard
+from .reference.fisher import logits_of
+from .session import CandidateSession, better_sign
 
 Tensor = torch.Tensor
+
+
+class CalibrationWarning(UserWarning):
+    """No trial reached the forgetting criterion: lambda1 is the top of the searched range."""
 
 
 @dataclass
@@ -58,11 +65,34 @@ class Trial:
 
 @dataclass
 class Calibration:
-    """The chosen ``lambda1``/``lambda2`` and what led there (``diagnostics``)."""
+    """The chosen ``lambda1``/``lambda2`` and how they were found.
+
+    ``feasible``: the chosen trial meets both sides of the criterion; ``forget_reached``: some
+    trial met the forget side (False: lambda1 is the top of the range, with a
+    :class:`CalibrationWarning`); ``chosen``: that trial (None when not reached); ``trials``:
+    every trial in order; ``per_lambda2``: (lambda2, lambda1, trial) per lambda2 candidate;
+    ``seconds``: the time taken. ``diagnostics`` holds the same as a dict (and the criterion
+    and the forget codes' margins before).
+    """
 
     lambda1: float
     lambda2: float
+    feasible: bool = False
+    forget_reached: bool = False
+    chosen: Trial | None = None
+    trials: list[Trial] = field(default_factory=list)
+    per_lambda2: list[tuple[float, float, Trial | None]] = field(default_factory=list)
+    seconds: float = 0.0
     diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The forget and retain sides of the criterion (see the module docstring)."""
+
+    depth: float = 1.0
+    max_forget_prob: float = 1e-3
+    min_retain_margin: float = 0.5
 
 
 def _margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,52 +104,25 @@ def _margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Prober:
-    """Perturb-score-undo on the live parameters of ``model`` (never a copy of the model)."""
+    """Trials on a :class:`CandidateSession`: shift with both signs, score the margins, undo."""
 
-    def __init__(self, model, codes, classes, eps, chunk_size, output_fn, engine):
-        self.model, self.output_fn, self.engine = model, output_fn, engine
-        reshard(model)  # FSDP2: parameters by name are the shards, not a gathered copy
-        params = trainable_parameters(model)
-        self.names = list(params)
-        self.live = [local(p.detach()) for p in params.values()]  # a sharded one: this rank's shard
-        self.originals = [p.clone() for p in self.live]
-        fisher_f, fisher_r = class_fishers(model, codes, classes, eps=eps, chunk_size=chunk_size,
-                                           output_fn=output_fn, engine=engine)
-        self.forget = [fisher_f[n].contiguous() for n in self.names]
-        self.remain = [fisher_r[n].contiguous() for n in self.names]
-        self.max_ratio = engine.max_ratio(self.forget, self.remain)
-        self.inputs, self.labels = code_inputs(model, codes, range(codes.num_classes))
-        self.is_forget = torch.isin(self.labels, torch.tensor(classes, device=self.labels.device))
-        self.margin0, self.prob0 = self.margins()
-
-    @torch.no_grad()
-    def margins(self) -> tuple[Tensor, Tensor]:
-        with eval_mode(self.model):
-            logits = self.output_fn(self.model(self.inputs)).float()
-        reshard(self.model)  # the next probe edits the shards: the next forward must gather them
-        return _margins(logits, self.labels)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for p, o in zip(self.live, self.originals):
-            p.copy_(o)
+    def __init__(self, session: CandidateSession):
+        self.session = session
+        self.labels, self.is_forget = session.labels, session.is_forget
+        self.margin0, self.prob0 = _margins(session.before_logits(), self.labels)
 
     @torch.no_grad()
     def probe(self, lambda1: float, lambda2: float) -> Trial:
         results = []
-        for sign in (1, -1):
-            self.engine.shift_(self.live, self.forget, self.remain, self.max_ratio,
-                               lambda1, lambda2, float(sign))
-            try:
-                margin, prob = self.margins()
-            finally:
-                self.restore()
+        for sign in (1, -1):  # each written from the originals: no undo in between
+            self.session.set_shift(lambda1, lambda2, sign)
+            margin, prob = _margins(self.session.logits(), self.labels)
             correct = margin > 0
             # ties count as wrong, as argmax would pick the first index; close enough here
             a_r = correct[~self.is_forget].float().mean().item() if (~self.is_forget).any() else 1.0
             e_f = 1.0 - correct[self.is_forget].float().mean().item()
             results.append((a_r + e_f, sign, margin, prob))
-        best = results[0] if results[0][0] > results[1][0] else results[1]
+        best = results[0] if better_sign(results[0][0], results[1][0]) == 1 else results[1]
         _, sign, margin, prob = best
         f, r = self.is_forget, ~self.is_forget
         m0f = self.margin0[f].clamp_min(1e-6)
@@ -167,6 +170,80 @@ def _search_lambda1(prober, lambda2, lo, hi, steps, judge, trials) -> tuple[floa
     return hi, None
 
 
+def lambda2_candidates(lambda2: float | Sequence[float]) -> list[float]:
+    """The lambda2 values to search: one number or a non-empty sequence, all positive."""
+    values = [float(lambda2)] if isinstance(lambda2, (int, float)) else [float(v) for v in lambda2]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"lambda2 must be positive, got {lambda2}")
+    return values
+
+
+def calibrate_session(
+    session: CandidateSession,
+    lambda2s: Sequence[float],
+    *,
+    depth: float = 1.0,
+    max_forget_prob: float = 1e-3,
+    min_retain_margin: float = 0.5,
+    lambda1_range: tuple[float, float] = (1e-7, 10.0),
+    steps: int = 6,
+) -> Calibration:
+    """The search of :func:`calibrate` on an open session (its Fisher pair, its live
+    parameters, left as they were). Cost: 2 forwards of the codes per trial, each after one
+    elementwise pass that writes the candidate from the original values."""
+    start = time.perf_counter()
+    criterion = Criterion(depth, max_forget_prob, min_retain_margin)
+    lo, hi = lambda1_range
+    if not 0 < lo < hi:
+        raise ValueError(f"lambda1_range must satisfy 0 < lo < hi, got {lambda1_range}")
+
+    def judge(t: Trial) -> Trial:
+        return _judge(t, criterion.depth, criterion.max_forget_prob, criterion.min_retain_margin)
+
+    prober = _Prober(session)
+    trials: list[Trial] = []
+    choices = []
+    try:
+        for l2 in lambda2s:
+            l1, t = _search_lambda1(prober, l2, lo, hi, steps, judge, trials)
+            choices.append((l1, l2, t))
+    finally:
+        session.restore()
+
+    def rank(choice):
+        l1, l2, t = choice
+        if t is None:
+            return (0, 0, -math.inf, -l2)
+        return (1, int(t.retain_ok), t.retain_margin_ratio, -l2)
+
+    l1, l2, chosen = max(choices, key=rank)
+    feasible = bool(chosen is not None and chosen.retain_ok)
+    if chosen is None:
+        warnings.warn(
+            f"lambda1 calibration: no trial in {lambda1_range} reached the forgetting criterion "
+            f"(depth {criterion.depth}, max forget probability {criterion.max_forget_prob}); using the "
+            f"top of the range, lambda1 = {hi:g}",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+    seconds = time.perf_counter() - start
+    per_lambda2 = [(c[1], c[0], c[2]) for c in choices]
+    diagnostics = {
+        "feasible": feasible,
+        "forget_reached": chosen is not None,
+        "chosen": chosen,
+        "per_lambda2": per_lambda2,
+        "trials": trials,
+        "criterion": {"depth": criterion.depth, "max_forget_prob": criterion.max_forget_prob,
+                      "min_retain_margin": criterion.min_retain_margin},
+        "forget_margin_before": prober.margin0[prober.is_forget].tolist(),
+        "seconds": seconds,
+    }
+    return Calibration(lambda1=l1, lambda2=l2, feasible=feasible, forget_reached=chosen is not None,
+                       chosen=chosen, trials=trials, per_lambda2=per_lambda2, seconds=seconds,
+                       diagnostics=diagnostics)
+
+
 def calibrate(
     model: torch.nn.Module,
     codes: MnemonicCodes,
@@ -181,55 +258,29 @@ def calibrate(
     eps: float = 1e-16,
     chunk_size: int | None = None,
     output_fn: Callable = logits_of,
+    params=None,
     engine=None,
 ) -> Calibration:
     """lambda1 (and lambda2 if a sequence is given) for :func:`mnemo_fast.forget`, codes only.
 
     See the module docstring for the criterion. Cost: one Fisher pair from the codes, then
-    2 forward passes of the C codes per trial (about ``log10(range) + steps`` trials per
-    lambda2). The model's parameters are left exactly as they were. ``diagnostics`` holds
-    every trial, whether the choice is ``feasible`` (retain side met) and the seconds taken.
+    2 forward passes of the codes per trial, at most ``chunk_size`` codes each (about
+    ``log10(range) + steps`` trials per lambda2). The model's parameters are left exactly as
+    they were. ``forget(lambda1="auto")`` runs the same search on its own session, so it
+    computes the Fisher pair once.
     """
     start = time.perf_counter()
     classes = validation.forget_classes(codes, forget_classes)
-    validation.trainable_model(model)
     engine = engines.resolve(engine)
-    lambda2s = [float(lambda2)] if isinstance(lambda2, (int, float)) else [float(v) for v in lambda2]
-    if not lambda2s or any(v <= 0 for v in lambda2s):
-        raise ValueError(f"lambda2 must be positive, got {lambda2}")
+    validation.trainable_model(model)
+    lambda2s = lambda2_candidates(lambda2)
     lo, hi = lambda1_range
     if not 0 < lo < hi:
         raise ValueError(f"lambda1_range must satisfy 0 < lo < hi, got {lambda1_range}")
-
-    def judge(t: Trial) -> Trial:
-        return _judge(t, depth, max_forget_prob, min_retain_margin)
-
-    prober = _Prober(model, codes, classes, eps, chunk_size, output_fn, engine)
-    trials: list[Trial] = []
-    choices = []
-    try:
-        for l2 in lambda2s:
-            l1, t = _search_lambda1(prober, l2, lo, hi, steps, judge, trials)
-            choices.append((l1, l2, t))
-    finally:
-        prober.restore()
-
-    def rank(choice):
-        l1, l2, t = choice
-        if t is None:
-            return (0, 0, -math.inf, -l2)
-        return (1, int(t.retain_ok), t.retain_margin_ratio, -l2)
-
-    l1, l2, chosen = max(choices, key=rank)
-    diagnostics = {
-        "feasible": bool(chosen is not None and chosen.retain_ok),
-        "forget_reached": chosen is not None,
-        "chosen": chosen,
-        "per_lambda2": [(c[1], c[0], c[2]) for c in choices],
-        "trials": trials,
-        "criterion": {"depth": depth, "max_forget_prob": max_forget_prob,
-                      "min_retain_margin": min_retain_margin},
-        "forget_margin_before": prober.margin0[prober.is_forget].tolist(),
-        "seconds": time.perf_counter() - start,
-    }
-    return Calibration(lambda1=l1, lambda2=l2, diagnostics=diagnostics)
+    with engines.forwards(engine, model):
+        session = CandidateSession(model, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
+                                   output_fn=output_fn, params=params)
+        result = calibrate_session(session, lambda2s, depth=depth, max_forget_prob=max_forget_prob,
+                                   min_retain_margin=min_retain_margin, lambda1_range=lambda1_range, steps=steps)
+    result.seconds = result.diagnostics["seconds"] = time.perf_counter() - start
+    return result

@@ -1,7 +1,7 @@
 """Mnemonic codes: one fixed random signal per class, and the training-time mixer.
 
 A code has the shape of one model input and carries its class's label. During training a
-sample is replaced by its class's code with probability ``t_mix`` (ALGORITHM.md, section 2),
+sample is replaced by its class's code with probability ``t_mix`` (docs/METHOD.md, "Training with codes"),
 so the model learns the codes; at forgetting time the codes stand in for the training data.
 """
 

@@ -1,28 +1,66 @@
-"""Engines: the two hot steps of the method behind one interface.
+"""Engines: the two hot steps of the method behind one interface, and the one place that picks one.
 
-``method.py`` is written once against an engine. The reference engine is plain PyTorch
-(``mnemo_fast.reference``); the fast engine (``mnemo_fast.fast.engine``) captures layer
-inputs/output gradients and calls the fused kernels. Both take and return the same things:
+The method (``method.py``, ``session.py``, ``calibration.py``) is written once against an
+:class:`Engine`. The reference engine is plain PyTorch (:mod:`mnemo_fast.reference.engine`);
+the fast engines (:mod:`mnemo_fast.fast.engine`) capture layer inputs/output gradients and call
+the fused kernels (``EXTENSION``) or their ATen twins (``HOOKS_ATEN``); the distributed engine
+(:mod:`mnemo_fast.distributed.engine`) splits the codes across ranks and owns sharded models.
 
-- ``sum_squared_grads(model, inputs, targets, chunk_size, output_fn)`` -> {name: S}, with
-  S = sum_n (dL_n/dw)^2 for every trainable parameter (model already in eval mode);
-- ``max_ratio(forget, remain)`` -> [L] largest finite eta per tensor;
-- ``shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)``: w += sign*alpha*eta;
-- ``gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)``;
-- optionally ``correct(model, inputs, labels, chunk_size, output_fn)`` -> [N] bool, how the
-  codes are scored (default: :func:`mnemo_fast.method.correct_predictions`; the distributed
-  engine splits them across ranks).
+This module imports no engine at load time, so importing it (or any low-level module that
+needs :func:`select`) never pulls in the public namespace or the compiled extension.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, ContextManager, Protocol, Sequence, runtime_checkable
+
 import torch
 
-from .reference.engine import REFERENCE, ReferenceEngine  # noqa: F401 (re-exported)
+Tensor = torch.Tensor
 
 
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine implements (the reference, the fast ones and the distributed one).
 
-def default_engine():
+    - ``sum_squared_grads``: {name: S} with S = sum_n (dL_n/dw)^2 for every trainable parameter
+      (the model already in eval mode), a fresh tensor per parameter (callers own it);
+    - ``max_ratio``: [L] the largest finite eta = f_F / f_R of each tensor;
+    - ``shift_``: w += sign * alpha_l * eta, alpha_l = min(lambda1, lambda2 / max_ratio_l);
+    - ``gaussian_``: w += [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator``.
+
+    Optional, looked up with ``getattr`` (defaults in brackets):
+
+    - ``correct(model, inputs, labels, chunk_size, output_fn)`` -> [N] bool, how the codes are
+      scored [:func:`mnemo_fast.session.correct_predictions`; the distributed engine splits them];
+    - ``forwards(model)`` -> a context manager entered once around a whole call (a sharded
+      model reshards after each forward inside it) [none];
+    - ``local(t)`` -> the part of ``t`` this process holds and edits [``t`` itself];
+    - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False].
+    """
+
+    name: str
+
+    def backend_for(self, device: torch.device) -> str: ...
+
+    def sum_squared_grads(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        output_fn: Callable[[object], Tensor] = ...,
+    ) -> dict[str, Tensor]: ...
+
+    def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor: ...
+
+    def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None: ...
+
+    def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None: ...
+
+
+def default_engine() -> Engine:
     """The engine ``mnemo_fast`` uses when none is given: the fast one when the compiled
     extension loaded (``MNEMO_FAST_DISABLE_EXT=1`` switches it off), else the reference."""
     from .fast import _ext
@@ -31,14 +69,58 @@ def default_engine():
         from .fast.engine import EXTENSION
 
         return EXTENSION
+    from .reference.engine import REFERENCE
+
     return REFERENCE
 
 
-def resolve(engine):
-    return default_engine() if engine is None else engine
+def select(engine: Engine | None = None, *, device: torch.device | None = None, sharded: bool = False) -> Engine:
+    """The one place that decides which engine runs.
+
+    ``engine`` None: :func:`default_engine`. On a ``device`` the engine's kernels were not built
+    for, its ``fallback`` (the fused engine's is the hooks engine on ATen ops) takes its place.
+    For ``sharded`` (DTensor) parameters an engine that cannot take shards (the reference's
+    torch.func) gives way to the hooks engine on ATen ops, which takes each gathered layer's
+    inputs and output gradients.
+    """
+    engine = default_engine() if engine is None else engine
+    if device is not None:
+        while not getattr(engine, "runs_on", lambda d: True)(device) and getattr(engine, "fallback", None) is not None:
+            engine = engine.fallback
+    if sharded and not getattr(engine, "takes_shards", False):
+        from .fast.engine import HOOKS_ATEN
+
+        engine = HOOKS_ATEN
+    return engine
+
+
+def resolve(engine: Engine | None) -> Engine:
+    """``engine``, or the default one when None (see :func:`select`)."""
+    return select(engine)
+
+
+def forwards(engine: Engine, model: torch.nn.Module) -> ContextManager[None]:
+    """The engine's context for a whole call on ``model`` (see :class:`Engine`), else none."""
+    enter = getattr(engine, "forwards", None)
+    return enter(model) if enter is not None else contextlib.nullcontext()
+
+
+def local_of(engine: Engine) -> Callable[[Tensor], Tensor]:
+    """The engine's view of what this process holds of a tensor (itself by default)."""
+    return getattr(engine, "local", None) or (lambda t: t)
 
 
 def backend(device: str | torch.device = "cpu") -> str:
-    """Which path ``mnemo_fast`` takes for tensors on ``device``: "cpu-ext", "cuda-ext" or
-    "reference"."""
-    return default_engine().backend_for(torch.device(device))
+    """Which path ``mnemo_fast`` takes for tensors on ``device``: "cpu-ext", "cuda-ext",
+    "hooks-aten" (a device the build has no kernels for) or "reference"."""
+    device = torch.device(device)
+    return select(device=device).backend_for(device)
+
+
+def __getattr__(name: str):
+    # REFERENCE / ReferenceEngine stay importable from here, loaded on first use.
+    if name in ("REFERENCE", "ReferenceEngine"):
+        from .reference import engine as reference_engine
+
+        return getattr(reference_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

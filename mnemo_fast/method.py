@@ -1,4 +1,4 @@
-"""The one-shot forgetting method, written once against an engine (ALGORITHM.md, 3-5).
+"""The one-shot forgetting method, written once against an engine (docs/METHOD.md).
 
 Data flows one way: codes -> (engine) Fisher pair -> (engine) candidate perturbations, each
 scored on the codes and undone -> the best candidate applied -> result. ``mnemo_fast`` and
@@ -7,39 +7,34 @@ scored on the codes and undone -> the best candidate applied -> result. ``mnemo_
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import validation
+from . import engines, validation
+from .calibration import Calibration, calibrate_session, lambda2_candidates
 from .codes import MnemonicCodes
-from . import engines
-from .reference.fisher import eval_mode, logits_of, trainable_parameters
 from .dtypes import accumulation_dtype
-from .sharding import any_sharded, local, reshard
+from .reference.fisher import eval_mode, logits_of
+from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
+    CandidateSession,
+    CodeAccuracy,
+    ParamSelector,
+    accuracy_of,
+    code_inputs,
+    correct_predictions,
+    fisher_of,
+    model_dtype_device,
+    only_parameters,
+    parameter_filter,
+)
 
 Tensor = torch.Tensor
 OutputFn = Callable[[object], Tensor]
 MODES = ("shift", "gaussian")
-
-
-@dataclass(frozen=True)
-class CodeAccuracy:
-    """Accuracy on the codes: ``forget`` on the forget classes' codes, ``retain`` on the rest."""
-
-    forget: float
-    retain: float
-
-    @property
-    def score(self) -> float:
-        """The candidate score of the specification: A_R + E_F = retain + (1 - forget)."""
-        return self.retain + (1.0 - self.forget)
 
 
 @dataclass
@@ -56,51 +51,7 @@ class ForgetResult:
     lambda2: float = 0.0
     candidate_scores: list[float] = field(default_factory=list)
     backend: str = "reference"
-    calibration: object | None = None  # mnemo_fast.calibration.Calibration with lambda1="auto"
-
-
-ParamSelector = Callable[[str], bool] | str | Iterable[str] | None
-
-
-def parameter_filter(selector: ParamSelector) -> Callable[[str], bool]:
-    """A name predicate from ``params=``: None (all), a callable, or glob pattern(s) such
-    as ``"encoder.layers.11.*"`` or ``["head.*", "norm.*"]``."""
-    if selector is None:
-        return lambda name: True
-    if callable(selector):
-        return selector
-    patterns = [selector] if isinstance(selector, str) else list(selector)
-    return lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-@contextlib.contextmanager
-def only_parameters(model: torch.nn.Module, selector: ParamSelector) -> Iterator[None]:
-    """Within the block, trainable parameters that ``selector`` rejects do not require grad
-    (so every engine skips them); the flags are restored afterwards."""
-    keep = parameter_filter(selector)
-    dropped = [p for name, p in model.named_parameters() if p.requires_grad and not keep(name)]
-    try:
-        for p in dropped:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in dropped:
-            p.requires_grad_(True)
-
-
-def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
-    """dtype and device of the model's first floating parameter (float32/CPU if none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
-
-
-def code_inputs(model: torch.nn.Module, codes: MnemonicCodes, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
-    """The codes of ``classes`` as (inputs, labels) on the model's device and dtype."""
-    dtype, device = model_dtype_device(model)
-    inputs, labels = codes.batch(classes)
-    return inputs.to(device=device, dtype=dtype), labels.to(device)
+    calibration: Calibration | None = None  # with lambda1="auto": how lambda1 was chosen
 
 
 def fisher_diagonal(
@@ -131,7 +82,7 @@ def fisher_diagonal(
             f"and targets {tuple(targets.shape)}"
         )
     engine = engines.resolve(engine)
-    with eval_mode(model), only_parameters(model, params):
+    with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
         sums = engine.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
     if reduction == "mean":
         sums = {name: s.div_(inputs.shape[0]) for name, s in sums.items()}  # engines return fresh tensors
@@ -152,20 +103,21 @@ def class_fishers(
     """(f_F, f_R) from the codes alone, with the authors' epsilon floor.
 
     For a class set C with K codes per class: f = (eps + sum_{codes} g^2 / K) / |C|, so an
-    element no code touches ends at eps/|C| (ALGORITHM.md, section 3).
+    element no code touches ends at eps/|C| (docs/METHOD.md, "Fisher information from the codes").
     """
     engine = engines.resolve(engine)
     forget = validation.forget_classes(codes, forget_classes)
     remain = [c for c in range(codes.num_classes) if c not in forget]
 
-    def fisher_of(classes: list[int]) -> dict[str, Tensor]:
-        inputs, labels = code_inputs(model, codes, classes)
-        sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
-        # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy.
-        return {name: s.div_(codes.per_class).add_(eps).div_(len(classes)) for name, s in sums.items()}
+    def pair() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return tuple(
+            fisher_of(engine, model, *code_inputs(model, codes, classes), len(classes), codes.per_class,
+                      eps, chunk_size, output_fn)
+            for classes in (forget, remain)
+        )
 
-    with eval_mode(model), only_parameters(model, params):
-        return fisher_of(forget), fisher_of(remain)
+    with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
+        return pair()
 
 
 def _aligned(forget_fisher: Mapping[str, Tensor], remain_fisher: Mapping[str, Tensor]) -> list[str]:
@@ -217,24 +169,6 @@ def perturb_(model: torch.nn.Module, shifts: Mapping[str, Tensor], sign: int) ->
 
 
 @torch.no_grad()
-def correct_predictions(
-    model: torch.nn.Module,
-    inputs: Tensor,
-    labels: Tensor,
-    chunk_size: int | None = None,
-    output_fn: OutputFn = logits_of,
-) -> Tensor:
-    """[N] bool: the model (in eval mode) puts input n in class labels[n]; at most
-    ``chunk_size`` inputs per forward pass."""
-    step = chunk_size or max(inputs.shape[0], 1)
-    with eval_mode(model):
-        return torch.cat([
-            output_fn(model(inputs[start : start + step])).argmax(-1) == labels[start : start + step]
-            for start in range(0, inputs.shape[0], step)
-        ])
-
-
-@torch.no_grad()
 def code_accuracy(
     model: torch.nn.Module,
     codes: MnemonicCodes,
@@ -252,13 +186,12 @@ def code_accuracy(
     """
     forget = validation.forget_classes(codes, forget_classes)
     inputs, labels = code_inputs(model, codes, range(codes.num_classes))
-    score = getattr(engines.resolve(engine), "correct", correct_predictions)
-    correct = score(model, inputs, labels, chunk_size, output_fn)
+    engine = engines.resolve(engine)
+    score = getattr(engine, "correct", correct_predictions)
+    with engines.forwards(engine, model):
+        correct = score(model, inputs, labels, chunk_size, output_fn)
     is_forget = torch.isin(labels, torch.tensor(forget, device=labels.device))
-    return CodeAccuracy(
-        forget=correct[is_forget].float().mean().item(),
-        retain=correct[~is_forget].float().mean().item(),
-    )
+    return accuracy_of(correct, is_forget)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -283,6 +216,7 @@ def forget(
     chunk_size: int | None = None,
     output_fn: OutputFn = logits_of,
     params: ParamSelector = None,
+    calibration: Mapping[str, object] | None = None,
     engine=None,
 ) -> ForgetResult:
     """Make ``model`` forget ``forget_classes`` in one shot, from the codes alone.
@@ -294,7 +228,9 @@ def forget(
     undone on one copy of the parameters; no model is copied per candidate.
 
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
-    ``lambda2`` may then be a list to search too); the choice is in ``result.calibration``.
+    ``lambda2`` may then be a list to search too; ``calibration`` passes its criterion options,
+    e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
+    :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``.
     ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
     block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
     through the model at once; ``output_fn`` picks the logits from a model that returns an
@@ -311,117 +247,42 @@ def forget(
         raise ValueError(f"lambda1 must be a positive number or 'auto', got {lambda1!r}")
     if not auto and not (lambda1 > 0 and isinstance(lambda2, (int, float)) and lambda2 > 0):
         raise ValueError(f"lambda1 and lambda2 must be positive numbers, got {lambda1} and {lambda2}")
+    lambda2s = lambda2_candidates(lambda2) if auto else None
     if mode == "gaussian" and draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     classes = validation.forget_classes(codes, forget_classes)
-    validation.trainable_model(model)
-    inputs, _ = code_inputs(model, codes, classes)
-    validation.code_batch_fits(model, codes, inputs, output_fn)
-
+    validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
     engine = engines.resolve(engine)
-    calibration = None
-    if auto:
-        from .calibration import calibrate
-
-        with only_parameters(model, params):
-            calibration = calibrate(model, codes, classes, lambda2=lambda2, eps=eps,
-                                    chunk_size=chunk_size, output_fn=output_fn, engine=engine)
-        lambda1, lambda2 = calibration.lambda1, calibration.lambda2
-    if not inplace and any_sharded(model.parameters()):
-        raise validation.UnlearningError(
-            "a model with sharded (FSDP2/DTensor) parameters cannot be copied here: pass "
-            "inplace=True (each rank edits its own shard, all or nothing)"
-        )
-    target = model if inplace else copy.deepcopy(model)
-    reshard(target)  # FSDP2: the checks' forward may have left the root unit gathered
-    keep = parameter_filter(params)
-    chosen = {name: p for name, p in trainable_parameters(target).items() if keep(name)}
-    if not chosen:
-        raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
-    names = list(chosen)
-    live = [local(p.detach()) for p in chosen.values()]  # a sharded parameter: this rank's shard
-    originals = [p.clone() for p in live]
-    try:
-        result = _forget_in_place(
-            target, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,
-            generator, eps, chunk_size, output_fn, keep, engine, originals,
-        )
-    except BaseException:
-        _restore(live, originals)
-        raise
-    result.seconds = time.perf_counter() - start
-    result.calibration = calibration
-    return result
-
-
-@torch.no_grad()
-def _restore(live: list[Tensor], originals: list[Tensor]) -> None:
-    for p, original in zip(live, originals):
-        p.copy_(original)
-
-
-def _forget_in_place(
-    model, live, names, codes, classes, lambda1, lambda2, mode, tau, draws,
-    generator, eps, chunk_size, output_fn, keep, engine, originals,
-) -> ForgetResult:
-    before = code_accuracy(model, codes, classes, output_fn=output_fn, chunk_size=chunk_size, engine=engine)
-    fisher_f, fisher_r = class_fishers(
-        model, codes, classes, eps=eps, chunk_size=chunk_size, output_fn=output_fn,
-        params=keep, engine=engine,
-    )
-    forget_list = [fisher_f[n].contiguous() for n in names]
-    remain_list = [fisher_r[n].contiguous() for n in names]
-    max_ratio = engine.max_ratio(forget_list, remain_list)
-
-    if mode == "shift":
-        candidates = [1, -1]
-
-        def apply(sign: int) -> None:
-            engine.shift_(live, forget_list, remain_list, max_ratio, lambda1, lambda2, float(sign))
-    else:
-        gen = generator or _default_generator(live[0].device)
-        states = []
-        candidates = list(range(draws))
-
-        def apply(draw: int) -> None:
-            if draw == len(states):
-                states.append(gen.get_state())
-            else:
-                gen.set_state(states[draw])
-            engine.gaussian_(live, forget_list, remain_list, max_ratio, lambda1, lambda2, tau, gen)
-
-    # Each candidate is applied, scored on the codes and undone, except the last one, which
-    # stays applied: when it wins, neither an undo/redo nor a re-scoring pass is needed (the
-    # kernels are deterministic, so re-applying a candidate gives the same parameters and
-    # accuracy it was scored with).
-    accuracies = []
-    for k, candidate in enumerate(candidates):
-        apply(candidate)
-        accuracies.append(code_accuracy(model, codes, classes, output_fn=output_fn, chunk_size=chunk_size, engine=engine))
-        if k < len(candidates) - 1:
-            _restore(live, originals)
-    scores = [accuracy.score for accuracy in accuracies]
-    if mode == "shift":
-        best = 0 if scores[0] > scores[1] else 1
-    else:
-        best = max(range(len(scores)), key=lambda k: (scores[k], -k))
-    if best != len(candidates) - 1:
-        _restore(live, originals)
-        if mode == "gaussian":
-            final_state = gen.get_state()
-        apply(candidates[best])
-        if mode == "gaussian":
-            gen.set_state(final_state)
-    after = accuracies[best]
+    validation.trainable_model(model)
+    with engines.forwards(engine, model):
+        inputs, _ = code_inputs(model, codes, classes)
+        validation.code_batch_fits(model, codes, inputs, output_fn)
+        target = model if inplace else copy.deepcopy(model)
+        session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
+                                   output_fn=output_fn, params=params, source=None if inplace else model)
+        try:
+            before = session.accuracy_before()
+            calibration_options, calibration = calibration, None
+            if auto:
+                calibration = calibrate_session(session, lambda2s, **(calibration_options or {}))
+                lambda1, lambda2 = calibration.lambda1, calibration.lambda2
+            if mode == "gaussian" and generator is None:
+                generator = _default_generator(session.live[0].device)
+            best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
+                                                          generator=generator)
+        except BaseException:
+            session.restore()
+            raise
     return ForgetResult(
-        model=model,
+        model=target,
         sign=candidates[best] if mode == "shift" else None,
         code_accuracy_before=before,
-        code_accuracy_after=after,
-        seconds=0.0,
+        code_accuracy_after=accuracies[best],
+        seconds=time.perf_counter() - start,
         mode=mode,
         lambda1=lambda1,
         lambda2=lambda2,
-        candidate_scores=scores,
-        backend=engine.backend_for(live[0].device),
+        candidate_scores=[accuracy.score for accuracy in accuracies],
+        backend=engine.backend_for(session.live[0].device),
+        calibration=calibration,
     )

@@ -12,7 +12,7 @@ import torch
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .reference.fisher import eval_mode
-from .sharding import local
+from .distributed.sharding import any_sharded, local
 
 
 class UnlearningError(ValueError):
@@ -34,6 +34,16 @@ def forget_classes(codes: MnemonicCodes, classes: Iterable[int] | int) -> list[i
             f"forget_classes names all {codes.num_classes} classes: at least one must remain"
         )
     return chosen
+
+
+def copyable(model: torch.nn.Module, inplace: bool) -> None:
+    """A model with sharded (FSDP2/DTensor) parameters is edited in place only: checked first,
+    before a calibration or a check's forward has run on it."""
+    if not inplace and any_sharded(model.parameters()):
+        raise UnlearningError(
+            "a model with sharded (FSDP2/DTensor) parameters cannot be copied here: pass "
+            "inplace=True (each rank edits its own shard, all or nothing)"
+        )
 
 
 def trainable_model(model: torch.nn.Module) -> None:

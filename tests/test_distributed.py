@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 import mnemo_fast as mf
 import mnemo_fast.reference
 from mnemo_fast.evaluation import models
-from mnemo_fast.launch import shard
-from mnemo_fast.sharding import gathered
+from mnemo_fast.distributed.launch import shard
+from mnemo_fast.distributed.sharding import gathered
 from mnemo_fast.validation import UnlearningError
 import models_zoo as zoo
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
-from mnemo_fast.method import correct_predictions
+from mnemo_fast.session import correct_predictions
 
 WORLD = 2
 CASES = {
@@ -124,8 +124,18 @@ def _fsdp_runs(rank: int) -> dict:
         refusals.append(None)
     except NotImplementedError as error:
         refusals.append(f"{type(error).__name__}: {error}")
+    # A copy asked with lambda1="auto": refused before the calibration (or any forward) runs.
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        forget_distributed(model, codes, FORGET, lambda1="auto", lambda2=10.0, chunk_size=4)
+        refusals.append(None)
+    except UnlearningError as error:
+        refusals.append(f"{type(error).__name__}: {error}")
+    handle.remove()
     after = _full(dict(model.named_parameters()))
-    results["fsdp-refusals"] = {"messages": refusals, "unchanged": all(torch.equal(before[n], after[n]) for n in before)}
+    results["fsdp-refusals"] = {"messages": refusals, "unchanged": all(torch.equal(before[n], after[n]) for n in before),
+                                "forwards_before_auto_refusal": len(forwards)}
     return results
 
 
@@ -307,8 +317,10 @@ def test_fsdp_gaussian_perturbs_exactly_the_masked_entries(runs):
 def test_fsdp_refusals_reach_every_rank_and_touch_nothing(runs):
     for rank, run in enumerate(runs):
         refusals = run["fsdp-refusals"]
-        raw_params, raw_selected, copy_asked, reference = refusals["messages"]
+        raw_params, raw_selected, copy_asked, reference, copy_auto = refusals["messages"]
         assert reference and "DistributedEngine" in reference
+        assert copy_auto and "inplace=True" in copy_auto
+        assert refusals["forwards_before_auto_refusal"] == 0, "lambda1='auto' ran on the model before the refusal"
         assert raw_params and "NotImplementedError" in raw_params and "cls" in raw_params
         assert raw_selected and "pos" in raw_selected
         assert copy_asked and "inplace=True" in copy_asked

@@ -23,19 +23,9 @@ import mnemo_fast
 PACKAGE = "mnemo_fast"
 ROOT = Path(mnemo_fast.__file__).resolve().parent
 
-#: Cycles known when this test was written, each removed on another branch of the same round
-#: (engines -> reference/__init__ -> api -> method -> engines; fast/rules <-> fast/attention,
-#: where only fast/attention -> fast/rules is at module level). The coordinator empties this
-#: list after merging those branches; nothing may be added to it.
-KNOWN_CYCLES: list[set[str]] = [
-    # engines -> reference/__init__ -> api -> method -> engines, tied through reference/__init__
-    # to validation -> reference.fisher -> reference/__init__ -> validation
-    {"mnemo_fast.engines", "mnemo_fast.reference", "mnemo_fast.api", "mnemo_fast.method",
-     "mnemo_fast.validation"},
-]
-#: Modules that fail to import alone because of the fast/rules <-> fast/attention cycle (rules
-#: imports attention in a function it calls at load time). Emptied by the coordinator likewise.
-KNOWN_ALONE_FAILURES = {"mnemo_fast.fast.attention"}
+#: No cycle and no module that fails to import first is tolerated.
+KNOWN_CYCLES: list[set[str]] = []
+KNOWN_ALONE_FAILURES: set[str] = set()
 
 
 def module_files() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""``torchrun -m mnemo_fast.launch`` on 2 CPU processes (gloo) equals one process, with and
+"""``torchrun -m mnemo_fast.distributed.launch`` on 2 CPU processes (gloo) equals one process, with and
 without FSDP2 sharding: the launcher, the rendezvous and the gathered checkpoint end to end."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _torchrun(saved, output, *extra) -> str:
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mnemo_fast.launch", str(saved / "model.safetensors"), str(saved / "codes.safetensors"),
+        "-m", "mnemo_fast.distributed.launch", str(saved / "model.safetensors"), str(saved / "codes.safetensors"),
         "--forget", "0", "--lambda1", "0.1", "--output", str(output), *extra,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -40,10 +40,13 @@ def _torchrun(saved, output, *extra) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["--fsdp", "--chunk-size", "4"]], ids=["replicated", "fsdp"])
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--chunk-size", "4"], ["--engine", "reference"]],
+                         ids=["replicated", "fsdp", "reference-engine"])
 def test_torchrun_job_equals_one_process(saved, tmp_path, extra):
     out = _torchrun(saved, tmp_path / "forgotten.safetensors", *extra)
     assert "2 ranks" in out and "saved" in out
+    if "--engine" in extra:  # the option reaches the ranks' engine
+        assert "backend=reference" in out, out
     model, _ = models.load_checkpoint(saved / "model.safetensors")
     codes = mf.MnemonicCodes.load(saved / "codes.safetensors")
     single = mf.forget(model, codes, [0], lambda1=0.1, lambda2=DEFAULT_LAMBDAS["mlp"][1])

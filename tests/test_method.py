@@ -184,17 +184,17 @@ def test_failure_midway_restores_an_inplace_model(trained_digits_mlp, monkeypatc
     model, codes = trained_digits_mlp
     model = copy.deepcopy(model)
     state = state_of(model)
-    from mnemo_fast import method
+    from mnemo_fast.session import CandidateSession
     calls = []
-    real = method.code_accuracy
+    real = CandidateSession.accuracy
 
-    def flaky(*args, **kwargs):
+    def flaky(self):
         calls.append(1)
-        if len(calls) == 3:  # after the first candidate was applied and scored
+        if len(calls) == 2:  # the first candidate was applied, scored and undone; the second is applied
             raise RuntimeError("interrupted")
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(method, "code_accuracy", flaky)
+    monkeypatch.setattr(CandidateSession, "accuracy", flaky)
     with pytest.raises(RuntimeError, match="interrupted"):
         mf.forget(model, codes, [0], lambda1=1e-3, lambda2=10, inplace=True)
     assert_unchanged(model, state)

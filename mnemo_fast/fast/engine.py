@@ -1,8 +1,9 @@
 """The fast engine: hooks + per-layer rules for the Fisher, fused ops for the perturbation.
 
-Same interface as :class:`mnemo_fast.reference.engine.ReferenceEngine`. Parameters no rule
-can take are computed by the reference's generic per-sample path, only those; tensors on a
-device the kernels were not built for go to the reference engine.
+Same interface (:class:`mnemo_fast.engines.Engine`) as the reference engine. Parameters no rule
+can take are computed by the reference's generic per-sample path, only those; on a device the
+compiled kernels were not built for, the Fisher runs on the hooks engine with ATen ops
+(``fallback``) and the perturbation on the reference's formula.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from . import _ext
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
 from .rules.broadcast import BroadcastCapture, per_sample
-from ..sharding import is_sharded
+from ..distributed.sharding import is_sharded
 
 Tensor = torch.Tensor
 
@@ -37,22 +38,30 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
 class FastEngine:
     """``kernels``: one path of the op table, :data:`.ops.COMPILED` or :data:`.ops.TWINS`."""
 
-    def __init__(self, kernels, name: str, fused_perturbation: bool):
+    #: the layer rules take sharded (FSDP2) layers' gathered inputs and output gradients
+    takes_shards = True
+
+    def __init__(self, kernels, name: str, fused_perturbation: bool, compiled: bool = False, fallback=None):
         self.kernels = kernels
         self.name = name
         self.fused_perturbation = fused_perturbation
+        self.compiled = compiled  # compiled kernels: the CPU always, CUDA when built; ATen: any device
+        self.fallback = fallback  # the engine that runs where this one's kernels do not
 
     def backend_for(self, device: torch.device) -> str:
-        """What runs for tensors on ``device``: "cpu-ext", "cuda-ext", "hooks-aten" or "reference"."""
+        """What runs for tensors on ``device``: "cpu-ext", "cuda-ext" or "hooks-aten"."""
         if not self._runs_on(device):
-            return "reference"
-        return self.name if self.name == "hooks-aten" else f"{device.type}-ext"
+            return self.fallback.backend_for(device)
+        return f"{device.type}-ext" if self.compiled else self.name
 
     # ---- Fisher ---------------------------------------------------------------------
-    def _runs_on(self, device: torch.device) -> bool:
-        if self.name == "hooks-aten":
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether this engine's kernels run on ``device`` (else ``fallback`` takes its place)."""
+        if not self.compiled:
             return True
         return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
+
+    _runs_on = runs_on
 
     def sum_squared_grads(
         self,
@@ -66,7 +75,7 @@ class FastEngine:
         if not params:
             return {}
         if not self._runs_on(inputs.device):
-            return REFERENCE.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
+            return self.fallback.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
         _refuse_sharded_generic(plan, params)
         sums: dict[str, Tensor] = {}
@@ -164,7 +173,7 @@ def _aten_engine() -> FastEngine:
 def _extension_engine() -> FastEngine:
     from .ops import COMPILED
 
-    return FastEngine(COMPILED, "ext", fused_perturbation=True)
+    return FastEngine(COMPILED, "ext", fused_perturbation=True, compiled=True, fallback=HOOKS_ATEN)
 
 
 #: Hooks + layer rules on the ops' pure-PyTorch twins (no compiled code): the best pure-PyTorch version.

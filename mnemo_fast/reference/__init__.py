@@ -1,19 +1,28 @@
 """The pure-PyTorch ground truth: the same API as :mod:`mnemo_fast`, on the reference engine.
 
 ``import mnemo_fast.reference as mf`` and ``import mnemo_fast as mf`` are interchangeable;
-this one never touches the compiled extension.
+nothing this namespace exposes loads the compiled extension (the method's functions, including
+``code_accuracy``, are bound to the reference engine). The names load on first use, so that
+low-level modules importing ``mnemo_fast.reference.fisher`` or ``.engine`` do not pull in the
+public namespace (and the method) with them.
 """
 
-from ..api import bind as _bind
-from ..codes import MnemonicCodes, MnemonicMix
-from .engine import REFERENCE as _REFERENCE
-from ..evaluation import Evaluation, evaluate
-from ..method import CodeAccuracy, ForgetResult, code_accuracy, perturb_
-from ..adapt import adapt_with_codes
-from ..train import TrainHistory, train_with_codes
-from ..validation import UnlearningError
+from __future__ import annotations
 
-globals().update(_bind(_REFERENCE))
+import importlib
+
+__all__ = [
+    "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
+    "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
+    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+]
+
+_PLAIN = {
+    "MnemonicCodes": "..codes", "MnemonicMix": "..codes", "Evaluation": "..evaluation",
+    "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
+    "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
+    "TrainHistory": "..train", "UnlearningError": "..validation",
+}
 
 
 def backend(device: str = "cpu") -> str:
@@ -21,8 +30,21 @@ def backend(device: str = "cpu") -> str:
     return "reference"
 
 
-__all__ = [
-    "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
-    "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
-]
+def __getattr__(name: str):
+    if name in _PLAIN:
+        value = getattr(importlib.import_module(_PLAIN[name], __name__), name)
+    elif name in __all__:
+        from ..api import bind
+        from .engine import REFERENCE
+
+        bound = bind(REFERENCE)
+        globals().update(bound)
+        value = bound[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

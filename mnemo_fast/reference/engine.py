@@ -1,6 +1,6 @@
 """The reference engine: torch.func per-sample gradients and the paper's formula, tensor by tensor.
 
-See :mod:`mnemo_fast.engines` for the interface every engine implements.
+See :class:`mnemo_fast.engines.Engine` for the interface every engine implements.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from . import fisher as ref_fisher
 from ..fast.ops import TWINS  # the op table: a leaf module that never loads the extension
-from ..sharding import any_sharded
+from ..distributed.sharding import any_sharded
 
 Tensor = torch.Tensor
 
@@ -20,6 +20,8 @@ class ReferenceEngine:
     """Pure PyTorch: torch.func per-sample gradients and the paper's formula, tensor by tensor."""
 
     name = "reference"
+    #: torch.func's per-sample gradients cannot run on sharded (DTensor) parameters
+    takes_shards = False
 
     def backend_for(self, device: torch.device) -> str:
         return "reference"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..dtypes import accumulation_dtype
-from ..sharding import local
+from ..distributed.sharding import local
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,6 @@ from typing import Iterable
 
 import torch
 
-from ...calibration import calibrate
 from ...codes import MnemonicCodes
 from ...method import ForgetResult, forget
 from ._common import labels_of, tensors
@@ -24,16 +23,14 @@ def mnemonic_result(
     lambda2: float = 10.0,
     **calibration_options,
 ) -> ForgetResult:
-    """:func:`mnemo_fast.forget` with ``lambda1="auto"`` resolved by
-    :func:`mnemo_fast.calibration.calibrate` (codes only). The result's ``seconds`` includes
-    the calibration time."""
-    extra = 0.0
+    """:func:`mnemo_fast.forget`; ``lambda1="auto"`` calibrates on the same candidate session
+    (codes only, one Fisher pair), with ``calibration_options`` (depth, max_forget_prob,
+    min_retain_margin, lambda1_range, steps) for the criterion. ``seconds`` includes the
+    calibration time."""
     if lambda1 == AUTO:
-        cal = calibrate(model, codes, forget_classes, lambda2=lambda2, **calibration_options)
-        lambda1, lambda2, extra = cal.lambda1, cal.lambda2, cal.diagnostics["seconds"]
-    result = forget(model, codes, forget_classes, lambda1=float(lambda1), lambda2=float(lambda2))
-    result.seconds += extra
-    return result
+        return forget(model, codes, forget_classes, lambda1=AUTO, lambda2=float(lambda2),
+                      calibration=calibration_options)
+    return forget(model, codes, forget_classes, lambda1=float(lambda1), lambda2=float(lambda2))
 
 
 def mnemonic(model, codes, forget_classes, *, lambda1: float | str = 1e-3, lambda2: float = 10.0):

@@ -1,14 +1,15 @@
 """Forget classes of a saved model on many processes: the ``torchrun`` entry point.
 
-    torchrun --standalone --nproc_per_node=2 -m mnemo_fast.launch \\
+    torchrun --standalone --nproc_per_node=2 -m mnemo_fast.distributed.launch \\
         runs/demo/model.safetensors runs/demo/codes.safetensors --forget 3 \\
-        --output forgotten.safetensors [--fsdp] [--chunk-size 16]
+        --output forgotten.safetensors [--fsdp] [--chunk-size 16] [--engine auto|reference]
 
-Every rank loads the checkpoint (``mnemo-fast demo`` or :func:`mnemo_fast.evaluation.models.save_checkpoint`)
+Every rank loads the checkpoint (``mnemo-fast demo`` or :func:`mnemo_fast.models.save_checkpoint`)
 and the codes, onto its GPU (``LOCAL_RANK``) where CUDA is available, else the CPU (NCCL or
 gloo accordingly). With ``--fsdp`` the model is sharded with FSDP2 first (each Linear and
 Conv2d its own unit, the rest in the root unit). :func:`mnemo_fast.distributed.forget_distributed`
-then splits the codes across the ranks; rank 0 writes the forgotten model (gathered from the
+then splits the codes across the ranks, each rank running ``--engine`` (``reference``: pure
+PyTorch; its layer-rule twin for sharded layers); rank 0 writes the forgotten model (gathered from the
 shards under ``--fsdp``) and prints what happened.
 """
 
@@ -22,15 +23,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .evaluation import models
-from .cli import _add_forget_options, _describe, forget_lambdas
-from .codes import MnemonicCodes
-from .distributed import forget_distributed
+from ..evaluation import models
+from ..cli import _add_forget_options, _describe, forget_lambdas
+from ..codes import MnemonicCodes
+from ..reference.engine import REFERENCE
+from .engine import forget_distributed
 from .sharding import gathered
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m mnemo_fast.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="torchrun ... -m mnemo_fast.distributed.launch", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("codes", type=Path)
     parser.add_argument("--output", type=Path, required=True)
@@ -61,6 +63,11 @@ def shard(model: torch.nn.Module, device: torch.device,
     return fully_shard(model, mesh=mesh)
 
 
+def inner_engine(name: str):
+    """The engine each rank runs for ``--engine``: None (the default one) or the reference."""
+    return REFERENCE if name == "reference" else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = _device()
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             model = shard(model, device)
         lambda1, lambda2 = forget_lambdas(args, meta["model"])
         result = forget_distributed(model, codes, args.forget, inplace=True, chunk_size=args.chunk_size,
-                                    mode=args.mode, lambda1=lambda1, lambda2=lambda2)
+                                    mode=args.mode, lambda1=lambda1, lambda2=lambda2,
+                                    inner_engine=inner_engine(args.engine))
         state = {name: t.cpu() for name, t in gathered(model.state_dict()).items()}  # collective
         if rank == 0:
             plain = models.build(meta["model"], tuple(codes.shape), codes.num_classes)

@@ -5,8 +5,8 @@ its contiguous share of the codes and one ``all_reduce(SUM)`` per dtype combines
 rest of the method (ratio, shift, scoring on the codes) runs on every rank as it does on
 one: for a model replicated on every rank all ranks end with the same parameters.
 
-For a saved checkpoint, ``torchrun --standalone --nproc_per_node=2 -m mnemo_fast.launch ...``
-is the ready-made job (:mod:`mnemo_fast.launch`). In your own script, launched with torchrun
+For a saved checkpoint, ``torchrun --standalone --nproc_per_node=2 -m mnemo_fast.distributed.launch ...``
+is the ready-made job (:mod:`mnemo_fast.distributed.launch`). In your own script, launched with torchrun
 (one process per device)::
 
     import torch, torch.distributed as dist
@@ -47,9 +47,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from . import engines
-from .reference.fisher import logits_of, trainable_parameters, zero_accumulator
-from .sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, reshard
+from .. import engines
+from ..reference.fisher import logits_of, trainable_parameters, zero_accumulator
+from ..session import correct_predictions
+from .sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, resharded_forwards
 
 Tensor = torch.Tensor
 
@@ -96,8 +97,13 @@ class DistributedEngine:
       state (same seed), or the replicas diverge.
 
     Every rank must call the engine the same number of times with the same model structure
-    (the collectives are matched by order).
+    (the collectives are matched by order). Sharded (FSDP2) models: the method enters
+    :meth:`forwards` once around each call, inside which every FSDP2 unit reshards after each
+    forward (FSDP2's own ``reshard_after_forward``), so parameter names always resolve to the
+    shards the perturbation edits and each forward gathers them afresh.
     """
+
+    takes_shards = True
 
     def __init__(self, inner_engine=None, group=None):
         self.inner = engines.resolve(inner_engine)
@@ -107,15 +113,11 @@ class DistributedEngine:
     def backend_for(self, device: torch.device) -> str:
         return self.inner.backend_for(device)
 
-    def _inner_for(self, model: torch.nn.Module):
-        """The inner engine, except that sharded parameters need the layer rules: where the
-        inner engine is the reference (torch.func cannot run on shards), the hooks engine on
-        plain ATen ops (no compiled code) takes its place for the Fisher."""
-        if any_sharded(model.parameters()) and self.inner is engines.REFERENCE:
-            from .fast.engine import HOOKS_ATEN
+    def forwards(self, model: torch.nn.Module):
+        """Around a whole call on ``model``: sharded units reshard after every forward."""
+        return resharded_forwards(unwrap(model))
 
-            return HOOKS_ATEN
-        return self.inner
+    local = staticmethod(local)
 
     def _lockstep(self, num_samples: int, chunk_size: int | None) -> list[tuple[int, int]]:
         """This rank's slices, one per step; every rank gets the same number of steps (a
@@ -137,7 +139,6 @@ class DistributedEngine:
     ) -> dict[str, Tensor]:
         model = unwrap(model)
         reject_flat_parameters(model)
-        reshard(model)
         params = trainable_parameters(model)
         if any_sharded(params.values()):
             return self._sharded_sums(model, params, inputs, targets, chunk_size, output_fn)
@@ -156,14 +157,13 @@ class DistributedEngine:
         sharded one). The forwards run in lockstep; after each step every tensor's global-shape
         partial sum is reduce-scattered into this rank's shard (all-reduced if replicated), so
         a rank holds one step's full-size sums (transient) and shard-size accumulators."""
-        inner = self._inner_for(model)
+        inner = engines.select(self.inner, sharded=True)
         sums: dict[str, Tensor] = {}
         for start, end in self._lockstep(inputs.shape[0], chunk_size):
             empty = end == start
             if empty:
                 start, end = 0, 1
             part = inner.sum_squared_grads(model, inputs[start:end], targets[start:end], None, output_fn)
-            reshard(model)
             for name, p in params.items():  # the same order on every rank
                 value = part.pop(name)
                 if empty:
@@ -187,8 +187,6 @@ class DistributedEngine:
         ``all_reduce(SUM)`` assembles the whole vector, so every rank scores the candidates
         on identical counts (and chooses the same one) at 1/world of the cost. A sharded
         model's forwards run in lockstep (see :meth:`_lockstep`)."""
-        from .method import correct_predictions
-
         model = unwrap(model)
         hits = torch.zeros(inputs.shape[0], dtype=torch.int32, device=inputs.device)
         if any_sharded(model.parameters()):
@@ -197,7 +195,6 @@ class DistributedEngine:
                     correct_predictions(model, inputs[:1], labels[:1], None, output_fn)
                 else:
                     hits[start:end] = correct_predictions(model, inputs[start:end], labels[start:end], None, output_fn).int()
-                reshard(model)  # the next perturbation edits the shards: no stale gathered copy
         else:
             rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
             start, end = share(inputs.shape[0], rank, world)
@@ -250,7 +247,7 @@ def _agree(values: Tensor, group) -> bool:
 def _check_finite_everywhere(model: torch.nn.Module, group, device: torch.device) -> None:
     """Every rank raises if any rank holds a NaN or inf in a trainable parameter (its shard or
     replica): a check on one rank only would leave the others waiting in a collective."""
-    from .validation import UnlearningError, all_finite
+    from ..validation import UnlearningError, all_finite
 
     finite = all_finite([local(p) for p in model.parameters() if p.requires_grad])
     flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
@@ -290,7 +287,7 @@ def forget_distributed(
     otherwise. Returns the :class:`mnemo_fast.ForgetResult` (``model`` is the unwrapped module
     or its copy).
     """
-    from .method import forget
+    from ..method import forget
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("forget_distributed needs torch.distributed initialised (init_process_group)")

@@ -10,7 +10,8 @@ all-reduce MAX); :mod:`mnemo_fast.distributed` puts these together.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import contextlib
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -56,22 +57,61 @@ def reduce_to_layout(partial: Tensor, param: Tensor, group=None) -> Tensor:
     return pending.redistribute(mesh, param.placements)
 
 
-def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2 unit of ``model`` back in its sharded state.
-
-    FSDP2 keeps the root unit gathered after a forward that no backward follows, and while
-    it is, the module holds plain full-size tensors under the parameters' names and the next
-    forward reads those. The method edits the shards between forwards, so it reshards after
-    each pass: the next forward gathers the edited shards, and parameter names resolve to
-    the sharded DTensors.
-    """
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units (``fully_shard``-ed modules) of ``model``, root first; [] when none."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (parameter names then
+    resolve to the sharded DTensors, and the next forward gathers the shards afresh)."""
+    for module in fsdp_units(model):
+        module.reshard()
+
+
+@contextlib.contextmanager
+def resharded_forwards(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every FSDP2 unit of ``model`` reshards after each forward.
+
+    FSDP2 keeps the root unit gathered after a forward (training needs it again at once in
+    the backward); while it is, the module holds plain full-size tensors under the
+    parameters' names and the next forward reads those. The method edits the shards between
+    forwards, so it must never see a stale gathered copy. FSDP2's own setting does this:
+    ``set_reshard_after_forward(True)`` on every unit, the root included (a backward after such
+    a forward gathers the unit again in FSDP's pre-backward hook, and the post-backward
+    reshards it). The units' previous settings are restored on exit. A no-op without FSDP2.
+    """
+    units = fsdp_units(model)
+    if not units:
+        yield
         return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    saved = [_reshard_setting(unit) for unit in units]
+    for unit in units:
+        unit.reshard()
+        unit.set_reshard_after_forward(True, recurse=False)
+    try:
+        yield
+    finally:
+        for unit, setting in zip(units, saved):
+            unit.reshard()
+            _restore_reshard_setting(unit, setting)
+
+
+def _reshard_setting(unit) -> tuple:
+    """(auto flag, post-forward mesh info per parameter group): FSDP2 has no public getter."""
+    state = unit._get_fsdp_state()
+    return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]
+
+
+def _restore_reshard_setting(unit, setting: tuple) -> None:
+    state = unit._get_fsdp_state()
+    state._auto_reshard_after_forward, infos = setting
+    for group, info in zip(state._fsdp_param_groups, infos):
+        group.post_forward_mesh_info = info
 
 
 def reject_flat_parameters(model: torch.nn.Module) -> None:

@@ -1,0 +1,363 @@
+"""One candidate session: the Fisher pair once, then candidates applied, scored and undone.
+
+:func:`mnemo_fast.forget`, :func:`mnemo_fast.calibration.calibrate` and the baselines all run
+on a :class:`CandidateSession`: it computes f_F and f_R from the codes once (the codes' logits
+before forgetting come from the same forwards where the engine runs plain batched forwards),
+holds the live parameters (a sharded one: this rank's shard) and their original values,
+applies a candidate perturbation in place, scores it on the codes (at most ``chunk_size``
+codes per forward) and undoes it. No copy of the model is made per candidate.
+(docs/METHOD.md, "Fisher information from the codes" and "Choosing the sign".)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from . import engines, validation
+from .codes import MnemonicCodes
+from .reference.fisher import eval_mode, logits_of, trainable_parameters
+from .dtypes import accumulation_dtype
+
+Tensor = torch.Tensor
+OutputFn = Callable[[object], Tensor]
+ParamSelector = Callable[[str], bool] | str | Iterable[str] | None
+
+
+@dataclass(frozen=True)
+class CodeAccuracy:
+    """Accuracy on the codes: ``forget`` on the forget classes' codes, ``retain`` on the rest."""
+
+    forget: float
+    retain: float
+
+    @property
+    def score(self) -> float:
+        """The candidate score of the specification: A_R + E_F = retain + (1 - forget)."""
+        return self.retain + (1.0 - self.forget)
+
+
+def better_sign(score_plus: float, score_minus: float) -> int:
+    """The sign rule: +1 only if its score is strictly better than -1's."""
+    return 1 if score_plus > score_minus else -1
+
+
+def parameter_filter(selector: ParamSelector) -> Callable[[str], bool]:
+    """A name predicate from ``params=``: None (all), a callable, or glob pattern(s) such
+    as ``"encoder.layers.11.*"`` or ``["head.*", "norm.*"]``."""
+    if selector is None:
+        return lambda name: True
+    if callable(selector):
+        return selector
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    return lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@contextlib.contextmanager
+def only_parameters(model: torch.nn.Module, selector: ParamSelector) -> Iterator[None]:
+    """Within the block, trainable parameters that ``selector`` rejects do not require grad
+    (so every engine skips them); the flags are restored afterwards."""
+    keep = parameter_filter(selector)
+    dropped = [p for name, p in model.named_parameters() if p.requires_grad and not keep(name)]
+    try:
+        for p in dropped:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in dropped:
+            p.requires_grad_(True)
+
+
+def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """dtype and device of the model's first floating parameter (float32/CPU if none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def code_inputs(model: torch.nn.Module, codes: MnemonicCodes, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
+    """The codes of ``classes`` as (inputs [n*K, *shape], labels [n*K]) on the model's device and dtype."""
+    dtype, device = model_dtype_device(model)
+    inputs, labels = codes.batch(classes)
+    return inputs.to(device=device, dtype=dtype), labels.to(device)
+
+
+@torch.no_grad()
+def code_logits(model: torch.nn.Module, inputs: Tensor, chunk_size: int | None = None,
+                output_fn: OutputFn = logits_of) -> Tensor:
+    """[N, C] float32 logits of the model in eval mode, at most ``chunk_size`` inputs per forward."""
+    step = chunk_size or max(inputs.shape[0], 1)
+    with eval_mode(model):
+        return torch.cat([output_fn(model(inputs[start : start + step])).float()
+                          for start in range(0, inputs.shape[0], step)])
+
+
+@torch.no_grad()
+def correct_predictions(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    chunk_size: int | None = None,
+    output_fn: OutputFn = logits_of,
+) -> Tensor:
+    """[N] bool: the model (in eval mode) puts input n in class labels[n]; at most
+    ``chunk_size`` inputs per forward pass."""
+    step = chunk_size or max(inputs.shape[0], 1)
+    with eval_mode(model):
+        return torch.cat([
+            output_fn(model(inputs[start : start + step])).argmax(-1) == labels[start : start + step]
+            for start in range(0, inputs.shape[0], step)
+        ])
+
+
+def accuracy_of(correct: Tensor, is_forget: Tensor) -> CodeAccuracy:
+    """CodeAccuracy from [N] hits and the [N] forget mask."""
+    hits = correct.float()
+    return CodeAccuracy(forget=hits[is_forget].mean().item(), retain=hits[~is_forget].mean().item())
+
+
+def fisher_of(engine, model, inputs: Tensor, labels: Tensor, num_classes: int, per_class: int,
+              eps: float, chunk_size: int | None, output_fn: OutputFn) -> dict[str, Tensor]:
+    """f = (eps + sum_{codes} g^2 / K) / |C| for the class set whose K codes each are ``inputs``
+    (docs/METHOD.md, "Fisher information from the codes"). Model in eval mode already."""
+    sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
+    # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy;
+    # a division by 1 (one code per class, one class) is exact and skipped (one pass less each).
+    for s in sums.values():
+        if per_class != 1:
+            s.div_(per_class)
+        s.add_(eps)
+        if num_classes != 1:
+            s.div_(num_classes)
+    return sums
+
+
+class _OutputRecorder:
+    """Records (input, logits) of every plain forward of the root module, so the codes' logits
+    before forgetting can be read off the Fisher's own forwards instead of a forward of their own."""
+
+    def __init__(self, model: torch.nn.Module, output_fn: OutputFn):
+        self.records: list[tuple[Tensor, Tensor]] = []
+        self.output_fn = output_fn
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        x = args[0] if args else None
+        if not torch.is_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return  # torch.func's per-sample forwards: nothing that may leave the transform
+        try:
+            logits = self.output_fn(output)
+        except Exception:  # noqa: BLE001 (a forward this recorder cannot read is simply not used)
+            return
+        if torch.is_tensor(logits) and not torch._C._functorch.is_functorch_wrapped_tensor(logits):
+            self.records.append((x, logits.detach()))
+
+    def logits_for(self, inputs: Tensor) -> Tensor | None:
+        """[N, C] logits of ``inputs`` when the last recorded forwards covered exactly its rows,
+        in order, as views of it (the engine ran the model on ``inputs`` itself); else None."""
+        rows, found, end = inputs.shape[0], [], inputs.shape[0]
+        if rows == 0 or not inputs.is_contiguous():
+            return None
+        row_bytes = inputs[0].numel() * inputs.element_size()
+        for x, logits in reversed(self.records):
+            n = x.shape[0] if x.dim() == inputs.dim() else -1
+            if n <= 0 or n > end or x.shape[1:] != inputs.shape[1:] or logits.dim() != 2 or logits.shape[0] != n:
+                return None
+            if x.data_ptr() != inputs.data_ptr() + (end - n) * row_bytes or not x.is_contiguous():
+                return None
+            found.append(logits)
+            end -= n
+            if end == 0:
+                return torch.cat(found[::-1]).float()
+        return None
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.records = []
+
+
+class CandidateSession:
+    """Perturb-score-undo on the live parameters of ``model`` (which it edits in place).
+
+    Holds: ``names`` of the selected trainable parameters, ``live`` (the tensors edited: a
+    sharded parameter's local shard), ``originals`` (their values on entry), ``forget_fisher``
+    and ``remain_fisher`` (lists aligned with ``names``), ``max_ratio`` [L], the codes of all
+    classes (``inputs`` [N, *shape], ``labels`` [N], ``is_forget`` [N]) and ``logits_before``
+    [N, C] (float32). ``source``: the model ``model`` was copied from, left untouched, whose
+    parameters then serve as the originals (no clone). The caller enters the engine's
+    ``forwards`` context around the session.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        codes: MnemonicCodes,
+        classes: Sequence[int],
+        *,
+        engine,
+        eps: float = 1e-16,
+        chunk_size: int | None = None,
+        output_fn: OutputFn = logits_of,
+        params: ParamSelector = None,
+        source: torch.nn.Module | None = None,
+    ):
+        self.model, self.engine = model, engine
+        self.chunk_size, self.output_fn = chunk_size, output_fn
+        keep = parameter_filter(params)
+        chosen = {name: p for name, p in trainable_parameters(model).items() if keep(name)}
+        if not chosen:
+            raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
+        self.names = list(chosen)
+        local = engines.local_of(engine)
+        self.live = [local(p.detach()) for p in chosen.values()]
+        if source is None:
+            self.originals = [p.clone() for p in self.live]
+        else:  # ``model`` is a copy of ``source``, which no candidate touches: its values are the originals
+            named = dict(source.named_parameters())
+            self.originals = [local(named[name].detach()) for name in self.names]
+        self.inputs, self.labels = code_inputs(model, codes, range(codes.num_classes))
+        self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
+        self.num_forget = len(classes)
+
+        forget_inputs, forget_labels = self.inputs[self.is_forget], self.labels[self.is_forget]
+        remain_inputs, remain_labels = self.inputs[~self.is_forget], self.labels[~self.is_forget]
+        recorder = _OutputRecorder(model, output_fn)
+        try:
+            with eval_mode(model), only_parameters(model, keep):
+                forget_fisher = fisher_of(engine, model, forget_inputs, forget_labels, len(classes),
+                                          codes.per_class, eps, chunk_size, output_fn)
+                forget_logits = recorder.logits_for(forget_inputs)
+                recorder.records = []
+                remain_fisher = fisher_of(engine, model, remain_inputs, remain_labels,
+                                          codes.num_classes - len(classes), codes.per_class, eps,
+                                          chunk_size, output_fn)
+                remain_logits = recorder.logits_for(remain_inputs)
+        finally:
+            recorder.close()
+        self.forget_fisher = [forget_fisher[n].contiguous() for n in self.names]
+        self.remain_fisher = [remain_fisher[n].contiguous() for n in self.names]
+        del forget_fisher, remain_fisher
+        self.max_ratio = engine.max_ratio(self.forget_fisher, self.remain_fisher)
+        self._eta: list[Tensor] | None = None
+        self.logits_before: Tensor | None = None
+        if forget_logits is not None and remain_logits is not None and not hasattr(engine, "correct"):
+            logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
+            logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
+            self.logits_before = logits
+
+    # ---- candidates ------------------------------------------------------------------------
+    @torch.no_grad()
+    def shift(self, lambda1: float, lambda2: float, sign: int) -> None:
+        """Apply w += sign * alpha_l * eta to the live parameters."""
+        self.engine.shift_(self.live, self.forget_fisher, self.remain_fisher, self.max_ratio,
+                           lambda1, lambda2, float(sign))
+
+    @torch.no_grad()
+    def set_shift(self, lambda1: float, lambda2: float, sign: int) -> None:
+        """live = originals + sign * alpha_l * eta: the candidate of :meth:`shift`, written from
+        the original values, so trials need no undo in between (one pass per tensor; eta is
+        computed once and kept, one float32 tensor per parameter). Equal to :meth:`shift` up to
+        rounding: for the calibration's trials; the chosen candidate is applied by :meth:`shift`."""
+        if self._eta is None:  # the engine's own shift with gain 1 (lambda1 = 1, lambda2 = inf) gives eta
+            self._eta = [torch.zeros_like(p, dtype=accumulation_dtype(f.dtype)) for p, f in zip(self.live, self.forget_fisher)]
+            self.engine.shift_(self._eta, self.forget_fisher, self.remain_fisher, self.max_ratio, 1.0, math.inf, 1.0)
+        gains = torch.clamp(lambda2 / self.max_ratio, max=lambda1).tolist() if len(self.live) else []
+        for p, original, eta, gain in zip(self.live, self.originals, self._eta, gains):
+            if p.dtype == eta.dtype:
+                torch.add(original, eta, alpha=sign * gain, out=p)
+            else:  # float16/bfloat16 parameter: the shift is computed in float32, written in its dtype
+                p.copy_(original + (sign * gain * eta).to(p.dtype))
+
+    @torch.no_grad()
+    def gaussian(self, lambda1: float, lambda2: float, tau: float, generator: torch.Generator) -> None:
+        """Apply w += [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator``."""
+        self.engine.gaussian_(self.live, self.forget_fisher, self.remain_fisher, self.max_ratio,
+                              lambda1, lambda2, tau, generator)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo every candidate: the live parameters get their original values back."""
+        for p, original in zip(self.live, self.originals):
+            p.copy_(original)
+
+    # ---- scores ----------------------------------------------------------------------------
+    def correct(self) -> Tensor:
+        """[N] bool hits of the model as it is now (the engine may split the codes across ranks)."""
+        score = getattr(self.engine, "correct", correct_predictions)
+        return score(self.model, self.inputs, self.labels, self.chunk_size, self.output_fn)
+
+    def accuracy(self) -> CodeAccuracy:
+        """The code accuracy of the model as it is now."""
+        return accuracy_of(self.correct(), self.is_forget)
+
+    def accuracy_before(self) -> CodeAccuracy:
+        """The code accuracy before any candidate, from the Fisher's forwards where they gave
+        the logits (call before applying a candidate)."""
+        if self.logits_before is not None:
+            return accuracy_of(self.logits_before.argmax(-1) == self.labels, self.is_forget)
+        return self.accuracy()
+
+    def logits(self) -> Tensor:
+        """[N, C] float32 logits of all codes (every rank computes all of them)."""
+        return code_logits(self.model, self.inputs, self.chunk_size, self.output_fn)
+
+    def before_logits(self) -> Tensor:
+        """[N, C] logits before any candidate (from the Fisher's forwards where possible)."""
+        if self.logits_before is None:
+            self.logits_before = self.logits()
+        return self.logits_before
+
+    # ---- the choice --------------------------------------------------------------------------
+    def choose(self, mode: str, lambda1: float, lambda2: float, *, tau: float = 1.0, draws: int = 2,
+               generator: torch.Generator | None = None) -> tuple[int, list[int], list[CodeAccuracy]]:
+        """Score every candidate and leave the best one applied: (best index, candidates, accuracies).
+
+        mode "shift": candidates +1, -1 (+1 kept only if strictly better); "gaussian": ``draws``
+        draws from ``generator`` (ties: the first). Each candidate is applied, scored and
+        undone, except the last, which stays applied: when it wins, no undo/redo or re-scoring
+        is needed (the kernels are deterministic). Any failure restores the parameters.
+        """
+        if mode == "shift":
+            candidates = [1, -1]
+
+            def apply(sign: int) -> None:
+                self.shift(lambda1, lambda2, sign)
+        else:
+            states: list[Tensor] = []
+            candidates = list(range(draws))
+
+            def apply(draw: int) -> None:
+                if draw == len(states):
+                    states.append(generator.get_state())
+                else:
+                    generator.set_state(states[draw])
+                self.gaussian(lambda1, lambda2, tau, generator)
+
+        try:
+            accuracies = []
+            for k, candidate in enumerate(candidates):
+                apply(candidate)
+                accuracies.append(self.accuracy())
+                if k < len(candidates) - 1:
+                    self.restore()
+            scores = [accuracy.score for accuracy in accuracies]
+            if mode == "shift":
+                best = 0 if better_sign(*scores) == 1 else 1
+            else:
+                best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+            if best != len(candidates) - 1:
+                self.restore()
+                final_state = generator.get_state() if mode == "gaussian" else None
+                apply(candidates[best])
+                if final_state is not None:
+                    generator.set_state(final_state)
+        except BaseException:
+            self.restore()
+            raise
+        return best, candidates, accuracies

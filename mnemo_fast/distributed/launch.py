@@ -98,4 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: gloo's background threads, destroyed with the
+    # C++ statics after the process group is gone, sometimes abort the process ("terminate
+    # called without an active exception") after all the work is done and saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

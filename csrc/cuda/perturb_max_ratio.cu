@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "multi_tensor.cuh"
 
 namespace mnemo_fast::cuda {
@@ -74,31 +76,25 @@ __global__ void __launch_bounds__(kPerturbThreads)
 }
 
 at::Tensor perturb_max_ratio_cuda(at::TensorList forget, at::TensorList remain) {
-  check_fisher_lists("perturb_max_ratio", forget, remain);
+  check_fishers("perturb_max_ratio", forget, remain);
+  const at::ScalarType dtype = check_max_ratio_dtypes(forget);
   const int64_t L = static_cast<int64_t>(forget.size());
   if (L == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
-  const at::ScalarType dtype = eta_acc_dtype(forget[0].scalar_type());
-  for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(eta_acc_dtype(forget[l].scalar_type()) == dtype, "perturb_max_ratio: forget[", l,
-                "] (", forget[l].scalar_type(), ") computes in another dtype than forget[0] (",
-                forget[0].scalar_type(), "): mix no float64 with other Fishers");
-  }
 
   const c10::cuda::CUDAGuard guard(forget[0].device());
   // Zero is the answer for tensors without a finite eta and the atomicMax identity.
   at::Tensor out = at::zeros({L}, forget[0].options().dtype(dtype));
   const ComputeFishers fishers = compute_fishers(forget, remain);
-  std::vector<int64_t> all(L);
-  for (int64_t l = 0; l < L; ++l) all[l] = l;
-
   AT_DISPATCH_FLOATING_TYPES(dtype, "perturb_max_ratio_cuda", [&] {
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    for_each_batch<scalar_t, scalar_t>(
-        all, {}, fishers.forget, fishers.remain, {},
-        [&](const TensorBatch<scalar_t, scalar_t>& batch, unsigned grid) {
-          max_ratio_kernel<scalar_t>
-              <<<grid, kPerturbThreads, 0, at::cuda::getCurrentCUDAStream()>>>(batch, out_ptr);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_perturb<false>(
+        {}, fishers, at::Tensor(), {},
+        [&](const auto& batch, const auto*, unsigned grid, cudaStream_t stream) {
+          using fisher_t = typename std::decay_t<decltype(batch)>::fisher_type;
+          // One Fisher dtype per call (checked above): the other instantiation never runs.
+          if constexpr (std::is_same_v<fisher_t, scalar_t>) {
+            max_ratio_kernel<scalar_t><<<grid, kPerturbThreads, 0, stream>>>(batch, out_ptr);
+          }
         });
   });
   return out;

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
-from . import _ext
+from . import _ext, devices
 from .broadcast import BroadcastCapture, per_sample
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
@@ -51,7 +51,7 @@ class FastEngine:
     def _runs_on(self, device: torch.device) -> bool:
         if self.name == "hooks-aten":
             return True
-        return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
+        return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels(device))
 
     def sum_squared_grads(
         self,
@@ -129,29 +129,61 @@ class FastEngine:
         return sums
 
     # ---- perturbation -------------------------------------------------------------------
-    def _fused(self, tensors: Sequence[Tensor]) -> bool:
-        return (
+    def _fused(self, tensors: Sequence[Tensor]) -> list[list[int]] | None:
+        """Positions of ``tensors`` per device (one fused call each: the ops take one device
+        per call), or None when the fused kernels cannot take them all (the reference runs)."""
+        if not (
             self.fused_perturbation
             and len(tensors) > 0
             and all(t.is_contiguous() and self._runs_on(t.device) for t in tensors)
-        )
+        ):
+            return None
+        return [positions for _, positions in devices.group_by_device(tensors)]
 
     def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-        if not self._fused(forget):
+        groups = self._fused(forget)
+        if groups is None:
             return REFERENCE.max_ratio(forget, remain)
-        return self.kernels.perturb_max_ratio(list(forget), list(remain))
+        if len(groups) == 1:
+            return self.kernels.perturb_max_ratio(list(forget), list(remain))
+        parts = [self.kernels.perturb_max_ratio(*_take(g, forget, remain)) for g in groups]
+        out = torch.empty(len(forget), dtype=parts[0].dtype, device=forget[0].device)
+        for positions, part in zip(groups, parts):  # [L] on forget[0]'s device, like one call
+            out[torch.tensor(positions, device=out.device)] = part.to(out.device, out.dtype)
+        return out
 
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        if not self._fused(params):
+        groups = self._fused(params)
+        if groups is None:
             return REFERENCE.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
-        self.kernels.perturb_shift_(list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, sign)
+        for positions in groups:
+            p, f, r = _take(positions, params, forget, remain)
+            self.kernels.perturb_shift_(p, f, r, _ratio_for(max_ratio, positions, p[0].device, len(groups)),
+                                        lambda1, lambda2, sign)
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        if not self._fused(params):
+        groups = self._fused(params)
+        if groups is None:
             return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
-        self.kernels.perturb_gaussian_(
-            list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, tau, generator
-        )
+        for positions in groups:
+            p, f, r = _take(positions, params, forget, remain)
+            ratio = _ratio_for(max_ratio, positions, p[0].device, len(groups))
+            if generator is None or devices.generator_fits(generator.device, p[0].device):
+                self.kernels.perturb_gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+            else:  # the generator serves another GPU: draw from it as torch.randn does
+                REFERENCE.gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+
+
+def _take(positions: list[int], *lists: Sequence[Tensor]) -> list[list[Tensor]]:
+    """The entries ``positions`` of each list (one device's share of a multi-device call)."""
+    return [[items[i] for i in positions] for items in lists]
+
+
+def _ratio_for(max_ratio: Tensor, positions: list[int], device: torch.device, groups: int) -> Tensor:
+    """max_ratio [L] cut to ``positions`` [G] on ``device`` (unchanged for a single device)."""
+    if groups == 1:
+        return max_ratio
+    return max_ratio[torch.tensor(positions, device=max_ratio.device)].to(device)
 
 
 def _aten_engine() -> FastEngine:

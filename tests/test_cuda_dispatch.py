@@ -4,6 +4,8 @@ the note for a GPU machine whose build has no CUDA kernels (GPUs faked with mock
 
 from __future__ import annotations
 
+import importlib
+import types
 import warnings
 
 import pytest
@@ -153,10 +155,20 @@ def test_no_kernel_image_falls_back_with_one_warning(fresh_ext, monkeypatch):
     assert engine._runs_on(torch.device("cuda", 0)) and not engine._runs_on(torch.device("cuda", 1))
 
 
-def test_old_build_without_probe_is_trusted(fresh_ext, monkeypatch):
-    if not fresh_ext.available():
+def test_build_without_probe_is_trusted(fresh_ext, monkeypatch):
+    # a CPU-only build (or an older one) has no cuda_kernel_image: nothing to ask
+    monkeypatch.setattr(fresh_ext.importlib, "import_module", lambda name: types.SimpleNamespace())
+    assert fresh_ext._probe(0) is True
+
+
+def test_probe_of_a_cuda_build_reports_errors_as_python_exceptions():
+    if not _ext.available():
         pytest.skip("mnemo_fast._C unavailable")
-    assert fresh_ext._probe(0) is True  # the CPU build has no cuda_kernel_image: nothing to ask
+    probe = getattr(importlib.import_module("mnemo_fast._C"), "cuda_kernel_image", None)
+    if probe is None or torch.cuda.is_available():
+        pytest.skip("needs the CUDA build on a machine without a usable GPU")
+    with pytest.raises(RuntimeError, match="CUDA"):  # no driver: an exception, not a crash
+        probe(0)
 
 
 def test_note_on_a_gpu_machine_without_cuda_kernels(fresh_ext, monkeypatch):

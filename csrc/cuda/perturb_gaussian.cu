@@ -7,7 +7,6 @@
 // increment). The draw of an element thus depends only on (seed, offset, l, element), not on the
 // launch shape or batching, so a generator state reproduces the same noise; it differs from the
 // CPU kernel's stream. Normals are drawn in fp32 even for fp64 Fishers (noise needs no more).
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -100,8 +99,9 @@ void perturb_gaussian_cuda(at::TensorList params, at::TensorList forget, at::Ten
   launch_perturb<true>(
       params, fishers, max_ratio, rng_base,
       [&](const auto& batch, const auto* ratio, unsigned grid, cudaStream_t stream) {
-        using acc_t = typename std::decay_t<decltype(batch)>::fisher_type;
-        gaussian_kernel<typename std::decay_t<decltype(batch)>::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(
+        using Batch = std::decay_t<decltype(batch)>;
+        using acc_t = typename Batch::fisher_type;
+        gaussian_kernel<typename Batch::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(
             batch, ratio, static_cast<acc_t>(lambda1), static_cast<acc_t>(lambda2),
             static_cast<acc_t>(tau), philox);
       });

@@ -6,7 +6,6 @@
 // and thread 0 merges the chunk's max into out[l] with an integer atomicMax on the float's bits:
 // every candidate is a finite float >= +0 and out starts at +0, and for non-negative IEEE floats
 // the bit patterns order like the values.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -85,18 +84,14 @@ at::Tensor perturb_max_ratio_cuda(at::TensorList forget, at::TensorList remain) 
   // Zero is the answer for tensors without a finite eta and the atomicMax identity.
   at::Tensor out = at::zeros({L}, forget[0].options().dtype(dtype));
   const ComputeFishers fishers = compute_fishers(forget, remain);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "perturb_max_ratio_cuda", [&] {
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    launch_perturb<false>(
-        {}, fishers, at::Tensor(), {},
-        [&](const auto& batch, const auto*, unsigned grid, cudaStream_t stream) {
-          using fisher_t = typename std::decay_t<decltype(batch)>::fisher_type;
-          // One Fisher dtype per call (checked above): the other instantiation never runs.
-          if constexpr (std::is_same_v<fisher_t, scalar_t>) {
-            max_ratio_kernel<scalar_t><<<grid, kPerturbThreads, 0, stream>>>(batch, out_ptr);
-          }
-        });
-  });
+  launch_perturb<false>(
+      {}, fishers, at::Tensor(), {},
+      [&](const auto& batch, const auto*, unsigned grid, cudaStream_t stream) {
+        // fisher_t is `dtype` (every Fisher computes in it, checked above), as is `out`.
+        using fisher_t = typename std::decay_t<decltype(batch)>::fisher_type;
+        max_ratio_kernel<fisher_t>
+            <<<grid, kPerturbThreads, 0, stream>>>(batch, out.mutable_data_ptr<fisher_t>());
+      });
   return out;
 }
 

@@ -6,7 +6,6 @@
 // tensors (multi_tensor.cuh), one instantiation per parameter dtype present. eta is computed in
 // fp32 (fp64 for fp64 Fishers); the step is rounded to the parameter dtype and added in the
 // parameter's opmath type (fp32 for bf16/fp16), as `param += step` and the CPU kernel do.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,10 +54,11 @@ void perturb_shift_cuda(at::TensorList params, at::TensorList forget, at::Tensor
   launch_perturb<true>(
       params, fishers, max_ratio, {},
       [&](const auto& batch, const auto* ratio, unsigned grid, cudaStream_t stream) {
-        using acc_t = typename std::decay_t<decltype(batch)>::fisher_type;
-        shift_kernel<typename std::decay_t<decltype(batch)>::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(batch, ratio, static_cast<acc_t>(lambda1),
-                                                          static_cast<acc_t>(lambda2),
-                                                          static_cast<acc_t>(sign));
+        using Batch = std::decay_t<decltype(batch)>;
+        using acc_t = typename Batch::fisher_type;
+        shift_kernel<typename Batch::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(
+            batch, ratio, static_cast<acc_t>(lambda1), static_cast<acc_t>(lambda2),
+            static_cast<acc_t>(sign));
       });
 }
 

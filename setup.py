@@ -128,9 +128,10 @@ def plan_cuda(env, torch_cuda, cuda_home, search_path):
         what = [f"{name} ({REQUIRED_HEADERS[name]})" for name in missing]
         if cudart is None:
             what.append(f"lib{CUDART}.so (the CUDA runtime)")
+        looked = (include_dirs if missing else []) + (library_dirs if cudart is None else [])
         message = (
             f"mnemo_fast: no CUDA kernels: {', '.join(what)} not found in "
-            f"{', '.join(include_dirs + library_dirs) or 'no folder'}; {cpu_only}"
+            f"{', '.join(looked) or 'no folder'}; {cpu_only}"
         )
         if force:
             raise SystemExit(message)

@@ -75,6 +75,7 @@ def test_missing_header_builds_cpu_only_with_one_line(trees):
     assert "curand_kernel.h" in message and "cublas_v2.h" not in message
     assert str(toolkit / "include") in message and str(site / "nvidia" / "cu13" / "include") in message
     assert "FORCE_ONLY_CPU=1" in message and "CPU kernels only" in message
+    assert str(toolkit / "lib64") not in message  # the library was found: its folders are not listed
 
 
 def test_force_cuda_is_strict(trees):
@@ -94,7 +95,7 @@ def test_missing_runtime_library(trees):
     (toolkit / "lib64" / "libcudart.so").unlink()
     (site / "nvidia" / "cu13" / "lib" / "libcudart.so.13").unlink()
     plan = setup_py.plan_cuda({}, "13.0", str(toolkit), [str(site)])
-    assert not plan.cuda and "libcudart.so" in plan.message
+    assert not plan.cuda and "libcudart.so" in plan.message and str(toolkit / "lib64") in plan.message
 
 
 def test_cpu_cases_say_nothing_or_one_line(trees):

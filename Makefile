@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup demo test test-reference bench cuda-check clean
+.PHONY: setup demo test test-reference bench cuda-check gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,17 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
+# Compile-checks csrc/cuda/*.cu (no GPU needed): CUDA_COMPILE_ARCHS="sm_80 sm_90" for both.
 cuda-check:
 	.ci/cuda_compile_check.sh
+
+# On a machine with a GPU and a CUDA build of torch (PYTHON=...): builds the CUDA kernels in
+# place if needed, runs tests/test_ops_cuda.py, compute-sanitizer (memcheck, racecheck,
+# synccheck) on one small call of each op, and the GPU benchmarks; results in
+# $(GPU_CHECK_OUT)/summary.md and one log per step (GPU_CHECK_OUT=$$OUT on a lent device).
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) PYTHON=$${PYTHON:-python3} .ci/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info mnemo_fast/*.so $(VENV)

@@ -5,7 +5,7 @@
 # Tool: $CUDA_COMPILE_CHECK, else ../shared/tools/cuda-compile-check beside the repo (it fetches
 # the CUDA build's torch headers once and caches them). Without the tool (a clean clone has no
 # ../shared) the check is skipped with a message and exit 0. Architectures: $CUDA_COMPILE_ARCHS
-# (space-separated, default "sm_90").
+# (space-separated, default "sm_80 sm_90", the architectures setup.py builds SASS for).
 #
 # perturb_gaussian.cu needs cuRAND's headers, which a full CUDA toolkit has but a bare nvcc (and
 # the tool's header cache) may not: they are looked up in the toolkit, then in a cache, then
@@ -14,7 +14,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tool=${CUDA_COMPILE_CHECK:-$repo/../shared/tools/cuda-compile-check}
-archs=${CUDA_COMPILE_ARCHS:-sm_90}
+archs=${CUDA_COMPILE_ARCHS:-sm_80 sm_90}
 curand_wheel=${CURAND_WHEEL_SPEC:-nvidia-curand==10.4.0.35}  # the CUDA 13 generation
 curand_cache=${MNEMO_CURAND_HEADERS:-$HOME/.cache/mnemo-curand-headers}
 

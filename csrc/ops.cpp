@@ -2,11 +2,43 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
+#ifdef MNEMO_FAST_WITH_CUDA
+namespace mnemo_fast::cuda {
+bool kernel_image_available(int device);  // csrc/cuda/perturb_shift.cu
+}
+
+namespace {
+// cuda_kernel_image(device_index) -> bool: whether the CUDA kernels can run on that device.
+PyObject* cuda_kernel_image(PyObject*, PyObject* arg) {
+  const long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    return PyBool_FromLong(mnemo_fast::cuda::kernel_image_available(static_cast<int>(device)));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cuda_kernel_image", cuda_kernel_image, METH_O,
+     "cuda_kernel_image(device_index) -> bool: the library has a kernel image for that GPU"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+#define MNEMO_FAST_METHODS methods
+#else
+#define MNEMO_FAST_METHODS nullptr
+#endif
+
 extern "C" {
-// Importing mnemo_fast._C only has to load this library (which runs the registrations
-// below); there is no Python-level API, so the module is empty.
+// Importing mnemo_fast._C loads this library (which runs the registrations below). The
+// operators live in torch.ops.mnemo_fast; the module itself only has cuda_kernel_image in a
+// CUDA build.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          MNEMO_FAST_METHODS};
   return PyModule_Create(&module_def);
 }
 }

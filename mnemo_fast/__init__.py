@@ -22,6 +22,10 @@ from .adapt import adapt_with_codes
 from .train import TrainHistory, train_with_codes
 from .validation import UnlearningError
 
+from .fast._ext import note_missing_cuda as _note_missing_cuda
+
+_note_missing_cuda()  # once: a GPU machine whose build has no CUDA kernels runs the GPU path in PyTorch
+
 __version__ = "0.1.0"
 
 __all__ = [

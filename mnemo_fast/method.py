@@ -195,9 +195,9 @@ def code_accuracy(
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index or torch.cuda.current_device()]
-    return torch.default_generator
+    from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
+
+    return default_generator(device)
 
 
 def forget(

@@ -1,10 +1,15 @@
 """CUDA operators vs their pure-PyTorch twins (mnemo_fast.fast.ops.TWINS) on the GPU (runs only
-where a GPU and the CUDA kernels are present; CI is CPU-only and compile-checks the .cu files instead)."""
+where a GPU and the CUDA kernels are present; CI is CPU-only and compile-checks the .cu files instead).
+
+The second half is the first-GPU-run plan: generators, special Fishers, tile and block edges,
+layouts, dtypes, many tensors, devices and streams, 2^31 elements. `make gpu-check` runs it
+with compute-sanitizer and the GPU benchmarks (.ci/gpu_check.sh)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnemo_fast.fast import _ext
 
@@ -74,3 +79,261 @@ def test_perturb_gaussian_cuda_distribution_mask_and_reproducibility():
     # eta = 4 everywhere, alpha = min(1, 2/4) = 0.5: update = 2 * z
     assert abs(a[0].mean().item()) < 0.01 and abs(a[0].std().item() - 2.0) < 0.01
     assert torch.count_nonzero(a[1]) == 0  # eta 0.5 <= tau: masked out
+
+
+# ==== The first-GPU-run plan (issue 14): each finding of the static review gets a test. ====
+from test_ops_cpu import maybe_strided  # noqa: E402
+
+from mnemo_fast.reference import perturb  # noqa: E402
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+def on(device, tensors):
+    return [t.to(device) for t in tensors]
+
+
+def ref_linear64(g, x):
+    """The float64 reference on the GPU (the CPU would be slow for the large cases)."""
+    return ref.sum_sq_grad_linear(g.double(), x.double())
+
+
+# --- Gaussian: generators, reproducibility, special Fishers, dtypes, long runs -------------------
+
+def gaussian_setup(n=4096, dtype=torch.float32, device=CUDA):
+    forget = [torch.full((n,), 4.0, device=device), torch.full((n,), 4.0, device=device)]
+    remain = [torch.ones(n, device=device), torch.ones(n, device=device)]
+    return forget, remain, ops.perturb_max_ratio(forget, remain)
+
+
+def gaussian_draw(generator, n=4096, dtype=torch.float32):
+    forget, remain, max_ratio = gaussian_setup(n)
+    params = [torch.zeros(n, device=CUDA, dtype=dtype), torch.zeros(n, device=CUDA, dtype=dtype)]
+    ops.perturb_gaussian_(params, forget, remain, max_ratio, 1.0, 2.0, 1.0, generator)
+    return params
+
+
+@pytest.mark.parametrize("spec", [None, "cuda", "cuda:0"], ids=["default", "Generator(cuda)", "Generator(cuda:0)"])
+def test_gaussian_generators_reproduce_and_differ(spec):
+    def fresh():
+        if spec is None:
+            torch.cuda.manual_seed(5)
+            return None
+        return torch.Generator(spec).manual_seed(5)
+
+    gen = fresh()
+    a = gaussian_draw(gen)
+    again = gaussian_draw(gen)  # the generator advanced: other noise
+    b = gaussian_draw(fresh())  # same seed: same noise
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], again[0])
+    assert not torch.equal(a[0], a[1])  # identical tensors in one call get their own noise
+    assert torch.count_nonzero(a[0]) == a[0].numel()
+
+
+def test_gaussian_generator_of_another_gpu_is_refused():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with pytest.raises(RuntimeError, match="generator is on cuda:1"):
+        gaussian_draw(torch.Generator("cuda:1"))
+
+
+def test_gaussian_special_fishers_follow_the_reference_mask():
+    forget, remain = fishers([(4096,), (37,)], torch.float32, seed=4, special=True)
+    forget[0][100] = float("inf")
+    forget[0][101] = -1.0
+    forget[0][102] = float("nan")
+    max_ratio = ref.perturb_max_ratio(forget, remain)
+    tau = 0.5
+    params = [torch.zeros(s.shape, device=CUDA) for s in forget]
+    f, r = on(CUDA, forget), on(CUDA, remain)
+    ops.perturb_gaussian_(params, f, r, max_ratio.to(CUDA), 1e-3, 10.0, tau, torch.Generator("cuda").manual_seed(0))
+    for p, fl, rl, m in zip(params, forget, remain, max_ratio):
+        mask = perturb.ratio(fl, rl, m) > tau
+        assert torch.equal(p.cpu() != 0, mask)
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_gaussian_parameter_dtypes(dtype):
+    n = 1 << 20
+    params = gaussian_draw(torch.Generator("cuda").manual_seed(1), n=n, dtype=dtype)
+    assert params[0].dtype == dtype
+    z = params[0].double() / 2.0  # eta 4, alpha 0.5: update = 2 z
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1.0) < 0.01
+
+
+def test_gaussian_no_nan_over_2_pow_28_draws():
+    n = 1 << 28
+    forget, remain, max_ratio = gaussian_setup(n)
+    params = [torch.zeros(n, device=CUDA), torch.zeros(n, device=CUDA)]
+    ops.perturb_gaussian_(params, forget, remain, max_ratio, 1.0, 2.0, 1.0, torch.Generator("cuda").manual_seed(2))
+    for p in params:
+        assert torch.isfinite(p).all()
+        assert p.abs().max().item() < 2.0 * 7.0  # |z| < 7 over 2^28 normals (p ~ 1e-11 per draw)
+
+
+# --- Linear: several position tiles and splits, strides, TF32 ----------------------------------
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(9, 37, 130, 257), (200, 17, 5, 3), (3, 1, 130, 257)], ids=str)
+def test_linear_tiles_splits_and_strides(shape, dtype, strided):
+    N, T, out, inp = shape
+    gen = torch.Generator().manual_seed(7)
+    g = maybe_strided(torch.randn(N, T, out, generator=gen).to(dtype).to(CUDA), strided)
+    x = maybe_strided(torch.randn(N, T, inp, generator=gen).to(dtype).to(CUDA), strided)
+    got = ops.sum_sq_grad_linear(g, x)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tolerance = {"rtol": 2e-3, "atol": 2e-3} if dtype in LOW else tol(dtype)
+    torch.testing.assert_close(got.double(), ref_linear64(g, x), **tolerance)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_linear_ignores_tf32(T):
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(64, T, 96, generator=gen).to(CUDA)
+    x = torch.randn(64, T, 80, generator=gen).to(CUDA)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        got = ops.sum_sq_grad_linear(g, x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])
+    # TF32 rounds the operands to 10 mantissa bits (relative error ~1e-3)
+    torch.testing.assert_close(got.double(), ref_linear64(g, x), rtol=1e-5, atol=1e-5)
+
+
+# --- Conv2d: several im2col blocks, blocks with no samples, low precision, channels_last ---------
+
+def conv_case_on_gpu(N, cin, cout, hw, dtype, groups=1, channels_last=False):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(N, cin, *hw, generator=gen).to(dtype).to(CUDA)
+    y = F.conv2d(x.float(), torch.empty(cout, cin // groups, 3, 3, device=CUDA), None, 1, 1, 1, groups)
+    g = torch.randn(y.shape, generator=gen).to(dtype).to(CUDA)
+    if channels_last:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    args = [[3, 3], [1, 1], [1, 1], [1, 1], groups]
+    return g, x, args
+
+
+@pytest.mark.parametrize("N", [64, 55], ids=["3-blocks", "last-block-1-sample"])
+def test_conv_several_im2col_blocks(N):
+    # cin 64, 3x3, 64x64: 9.4 MB of columns per sample, 27 samples per 256 MiB block
+    g, x, args = conv_case_on_gpu(N, 64, 64, (64, 64), torch.float32)
+    got = ops.sum_sq_grad_conv2d(g, x, *args)
+    want = ref.sum_sq_grad_conv2d(g.double(), x.double(), *args)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_conv_dtypes_and_layouts(dtype, channels_last):
+    g, x, args = conv_case_on_gpu(6, 8, 12, (11, 9), dtype, groups=2, channels_last=channels_last)
+    got = ops.sum_sq_grad_conv2d(g, x, *args)
+    want = ref.sum_sq_grad_conv2d(g.double(), x.double(), *args)
+    tolerance = {"rtol": 2e-3, "atol": 2e-3} if dtype in LOW else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+# --- perturb_max_ratio / shift: reference, fp64 atomics, chunks, many tensors, dtypes, empties ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_max_ratio_matches_reference(dtype):
+    forget, remain = fishers([(64, 33), (5,), (3, 4, 5), (1,), (10000,)], dtype, seed=11, special=True)
+    got = ops.perturb_max_ratio(on(CUDA, forget), on(CUDA, remain))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), ref.perturb_max_ratio(forget, remain), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_max_ratio_maximum_in_a_later_chunk(dtype):
+    n = 5 * 4096 + 17
+    forget = torch.ones(n, dtype=dtype)
+    forget[4 * 4096 + 3] = 7.5  # the fifth chunk of 4096 elements
+    remain = torch.ones(n, dtype=dtype)
+    assert ops.perturb_max_ratio([forget.to(CUDA)], [remain.to(CUDA)]).item() == 7.5
+
+
+def test_more_than_64_tensors_mixed_dtypes_and_empties():
+    shapes = [(i % 7 + 1, 3) for i in range(150)] + [(0,), (0, 4)]
+    forget, remain = fishers(shapes, torch.float32, seed=12, special=True)
+    forget[3] = forget[3].half()  # computes in float32 like the rest
+    ratio = ops.perturb_max_ratio(on(CUDA, forget), on(CUDA, remain))
+    torch.testing.assert_close(ratio.cpu(), ref.perturb_max_ratio(forget, remain), rtol=0, atol=0)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtypes[i % 4]) for i, s in enumerate(shapes)]
+    want = [p.clone() for p in params]
+    ref.perturb_shift_(want, forget, remain, ref.perturb_max_ratio(forget, remain), 1e-3, 10.0, 1.0)
+    got = on(CUDA, params)
+    ops.perturb_shift_(got, on(CUDA, forget), on(CUDA, remain), ratio, 1e-3, 10.0, 1.0)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.cpu(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_denormal_fisher_like_the_cpu():
+    # without flush-to-zero a denormal f_R gives a huge finite eta, exactly as on the CPU
+    forget = [torch.tensor([1e-30, 1.0, 0.0, 1e-39])]
+    remain = [torch.tensor([1e-39, 1.0, 1e-39, 1.0])]
+    params = [torch.tensor([1e-40, 0.0, 1e-40, 0.0])]
+    want = [p.clone() for p in params]
+    ops.perturb_shift_(want, forget, remain, ops.perturb_max_ratio(forget, remain), 1e-3, 10.0, 1.0)
+    got = on(CUDA, params)
+    ops.perturb_shift_(got, on(CUDA, forget), on(CUDA, remain),
+                       ops.perturb_max_ratio(on(CUDA, forget), on(CUDA, remain)), 1e-3, 10.0, 1.0)
+    assert torch.equal(got[0].cpu(), want[0])
+
+
+# --- devices and streams --------------------------------------------------------------------------
+
+def test_non_current_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = torch.device("cuda", 1)
+    forget, remain = fishers([(300,)], torch.float32, seed=13, special=True)
+    with torch.cuda.device(0):
+        ratio = ops.perturb_max_ratio(on(dev, forget), on(dev, remain))
+        assert ratio.device == dev
+        p = [torch.zeros(300, device=dev)]
+        ops.perturb_gaussian_(p, on(dev, forget), on(dev, remain), ratio, 1e-3, 10.0, 0.0, None)
+        g = torch.randn(4, 3, 20, device=dev)
+        torch.testing.assert_close(ops.sum_sq_grad_linear(g, g).cpu().double(), ref_linear64(g, g).cpu())
+
+
+def test_side_stream():
+    forget, remain = fishers([(5000,)], torch.float32, seed=14, special=True)
+    f, r = on(CUDA, forget), on(CUDA, remain)
+    params = [torch.randn(5000, device=CUDA)]
+    want = [params[0].clone()]
+    ops.perturb_shift_(want, f, r, ops.perturb_max_ratio(f, r), 1e-3, 10.0, -1.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.perturb_shift_(params, f, r, ops.perturb_max_ratio(f, r), 1e-3, 10.0, -1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(params[0], want[0])
+
+
+def test_tensor_with_2_pow_31_elements():
+    n = (1 << 31) + 5
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~30 GiB of GPU memory")
+    forget = torch.ones(n, device=CUDA)
+    forget[-1] = 3.0  # past the 32-bit index range
+    remain = torch.ones(n, device=CUDA)
+    ratio = ops.perturb_max_ratio([forget], [remain])
+    assert ratio.item() == 3.0
+    params = [torch.zeros(n, device=CUDA)]
+    ops.perturb_shift_(params, [forget], [remain], ratio, 1.0, 3.0, 1.0)  # alpha 1: step = eta
+    assert params[0][-1].item() == 3.0 and params[0][0].item() == 1.0
+    del forget, remain, params
+    torch.cuda.empty_cache()
+
+
+def test_kernel_image_probe_on_this_gpu():
+    assert _ext.kernel_image(torch.cuda.current_device())
+    import mnemo_fast
+
+    assert mnemo_fast.backend("cuda") == "cuda-ext"

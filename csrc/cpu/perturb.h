@@ -1,4 +1,4 @@
-// Shared pieces of the perturb_* CPU kernels: argument checks and eta = f_F / f_R.
+// Shared pieces of the perturb_* CPU kernels: eta = f_F / f_R (argument checks: ../checks.h).
 //
 // The reference (mnemo_fast.reference.kernels) follows the authors' formula literally,
 // eta = exp(log f_F - log f_R); here eta is the division itself, which is the same function
@@ -16,6 +16,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "../checks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -126,49 +128,12 @@ inline void eta_chunk(const S* f, const S* r, S* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
 }
 
-// float64 Fisher computes in float64, any other floating dtype in float32.
-inline at::ScalarType compute_dtype(const at::Tensor& fisher) {
-  return fisher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Fisher pair of tensor l as contiguous tensors of the compute dtype of `forget`.
+// Fisher pair of tensor l as contiguous tensors of the compute dtype of `forget`
+// (accumulate_dtype, checks.h).
 inline std::pair<at::Tensor, at::Tensor> fisher_pair(const at::Tensor& forget,
                                                      const at::Tensor& remain) {
-  const auto dtype = compute_dtype(forget);
+  const auto dtype = accumulate_dtype(forget.scalar_type());
   return {forget.to(dtype).contiguous(), remain.to(dtype).contiguous()};
-}
-
-inline void check_fishers(const char* op, at::TensorList forget, at::TensorList remain) {
-  TORCH_CHECK(forget.size() == remain.size(), op, ": forget and remain must have the same length, ",
-              "got ", forget.size(), " and ", remain.size());
-  for (size_t l = 0; l < forget.size(); ++l) {
-    TORCH_CHECK(forget[l].sizes() == remain[l].sizes(), op, ": forget[", l, "] ", forget[l].sizes(),
-                " and remain[", l, "] ", remain[l].sizes(), " must have the same shape");
-    TORCH_CHECK(at::isFloatingType(forget[l].scalar_type()) &&
-                    at::isFloatingType(remain[l].scalar_type()),
-                op, ": forget[", l, "] and remain[", l, "] must be floating point");
-    TORCH_CHECK(forget[l].device() == forget[0].device() && remain[l].device() == forget[0].device(),
-                op, ": forget[", l, "] and remain[", l, "] must be on device ", forget[0].device());
-  }
-}
-
-inline void check_params(const char* op, at::TensorList params, at::TensorList forget,
-                         const at::Tensor& max_ratio) {
-  TORCH_CHECK(params.size() == forget.size(), op, ": params and forget must have the same length, ",
-              "got ", params.size(), " and ", forget.size());
-  TORCH_CHECK(max_ratio.dim() == 1 && max_ratio.size(0) == static_cast<int64_t>(params.size()),
-              op, ": max_ratio must have shape [", params.size(), "], got ", max_ratio.sizes());
-  TORCH_CHECK(at::isFloatingType(max_ratio.scalar_type()), op, ": max_ratio must be floating point");
-  for (size_t l = 0; l < params.size(); ++l) {
-    TORCH_CHECK(params[l].sizes() == forget[l].sizes(), op, ": params[", l, "] ", params[l].sizes(),
-                " and forget[", l, "] ", forget[l].sizes(), " must have the same shape");
-    TORCH_CHECK(at::isFloatingType(params[l].scalar_type()), op, ": params[", l,
-                "] must be floating point, got ", params[l].scalar_type());
-    TORCH_CHECK(params[l].is_contiguous(), op, ": params[", l, "] must be contiguous (it is ",
-                "updated in place)");
-    TORCH_CHECK(params[l].device() == forget[l].device(), op, ": params[", l, "] and forget[", l,
-                "] must be on the same device");
-  }
 }
 
 // alpha_l = min(lambda1, lambda2 / max_ratio) computed as the reference does

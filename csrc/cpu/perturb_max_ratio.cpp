@@ -35,12 +35,7 @@ S max_finite_eta(const S* f, const S* r, int64_t numel) {
 
 at::Tensor perturb_max_ratio(at::TensorList forget, at::TensorList remain) {
   check_fishers("perturb_max_ratio", forget, remain);
-  const auto dtype = forget.empty() ? at::kFloat : compute_dtype(forget[0]);
-  for (size_t l = 0; l < forget.size(); ++l) {
-    TORCH_CHECK(compute_dtype(forget[l]) == dtype, "perturb_max_ratio: forget[", l, "] (",
-                forget[l].scalar_type(), ") must be float64 exactly when forget[0] is (",
-                forget[0].scalar_type(), ")");
-  }
+  const auto dtype = check_max_ratio_dtypes(forget);
   auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   at::Tensor result = at::empty({static_cast<int64_t>(forget.size())}, options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "perturb_max_ratio", [&] {

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
+
 namespace mnemo_fast {
 namespace cpu {
 
@@ -73,11 +75,6 @@ inline void accumulate_sum_sq(const at::Tensor& a, const at::Tensor& b, const at
     }
   });
   if (splits > 1) d.add_(partial.sum(0));
-}
-
-// float64 stays float64; every other floating dtype accumulates in float32.
-inline at::ScalarType accumulate_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace cpu

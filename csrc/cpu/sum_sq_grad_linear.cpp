@@ -8,19 +8,7 @@ namespace cpu {
 namespace {
 
 at::Tensor sum_sq_grad_linear(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.dim() == 3, "sum_sq_grad_linear: grad_output must be [N, T, out], got ",
-              grad_output.sizes());
-  TORCH_CHECK(input.dim() == 3, "sum_sq_grad_linear: input must be [N, T, in], got ", input.sizes());
-  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1),
-              "sum_sq_grad_linear: grad_output ", grad_output.sizes(), " and input ", input.sizes(),
-              " must agree on N and T");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "sum_sq_grad_linear: input must be floating point, got ", input.scalar_type());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "sum_sq_grad_linear: grad_output (", grad_output.scalar_type(), ") and input (",
-              input.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(grad_output.device() == input.device(), "sum_sq_grad_linear: grad_output and input ",
-              "must be on the same device");
+  check_linear(grad_output, input);
   const auto acc = accumulate_dtype(input.scalar_type());
   const int64_t T = input.size(1);
   if (T == 1 || input.size(0) == 0) {

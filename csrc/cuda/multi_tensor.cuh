@@ -9,6 +9,7 @@
 // in one batch simply take another launch.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,15 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include "../checks.h"
+
+// The perturbation promises the reference's arithmetic (IEEE division and reciprocal, no
+// flush-to-zero of denormal Fishers or weights, an accurate logf in the Box-Muller transform):
+// --use_fast_math would silently break all three.
+#ifdef __USE_FAST_MATH__
+#error "csrc/cuda perturb_* kernels must be compiled without --use_fast_math"
+#endif
 
 namespace mnemo_fast::cuda {
 
@@ -28,6 +38,8 @@ constexpr int64_t kChunkElems = 16 * kPerturbThreads;
 
 template <typename param_t, typename fisher_t>
 struct TensorBatch {
+  using param_type = param_t;
+  using fisher_type = fisher_t;
   param_t* param[kMaxTensorsPerLaunch];  // unused (null) for perturb_max_ratio
   const fisher_t* forget[kMaxTensorsPerLaunch];
   const fisher_t* remain[kMaxTensorsPerLaunch];
@@ -40,12 +52,9 @@ struct TensorBatch {
 static_assert(sizeof(TensorBatch<double, double>) < 3900,
               "TensorBatch must fit the 4 KiB kernel-parameter limit with the other arguments");
 
-// eta is computed in the Fisher's "compute dtype": fp64 for fp64 Fishers, fp32 otherwise (as on
-// CPU). Kernels only ever see Fishers already converted to it (compute_fishers below), so their
-// fisher_t is float or double and is also the arithmetic type.
-inline at::ScalarType eta_acc_dtype(at::ScalarType fisher_dtype) {
-  return fisher_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+// eta is computed in the Fisher's accumulate_dtype (checks.h): fp64 for fp64 Fishers, fp32
+// otherwise (as on CPU). Kernels only ever see Fishers already converted to it (compute_fishers
+// below), so their fisher_t is float or double and is also the arithmetic type.
 
 // Visits the chunks of a batch assigned to this block: fn(slot, begin, end) with [begin, end)
 // the element range in tensor `slot` of the batch. Uniform across the block, so fn may use
@@ -78,10 +87,19 @@ __device__ __forceinline__ double raw_eta(double forget, double remain) {
 // alpha_l = min(lambda1, lambda2 / max_ratio_l), or lambda1 when no finite ratio exists
 // (max_ratio_l == 0). Same arithmetic as the reference and the CPU kernel: reciprocal, then
 // multiply, and a NaN (from a NaN max_ratio) propagates instead of being hidden by min.
+// The intrinsics pin each rounding (IEEE round-to-nearest, whatever the flags) and keep the
+// compiler from contracting a product and a sum into an FMA, which the CPU kernel never does.
+__device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
+__device__ __forceinline__ double rcp_rn(double a) { return __drcp_rn(a); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t perturb_alpha(acc_t max_ratio, acc_t lambda1, acc_t lambda2) {
   if (max_ratio == acc_t(0)) return lambda1;
-  const acc_t alpha = (acc_t(1) / max_ratio) * lambda2;
+  const acc_t alpha = mul_rn(rcp_rn(max_ratio), lambda2);
   return isnan(alpha) ? alpha : std::min(alpha, lambda1);
 }
 
@@ -96,57 +114,6 @@ __device__ __forceinline__ acc_t clamped_eta(acc_t forget, acc_t remain, acc_t m
 
 // Host side -----------------------------------------------------------------------------------
 
-// Checks the Fisher lists of a perturb op (same rules as the CPU kernels: dtypes may differ
-// between tensors; remain[l] is read in forget[l]'s compute dtype).
-inline void check_fisher_lists(const char* op, at::TensorList forget, at::TensorList remain) {
-  TORCH_CHECK(forget.size() == remain.size(), op,
-              ": forget and remain must have the same length, got ", forget.size(), " and ",
-              remain.size());
-  if (forget.empty()) return;
-  const at::Device device = forget[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": forget[0] must be a CUDA tensor, got ", device);
-  for (size_t l = 0; l < forget.size(); ++l) {
-    TORCH_CHECK(at::isFloatingType(forget[l].scalar_type()) &&
-                    at::isFloatingType(remain[l].scalar_type()),
-                op, ": forget[", l, "] (", forget[l].scalar_type(), ") and remain[", l, "] (",
-                remain[l].scalar_type(), ") must be floating point");
-    TORCH_CHECK(forget[l].device() == device && remain[l].device() == device, op,
-                ": forget[", l, "] (", forget[l].device(), ") and remain[", l, "] (",
-                remain[l].device(), ") must be on ", device);
-    TORCH_CHECK(forget[l].sizes() == remain[l].sizes(), op, ": forget[", l, "] ",
-                forget[l].sizes(), " and remain[", l, "] ", remain[l].sizes(),
-                " must have the same shape");
-  }
-}
-
-// Checks the parameter list and max_ratio of perturb_shift_ / perturb_gaussian_ against the
-// (already checked) Fisher lists.
-inline void check_params(const char* op, at::TensorList params, at::TensorList forget,
-                         const at::Tensor& max_ratio) {
-  TORCH_CHECK(params.size() == forget.size(), op,
-              ": params, forget and remain must have the same length, got ", params.size(), " and ",
-              forget.size());
-  TORCH_CHECK(max_ratio.dim() == 1 && max_ratio.size(0) == static_cast<int64_t>(params.size()),
-              op, ": max_ratio must have shape [", params.size(), "], got ", max_ratio.sizes());
-  TORCH_CHECK(at::isFloatingType(max_ratio.scalar_type()), op,
-              ": max_ratio must be a floating dtype, got ", max_ratio.scalar_type());
-  for (size_t l = 0; l < params.size(); ++l) {
-    TORCH_CHECK(at::isFloatingType(params[l].scalar_type()), op, ": params[", l,
-                "] must be a floating dtype, got ", params[l].scalar_type());
-    TORCH_CHECK(params[l].device() == forget[l].device(), op, ": params[", l, "] (",
-                params[l].device(), ") must be on the Fishers' device ", forget[l].device());
-    TORCH_CHECK(params[l].sizes() == forget[l].sizes(), op, ": params[", l, "] ",
-                params[l].sizes(), " and forget[", l, "] ", forget[l].sizes(),
-                " must have the same shape");
-    TORCH_CHECK(params[l].is_contiguous(), op, ": params[", l,
-                "] must be contiguous (it is updated in place)");
-  }
-  if (!params.empty()) {
-    TORCH_CHECK(max_ratio.device() == params[0].device(), op, ": max_ratio (",
-                max_ratio.device(), ") must be on ", params[0].device());
-  }
-}
-
 // Fishers converted to their compute dtype and made contiguous: no copy for the usual fp32 or
 // fp64 contiguous Fishers. remain[l] follows forget[l]'s compute dtype. The tensors must outlive
 // the launches, which the caller's scope guarantees (frees are stream-ordered anyway).
@@ -158,7 +125,7 @@ inline ComputeFishers compute_fishers(at::TensorList forget, at::TensorList rema
   out.forget.reserve(forget.size());
   out.remain.reserve(remain.size());
   for (size_t l = 0; l < forget.size(); ++l) {
-    const at::ScalarType dtype = eta_acc_dtype(forget[l].scalar_type());
+    const at::ScalarType dtype = accumulate_dtype(forget[l].scalar_type());
     out.forget.push_back(forget[l].to(dtype).contiguous());
     out.remain.push_back(remain[l].to(dtype).contiguous());
   }
@@ -202,7 +169,8 @@ void for_each_batch(const std::vector<int64_t>& indices, at::TensorList params,
 }
 
 // Groups tensor positions by (parameter dtype, Fisher compute dtype): one kernel instantiation
-// per group; a model usually has a single group.
+// per group; a model usually has a single group. Without params (perturb_max_ratio) the
+// parameter dtype is the Fisher's.
 struct DtypeGroup {
   at::ScalarType param;
   at::ScalarType fisher;
@@ -211,9 +179,9 @@ struct DtypeGroup {
 inline std::vector<DtypeGroup> group_by_dtype(at::TensorList params,
                                               const std::vector<at::Tensor>& fishers) {
   std::vector<DtypeGroup> groups;
-  for (size_t l = 0; l < params.size(); ++l) {
-    const at::ScalarType param = params[l].scalar_type();
+  for (size_t l = 0; l < fishers.size(); ++l) {
     const at::ScalarType fisher = fishers[l].scalar_type();
+    const at::ScalarType param = params.empty() ? fisher : params[l].scalar_type();
     auto it = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& g) {
       return g.param == param && g.fisher == fisher;
     });
@@ -221,6 +189,49 @@ inline std::vector<DtypeGroup> group_by_dtype(at::TensorList params,
     it->indices.push_back(static_cast<int64_t>(l));
   }
   return groups;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one launch path of the perturb_* ops. Groups the tensors by dtype, packs each group into
+// batches and calls
+//   launch(batch, ratio, grid, stream)
+// once per batch, then checks the launch: `batch` is a TensorBatch<param_t, fisher_t> (param_t
+// = fisher_t and null param pointers when kWithParams is false, as for perturb_max_ratio),
+// `ratio` max_ratio converted to fisher_t (nullptr when max_ratio is undefined), `grid` the
+// number of blocks, `stream` the current stream. `rng_base` may be empty. The caller holds
+// the device guard and keeps the Fishers alive.
+template <bool kWithParams, typename Launch>
+void launch_perturb(at::TensorList params, const ComputeFishers& fishers,
+                    const at::Tensor& max_ratio, const std::vector<int64_t>& rng_base,
+                    Launch&& launch) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (const DtypeGroup& group : group_by_dtype(params, fishers.forget)) {
+    const at::Tensor ratio =
+        max_ratio.defined() ? max_ratio.to(group.fisher).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(group.fisher, "launch_perturb", [&] {
+      using fisher_t = scalar_t;
+      const fisher_t* ratio_ptr = ratio.defined() ? ratio.const_data_ptr<fisher_t>() : nullptr;
+      auto run = [&](auto tag) {
+        using param_t = typename decltype(tag)::type;
+        for_each_batch<param_t, fisher_t>(
+            group.indices, params, fishers.forget, fishers.remain, rng_base,
+            [&](const TensorBatch<param_t, fisher_t>& batch, unsigned grid) {
+              launch(batch, ratio_ptr, grid, stream);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+      };
+      if constexpr (kWithParams) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, group.param, "launch_perturb",
+                                        [&] { run(TypeTag<scalar_t>{}); });
+      } else {
+        run(TypeTag<fisher_t>{});
+      }
+    });
+  }
 }
 
 }  // namespace mnemo_fast::cuda

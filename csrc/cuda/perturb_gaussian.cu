@@ -7,7 +7,6 @@
 // increment). The draw of an element thus depends only on (seed, offset, l, element), not on the
 // launch shape or batching, so a generator state reproduces the same noise; it differs from the
 // CPU kernel's stream. Normals are drawn in fp32 even for fp64 Fishers (noise needs no more).
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +18,7 @@
 
 #include <mutex>
 #include <optional>
+#include <type_traits>
 
 #include "multi_tensor.cuh"
 
@@ -60,9 +60,10 @@ __global__ void __launch_bounds__(kPerturbThreads)
             clamped_eta(static_cast<acc_t>(forget[i]), static_cast<acc_t>(remain[i]), ratio);
         if (!(eta > tau)) continue;  // masked entries stay untouched
         // Rounded to the parameter dtype before the add, as in the CPU kernel.
-        const param_t step = static_cast<param_t>(alpha * eta * static_cast<acc_t>(z[k]));
-        param[i] = static_cast<param_t>(static_cast<opmath_t>(param[i]) +
-                                        static_cast<opmath_t>(step));
+        const param_t step =
+            static_cast<param_t>(mul_rn(mul_rn(alpha, eta), static_cast<acc_t>(z[k])));
+        param[i] = static_cast<param_t>(
+            add_rn(static_cast<opmath_t>(param[i]), static_cast<opmath_t>(step)));
       }
     }
   });
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(kPerturbThreads)
 void perturb_gaussian_cuda(at::TensorList params, at::TensorList forget, at::TensorList remain,
                            const at::Tensor& max_ratio, double lambda1, double lambda2,
                            double tau, std::optional<at::Generator> generator) {
-  check_fisher_lists("perturb_gaussian_", forget, remain);
+  check_fishers("perturb_gaussian_", forget, remain);
   check_params("perturb_gaussian_", params, forget, max_ratio);
   if (params.empty()) return;
 
@@ -79,8 +80,7 @@ void perturb_gaussian_cuda(at::TensorList params, at::TensorList forget, at::Ten
   const c10::cuda::CUDAGuard guard(device);
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
-  TORCH_CHECK(gen->device() == device, "perturb_gaussian_: generator is on ", gen->device(),
-              " but params are on ", device);
+  check_generator_device("perturb_gaussian_", gen->device(), device);
   at::PhiloxCudaState philox;
   {
     // The generator is shared with every other CUDA random op on this device.
@@ -96,28 +96,15 @@ void perturb_gaussian_cuda(at::TensorList params, at::TensorList forget, at::Ten
     rng_base[l] = next;
     next += (params[l].numel() + kElemsPerDraw - 1) / kElemsPerDraw;
   }
-
-  for (const DtypeGroup& group : group_by_dtype(params, fishers.forget)) {
-    const at::Tensor ratio = max_ratio.to(group.fisher).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, group.param, "perturb_gaussian_cuda", [&] {
-          using param_t = scalar_t;
-          AT_DISPATCH_FLOATING_TYPES(group.fisher, "perturb_gaussian_cuda", [&] {
-            using fisher_t = scalar_t;
-            using acc_t = fisher_t;
-            const acc_t* ratio_ptr = ratio.const_data_ptr<acc_t>();
-            for_each_batch<param_t, fisher_t>(
-                group.indices, params, fishers.forget, fishers.remain, rng_base,
-                [&](const TensorBatch<param_t, fisher_t>& batch, unsigned grid) {
-                  gaussian_kernel<param_t, fisher_t>
-                      <<<grid, kPerturbThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                          batch, ratio_ptr, static_cast<acc_t>(lambda1),
-                          static_cast<acc_t>(lambda2), static_cast<acc_t>(tau), philox);
-                  C10_CUDA_KERNEL_LAUNCH_CHECK();
-                });
-          });
-        });
-  }
+  launch_perturb<true>(
+      params, fishers, max_ratio, rng_base,
+      [&](const auto& batch, const auto* ratio, unsigned grid, cudaStream_t stream) {
+        using Batch = std::decay_t<decltype(batch)>;
+        using acc_t = typename Batch::fisher_type;
+        gaussian_kernel<typename Batch::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(
+            batch, ratio, static_cast<acc_t>(lambda1), static_cast<acc_t>(lambda2),
+            static_cast<acc_t>(tau), philox);
+      });
 }
 
 }  // namespace

@@ -6,11 +6,12 @@
 // and thread 0 merges the chunk's max into out[l] with an integer atomicMax on the float's bits:
 // every candidate is a finite float >= +0 and out starts at +0, and for non-negative IEEE floats
 // the bit patterns order like the values.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "multi_tensor.cuh"
 
@@ -74,33 +75,23 @@ __global__ void __launch_bounds__(kPerturbThreads)
 }
 
 at::Tensor perturb_max_ratio_cuda(at::TensorList forget, at::TensorList remain) {
-  check_fisher_lists("perturb_max_ratio", forget, remain);
+  check_fishers("perturb_max_ratio", forget, remain);
+  const at::ScalarType dtype = check_max_ratio_dtypes(forget);
   const int64_t L = static_cast<int64_t>(forget.size());
   if (L == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
-  const at::ScalarType dtype = eta_acc_dtype(forget[0].scalar_type());
-  for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(eta_acc_dtype(forget[l].scalar_type()) == dtype, "perturb_max_ratio: forget[", l,
-                "] (", forget[l].scalar_type(), ") computes in another dtype than forget[0] (",
-                forget[0].scalar_type(), "): mix no float64 with other Fishers");
-  }
 
   const c10::cuda::CUDAGuard guard(forget[0].device());
   // Zero is the answer for tensors without a finite eta and the atomicMax identity.
   at::Tensor out = at::zeros({L}, forget[0].options().dtype(dtype));
   const ComputeFishers fishers = compute_fishers(forget, remain);
-  std::vector<int64_t> all(L);
-  for (int64_t l = 0; l < L; ++l) all[l] = l;
-
-  AT_DISPATCH_FLOATING_TYPES(dtype, "perturb_max_ratio_cuda", [&] {
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    for_each_batch<scalar_t, scalar_t>(
-        all, {}, fishers.forget, fishers.remain, {},
-        [&](const TensorBatch<scalar_t, scalar_t>& batch, unsigned grid) {
-          max_ratio_kernel<scalar_t>
-              <<<grid, kPerturbThreads, 0, at::cuda::getCurrentCUDAStream()>>>(batch, out_ptr);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-  });
+  launch_perturb<false>(
+      {}, fishers, at::Tensor(), {},
+      [&](const auto& batch, const auto*, unsigned grid, cudaStream_t stream) {
+        // fisher_t is `dtype` (every Fisher computes in it, checked above), as is `out`.
+        using fisher_t = typename std::decay_t<decltype(batch)>::fisher_type;
+        max_ratio_kernel<fisher_t>
+            <<<grid, kPerturbThreads, 0, stream>>>(batch, out.mutable_data_ptr<fisher_t>());
+      });
   return out;
 }
 

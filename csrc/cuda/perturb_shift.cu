@@ -6,11 +6,12 @@
 // tensors (multi_tensor.cuh), one instantiation per parameter dtype present. eta is computed in
 // fp32 (fp64 for fp64 Fishers); the step is rounded to the parameter dtype and added in the
 // parameter's opmath type (fp32 for bf16/fp16), as `param += step` and the CPU kernel do.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "multi_tensor.cuh"
 
@@ -34,9 +35,9 @@ __global__ void __launch_bounds__(kPerturbThreads)
       const acc_t eta =
           clamped_eta(static_cast<acc_t>(forget[i]), static_cast<acc_t>(remain[i]), ratio);
       // Rounded to the parameter dtype before the add, like `param += step` (and the CPU kernel).
-      const param_t step = static_cast<param_t>(sign * (alpha * eta));
-      param[i] = static_cast<param_t>(static_cast<opmath_t>(param[i]) +
-                                      static_cast<opmath_t>(step));
+      const param_t step = static_cast<param_t>(mul_rn(sign, mul_rn(alpha, eta)));
+      param[i] = static_cast<param_t>(
+          add_rn(static_cast<opmath_t>(param[i]), static_cast<opmath_t>(step)));
     }
   });
 }
@@ -44,37 +45,37 @@ __global__ void __launch_bounds__(kPerturbThreads)
 void perturb_shift_cuda(at::TensorList params, at::TensorList forget, at::TensorList remain,
                         const at::Tensor& max_ratio, double lambda1, double lambda2,
                         double sign) {
-  check_fisher_lists("perturb_shift_", forget, remain);
+  check_fishers("perturb_shift_", forget, remain);
   check_params("perturb_shift_", params, forget, max_ratio);
   if (params.empty()) return;
 
   const c10::cuda::CUDAGuard guard(params[0].device());
   const ComputeFishers fishers = compute_fishers(forget, remain);
-
-  for (const DtypeGroup& group : group_by_dtype(params, fishers.forget)) {
-    const at::Tensor ratio = max_ratio.to(group.fisher).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, group.param, "perturb_shift_cuda", [&] {
-          using param_t = scalar_t;
-          AT_DISPATCH_FLOATING_TYPES(group.fisher, "perturb_shift_cuda", [&] {
-            using fisher_t = scalar_t;
-            using acc_t = fisher_t;
-            const acc_t* ratio_ptr = ratio.const_data_ptr<acc_t>();
-            for_each_batch<param_t, fisher_t>(
-                group.indices, params, fishers.forget, fishers.remain, {},
-                [&](const TensorBatch<param_t, fisher_t>& batch, unsigned grid) {
-                  shift_kernel<param_t, fisher_t>
-                      <<<grid, kPerturbThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                          batch, ratio_ptr, static_cast<acc_t>(lambda1),
-                          static_cast<acc_t>(lambda2), static_cast<acc_t>(sign));
-                  C10_CUDA_KERNEL_LAUNCH_CHECK();
-                });
-          });
-        });
-  }
+  launch_perturb<true>(
+      params, fishers, max_ratio, {},
+      [&](const auto& batch, const auto* ratio, unsigned grid, cudaStream_t stream) {
+        using Batch = std::decay_t<decltype(batch)>;
+        using acc_t = typename Batch::fisher_type;
+        shift_kernel<typename Batch::param_type, acc_t><<<grid, kPerturbThreads, 0, stream>>>(
+            batch, ratio, static_cast<acc_t>(lambda1), static_cast<acc_t>(lambda2),
+            static_cast<acc_t>(sign));
+      });
 }
 
 }  // namespace
+
+// True when this library holds a kernel image for CUDA device `device` (SASS for its
+// architecture, or PTX the driver can compile for it). Every .cu file is built for the same
+// architecture list, so one kernel answers for all. Exposed as mnemo_fast._C.cuda_kernel_image.
+bool kernel_image_available(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, shift_kernel<float, float>) != cudaSuccess) {
+    (void)cudaGetLastError();  // "no kernel image" is not sticky: clear it for later calls
+    return false;
+  }
+  return true;
+}
 
 TORCH_LIBRARY_IMPL(mnemo_fast, CUDA, m) {
   m.impl("perturb_shift_", &perturb_shift_cuda);

@@ -18,6 +18,7 @@
 
 #include <type_traits>
 
+#include "../checks.h"
 #include "sum_sq_tile.cuh"
 
 namespace mnemo_fast::cuda {
@@ -26,61 +27,21 @@ namespace {
 // Bytes of im2col columns materialised at once.
 constexpr int64_t kColsWorkspaceBytes = int64_t(256) << 20;
 
-void check_pair(at::IntArrayRef value, const char* name, int64_t min_value) {
-  TORCH_CHECK(value.size() == 2, "sum_sq_grad_conv2d: ", name, " must have 2 elements, got ",
-              value);
-  TORCH_CHECK(value[0] >= min_value && value[1] >= min_value, "sum_sq_grad_conv2d: ", name,
-              " must be >= ", min_value, ", got ", value);
-}
-
 at::Tensor sum_sq_grad_conv2d_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation,
                                    int64_t groups) {
-  TORCH_CHECK(input.dim() == 4, "sum_sq_grad_conv2d: input must be [N, in, H, W], got ",
-              input.sizes());
-  TORCH_CHECK(grad_output.dim() == 4,
-              "sum_sq_grad_conv2d: grad_output must be [N, out, Ho, Wo], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "sum_sq_grad_conv2d: grad_output (", grad_output.scalar_type(), ") and input (",
-              input.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "sum_sq_grad_conv2d: input must be a floating dtype, got ", input.scalar_type());
-  TORCH_CHECK(grad_output.is_cuda() && input.device() == grad_output.device(),
-              "sum_sq_grad_conv2d: grad_output (", grad_output.device(), ") and input (",
-              input.device(), ") must be on the same CUDA device");
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  check_pair(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1, "sum_sq_grad_conv2d: groups must be >= 1, got ", groups);
-
+  const auto out_size =
+      check_conv2d(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  TORCH_CHECK(input.is_cuda(), "sum_sq_grad_conv2d: expected CUDA tensors, got ", input.device());
   const int64_t N = input.size(0), in_channels = input.size(1);
   const int64_t out_channels = grad_output.size(1);
-  TORCH_CHECK(grad_output.size(0) == N, "sum_sq_grad_conv2d: grad_output has ",
-              grad_output.size(0), " samples but input has ", N);
-  TORCH_CHECK(in_channels % groups == 0 && out_channels % groups == 0,
-              "sum_sq_grad_conv2d: groups (", groups, ") must divide in channels (", in_channels,
-              ") and out channels (", out_channels, ")");
-  int64_t out_size[2];
-  for (int d = 0; d < 2; ++d) {
-    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
-    const int64_t padded = input.size(2 + d) + 2 * padding[d];
-    TORCH_CHECK(padded >= span, "sum_sq_grad_conv2d: padded input ", input.sizes(),
-                " is smaller than the dilated kernel ", kernel_size);
-    out_size[d] = (padded - span) / stride[d] + 1;
-  }
-  TORCH_CHECK(out_size[0] == grad_output.size(2) && out_size[1] == grad_output.size(3),
-              "sum_sq_grad_conv2d: grad_output ", grad_output.sizes(),
-              " does not match the convolution of input ", input.sizes(), " (expected spatial size ",
-              out_size[0], "x", out_size[1], ")");
 
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t kk = kernel_size[0] * kernel_size[1];
   const int64_t L = out_size[0] * out_size[1];
   const int64_t out_g = out_channels / groups, in_g = in_channels / groups;
-  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_dtype(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_dtype);
   if (N == 0 || L == 0 || out_channels == 0 || in_channels == 0) {
     return at::zeros({out_channels, in_g, kernel_size[0], kernel_size[1]}, acc_options);

@@ -1,10 +1,11 @@
 // CUDA sum_sq_grad_linear: D[out, in] = sum_n (g_n^T x_n)**2 for g [N, T, out], x [N, T, in].
 //
 // T == 1: G_n is the outer product g_n x_n^T, so G_n**2 = (g_n**2)(x_n**2)^T and D is one GEMM of
-// the squared operands, (g*g)^T (x*x), done by cuBLAS through at::mm in fp32 (fp64).
+// the squared operands, (g*g)^T (x*x), done by cuBLAS through at::mm in fp32 (fp64), TF32 off.
 // T > 1: the fused tiled kernel of sum_sq_tile.cuh, which forms tiles of G_n on chip only.
 // Both paths take any strides (no copies of g or x); the kernel is fastest when the feature
 // dimension is the unit-stride one, which is the layout autograd produces.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,32 +17,20 @@
 
 #include <type_traits>
 
+#include "../checks.h"
 #include "sum_sq_tile.cuh"
 
 namespace mnemo_fast::cuda {
 namespace {
 
 at::Tensor sum_sq_grad_linear_cuda(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.dim() == 3, "sum_sq_grad_linear: grad_output must be [N, T, out], got ",
-              grad_output.sizes());
-  TORCH_CHECK(input.dim() == 3, "sum_sq_grad_linear: input must be [N, T, in], got ",
-              input.sizes());
-  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1),
-              "sum_sq_grad_linear: grad_output ", grad_output.sizes(), " and input ",
-              input.sizes(), " must agree in N and T");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "sum_sq_grad_linear: grad_output (", grad_output.scalar_type(), ") and input (",
-              input.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "sum_sq_grad_linear: input must be a floating dtype, got ", input.scalar_type());
-  TORCH_CHECK(grad_output.is_cuda() && input.device() == grad_output.device(),
-              "sum_sq_grad_linear: grad_output (", grad_output.device(), ") and input (",
-              input.device(), ") must be on the same CUDA device");
+  check_linear(grad_output, input);
+  TORCH_CHECK(input.is_cuda(), "sum_sq_grad_linear: expected CUDA tensors, got ", input.device());
 
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = input.size(0), T = input.size(1);
   const int64_t out_features = grad_output.size(2), in_features = input.size(2);
-  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_dtype(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_dtype);
 
   if (N == 0 || T == 0 || out_features == 0 || in_features == 0) {
@@ -51,6 +40,9 @@ at::Tensor sum_sq_grad_linear_cuda(const at::Tensor& grad_output, const at::Tens
     // Square after the cast: squaring in bf16/fp16 would lose precision (or overflow in fp16).
     const at::Tensor g = grad_output.select(1, 0).to(acc_dtype);
     const at::Tensor x = input.select(1, 0).to(acc_dtype);
+    // Full fp32 products whatever the user's TF32 setting (allow_tf32,
+    // set_float32_matmul_precision): the T > 1 kernel never rounds its operands either.
+    const at::NoTF32Guard no_tf32;
     return at::mm(g.square().t(), x.square());
   }
 

@@ -131,8 +131,12 @@ __global__ void __launch_bounds__(kThreads)
       load_tile<kTileM>(g_tile, g_n, p.g, t0, m0, p.positions, p.rows);
       load_tile<kTileK>(x_tile, x_n, p.x, t0, k0, p.positions, p.cols);
       __syncthreads();
+      // Positions left in this tile: the same for the whole block (no barrier inside the loop),
+      // so short sequences and small conv outputs skip the zero-filled rows.
+      const int t_count = static_cast<int>(std::min<int64_t>(kTileT, p.positions - t0));
 #pragma unroll
       for (int t = 0; t < kTileT; ++t) {
+        if (t >= t_count) break;
         acc_t a[kRowsPerThread];
         acc_t b[kColsPerThread];
 #pragma unroll

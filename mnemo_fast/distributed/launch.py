@@ -4,7 +4,7 @@
         runs/demo/model.safetensors runs/demo/codes.safetensors --forget 3 \\
         --output forgotten.safetensors [--fsdp] [--chunk-size 16] [--engine auto|reference]
 
-Every rank loads the checkpoint (``mnemo-fast demo`` or :func:`mnemo_fast.models.save_checkpoint`)
+Every rank loads the checkpoint (``mnemo-fast demo`` or :func:`mnemo_fast.evaluation.models.save_checkpoint`)
 and the codes, onto its GPU (``LOCAL_RANK``) where CUDA is available, else the CPU (NCCL or
 gloo accordingly). With ``--fsdp`` the model is sharded with FSDP2 first (each Linear and
 Conv2d its own unit, the rest in the root unit). :func:`mnemo_fast.distributed.forget_distributed`

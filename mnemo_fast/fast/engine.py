@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..dtypes import accumulation_dtype
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
-from . import _ext
+from . import _ext, devices
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
 from .rules.broadcast import BroadcastCapture, per_sample
@@ -50,7 +50,7 @@ class FastEngine:
 
     def backend_for(self, device: torch.device) -> str:
         """What runs for tensors on ``device``: "cpu-ext", "cuda-ext" or "hooks-aten"."""
-        if not self._runs_on(device):
+        if not self.runs_on(device):
             return self.fallback.backend_for(device)
         return f"{device.type}-ext" if self.compiled else self.name
 
@@ -59,9 +59,7 @@ class FastEngine:
         """Whether this engine's kernels run on ``device`` (else ``fallback`` takes its place)."""
         if not self.compiled:
             return True
-        return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
-
-    _runs_on = runs_on
+        return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels(device))
 
     def sum_squared_grads(
         self,
@@ -74,7 +72,7 @@ class FastEngine:
         params = ref_fisher.trainable_parameters(model)
         if not params:
             return {}
-        if not self._runs_on(inputs.device):
+        if not self.runs_on(inputs.device):
             return self.fallback.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
         _refuse_sharded_generic(plan, params)
@@ -139,29 +137,61 @@ class FastEngine:
         return sums
 
     # ---- perturbation -------------------------------------------------------------------
-    def _fused(self, tensors: Sequence[Tensor]) -> bool:
-        return (
+    def _fused(self, tensors: Sequence[Tensor]) -> list[list[int]] | None:
+        """Positions of ``tensors`` per device (one fused call each: the ops take one device
+        per call), or None when the fused kernels cannot take them all (the reference runs)."""
+        if not (
             self.fused_perturbation
             and len(tensors) > 0
-            and all(t.is_contiguous() and self._runs_on(t.device) for t in tensors)
-        )
+            and all(t.is_contiguous() and self.runs_on(t.device) for t in tensors)
+        ):
+            return None
+        return [positions for _, positions in devices.group_by_device(tensors)]
 
     def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-        if not self._fused(forget):
+        groups = self._fused(forget)
+        if groups is None:
             return REFERENCE.max_ratio(forget, remain)
-        return self.kernels.perturb_max_ratio(list(forget), list(remain))
+        if len(groups) == 1:
+            return self.kernels.perturb_max_ratio(list(forget), list(remain))
+        parts = [self.kernels.perturb_max_ratio(*_take(g, forget, remain)) for g in groups]
+        out = torch.empty(len(forget), dtype=parts[0].dtype, device=forget[0].device)
+        for positions, part in zip(groups, parts):  # [L] on forget[0]'s device, like one call
+            out[torch.tensor(positions, device=out.device)] = part.to(out.device, out.dtype)
+        return out
 
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        if not self._fused(params):
+        groups = self._fused(params)
+        if groups is None:
             return REFERENCE.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
-        self.kernels.perturb_shift_(list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, sign)
+        for positions in groups:
+            p, f, r = _take(positions, params, forget, remain)
+            self.kernels.perturb_shift_(p, f, r, _ratio_for(max_ratio, positions, p[0].device, len(groups)),
+                                        lambda1, lambda2, sign)
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        if not self._fused(params):
+        groups = self._fused(params)
+        if groups is None:
             return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
-        self.kernels.perturb_gaussian_(
-            list(params), list(forget), list(remain), max_ratio, lambda1, lambda2, tau, generator
-        )
+        for positions in groups:
+            p, f, r = _take(positions, params, forget, remain)
+            ratio = _ratio_for(max_ratio, positions, p[0].device, len(groups))
+            if generator is None or devices.generator_fits(generator.device, p[0].device):
+                self.kernels.perturb_gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+            else:  # the generator serves another GPU: draw from it as torch.randn does
+                REFERENCE.gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+
+
+def _take(positions: list[int], *lists: Sequence[Tensor]) -> list[list[Tensor]]:
+    """The entries ``positions`` of each list (one device's share of a multi-device call)."""
+    return [[items[i] for i in positions] for items in lists]
+
+
+def _ratio_for(max_ratio: Tensor, positions: list[int], device: torch.device, groups: int) -> Tensor:
+    """max_ratio [L] cut to ``positions`` [G] on ``device`` (unchanged for a single device)."""
+    if groups == 1:
+        return max_ratio
+    return max_ratio[torch.tensor(positions, device=max_ratio.device)].to(device)
 
 
 def _aten_engine() -> FastEngine:

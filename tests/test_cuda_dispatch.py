@@ -78,7 +78,7 @@ def spread():
     """Parameters of a model split over two devices ("cpu" and "meta" stand for two GPUs)."""
     kernels = RecordingKernels()
     engine = FastEngine(kernels, "ext", fused_perturbation=True)
-    engine._runs_on = lambda device: True  # both "GPUs" have kernels
+    engine.runs_on = lambda device: True  # both "GPUs" have kernels
     devs = ["cpu", "meta", "cpu", "meta"]
     sizes = [2, 3, 4, 5]
     params = [torch.zeros(n, device=d) for n, d in zip(sizes, devs)]
@@ -107,7 +107,7 @@ def test_shift_one_call_per_device_with_its_max_ratio(spread):
 def test_single_device_is_one_unchanged_call():
     kernels = RecordingKernels()
     engine = FastEngine(kernels, "ext", fused_perturbation=True)
-    engine._runs_on = lambda device: True
+    engine.runs_on = lambda device: True
     params = [torch.zeros(2), torch.zeros(3)]
     ratio = torch.ones(2)
     engine.shift_(params, params, params, ratio, 1e-3, 10.0, 1.0)
@@ -151,8 +151,8 @@ def test_no_kernel_image_falls_back_with_one_warning(fresh_ext, monkeypatch):
         assert not fresh_ext.has_cuda_kernels(torch.device("cuda", 1))
     assert probes == [0, 1]
     assert fresh_ext.has_cuda_kernels()  # no device: only "are they registered"
-    engine = FastEngine(RecordingKernels(), "ext", fused_perturbation=True)
-    assert engine._runs_on(torch.device("cuda", 0)) and not engine._runs_on(torch.device("cuda", 1))
+    engine = FastEngine(RecordingKernels(), "ext", fused_perturbation=True, compiled=True)
+    assert engine.runs_on(torch.device("cuda", 0)) and not engine.runs_on(torch.device("cuda", 1))
 
 
 def test_build_without_probe_is_trusted(fresh_ext, monkeypatch):

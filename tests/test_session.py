@@ -142,7 +142,6 @@ def test_device_without_kernels_falls_back_to_the_hooks_engine(monkeypatch):
     """Where the compiled kernels do not run, the Fisher takes the layer rules on ATen ops,
     not torch.func (shown on the CPU by pretending the kernels do not run here)."""
     monkeypatch.setattr(EXTENSION, "runs_on", lambda device: False)
-    monkeypatch.setattr(EXTENSION, "_runs_on", lambda device: False)
     calls = []
     real = HOOKS_ATEN.sum_squared_grads
     monkeypatch.setattr(HOOKS_ATEN, "sum_squared_grads", lambda *a, **k: calls.append(1) or real(*a, **k))

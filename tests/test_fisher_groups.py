@@ -1,6 +1,6 @@
-"""The Fisher pair in one pass: ``sum_squared_grads_groups`` of the fast engines equals the
-reference's sums over each block of rows, plans once per call, and keeps no plan between calls
-(a changed model or input shape is planned afresh)."""
+"""The Fisher pair on one plan: ``sum_squared_grads_groups`` of the fast engines equals, bit for
+bit, one ``sum_squared_grads`` per block of rows (and the reference's sums), plans once per call,
+and keeps no plan between calls (a changed model or input shape is planned afresh)."""
 
 import copy
 
@@ -49,6 +49,21 @@ def test_groups_equal_the_reference_per_block(engine, name, sizes, chunk):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_groups_are_bitwise_the_calls_per_block(engine, name, chunk):
+    """The shared plan changes no result: float32, each block's sums equal a call on it alone."""
+    model, x, y = problem(name, dtype=torch.float32, n=7)
+    with eval_mode(model):
+        got = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk)
+        alone = [engine.sum_squared_grads(model, x[:3], y[:3], chunk), engine.sum_squared_grads(model, x[3:], y[3:], chunk)]
+    for g, a in zip(got, alone):
+        assert list(g) == list(a)
+        for key in a:
+            assert torch.equal(g[key], a[key]), key
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_one_group_is_sum_squared_grads(engine, name):
     model, x, y = problem(name, dtype=torch.float32, n=5)
@@ -72,7 +87,7 @@ def test_bad_sizes_and_an_empty_block(engine):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ["mlp", "transformer", "vit", "tied_shared_custom"])
 def test_plans_once_per_call(engine, name, monkeypatch):
-    """One plan for the pair, also where a rule cannot split its rows (attention)."""
+    """One plan for the pair, whatever the rules (attention, broadcast, tied and custom)."""
     plans = count_plans(monkeypatch)
     model, x, y = problem(name, n=6)
     with eval_mode(model):
@@ -138,9 +153,9 @@ def test_different_input_shapes_are_planned_again(engine, monkeypatch):
     assert plans[1] is model_long
 
 
-def test_session_uses_one_pass_for_the_pair(monkeypatch):
-    """The session hands both code sets to the engine at once (forget codes first) and gets the
-    codes' logits before forgetting from that same pass."""
+def test_session_hands_the_pair_at_once(monkeypatch):
+    """The session hands both code sets to the engine at once (forget codes first) and still
+    gets the codes' logits before forgetting from the Fisher's own forwards."""
     seen = []
     real = HOOKS_ATEN.sum_squared_grads_groups
     monkeypatch.setattr(HOOKS_ATEN, "sum_squared_grads_groups",

@@ -19,7 +19,6 @@ from ..reference.engine import REFERENCE
 from . import _ext
 from .capture import Capture, frozen
 from .plan import Plan, make_plan
-from .rules.base import Rule
 from .rules.broadcast import BroadcastCapture, per_sample
 from ..distributed.sharding import is_sharded
 
@@ -42,15 +41,6 @@ def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
     for size in sizes:
         yield inputs[start : start + size], targets[start : start + size]
         start += size
-
-
-def _splits_rows(plan: Plan) -> bool:
-    """Whether every rule of ``plan`` receives its call's input alone, batch first (the default
-    :class:`.rules.base.Rule`), so that rows of one batch can be summed in blocks."""
-    return all(
-        type(rule).inputs is Rule.inputs and type(rule).batch_dim is Rule.batch_dim
-        for rule, _ in plan.rule_modules.values()
-    )
 
 
 class FastEngine:
@@ -103,11 +93,10 @@ class FastEngine:
         output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
     ) -> list[dict[str, Tensor]]:
         """:meth:`sum_squared_grads` of each block of consecutive rows of ``inputs`` [N, ...]
-        (``sizes``: the blocks' row counts, summing to N), in one plan and one forward+backward
-        per chunk: the Fisher pair of the forget and retained codes costs one pass, not two
-        (per-sample sums split by rows: docs/FAST_PATH.md, "One batched pass, parameters frozen").
-        Where a rule cannot split its rows (nn.MultiheadAttention's arguments), or a block is
-        empty, each block runs on its own, still with the one plan."""
+        (``sizes``: the blocks' row counts, summing to N), on one plan: the Fisher pair of the
+        forget and retained codes plans the model once, not twice. Each block still runs its
+        own forward+backward, so each sum is bit for bit what :meth:`sum_squared_grads` gives
+        for that block (one joined batch would round differently). No plan outlives the call."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
@@ -122,66 +111,41 @@ class FastEngine:
                     for x, y in _blocks(inputs, targets, sizes)]
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
         _refuse_sharded_generic(plan, params)
-        if len(sizes) > 1 and (min(sizes) == 0 or not _splits_rows(plan)):
-            return [self._sums(model, params, plan, x, y, [x.shape[0]], chunk_size, output_fn)[0]
-                    for x, y in _blocks(inputs, targets, sizes)]
-        groups = self._sums(model, params, plan, inputs, targets, sizes, chunk_size, output_fn)
-        if groups is None:  # the joined batch hid a layer's batch dimension: each block alone
-            return [self._sums(model, params, plan, x, y, [x.shape[0]], chunk_size, output_fn, retry=False)
-                    for x, y in _blocks(inputs, targets, sizes)]
-        return groups
+        return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
+                for x, y in _blocks(inputs, targets, sizes)]
 
-    def _sums(self, model, params, plan: Plan, inputs, targets, sizes, chunk_size, output_fn, retry=True):
-        """One {name: sum} per row block on ``plan``: the rule pass, then the generic path for
-        what no rule takes. None (with ``retry``, several blocks) when the joined rule pass found
-        no batch dimension, so that the caller runs the blocks alone."""
-        sums: list[dict[str, Tensor]] = [{} for _ in sizes]
+    def _sums(self, model, params, plan: Plan, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
+        """{name: sum} over ``inputs`` on ``plan``: the rule pass, then the generic path for
+        the parameters no rule takes."""
+        sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast:
-            taken = self._rule_pass_groups(model, plan, params, inputs, targets, sizes, chunk_size, output_fn)
-            if taken is None and retry and len(sizes) > 1:
-                return None
+            taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if taken is None:  # a layer's batch dimension was not first: no rule is safe
                 plan = Plan(generic=list(params))
                 _refuse_sharded_generic(plan, params, "a layer's batch dimension could not be found")
             else:
-                for group, part in zip(sums, taken):
-                    group.update(part)
+                sums.update(taken)
         if plan.generic:
-            for group, (x, y) in zip(sums, _blocks(inputs, targets, sizes)):
-                group.update(ref_fisher.sum_squared_grads(
-                    model, x, y, plan.generic, chunk_size=chunk_size, output_fn=output_fn
-                ))
-        return [{name: group[name] for name in params} for group in sums]
+            sums.update(ref_fisher.sum_squared_grads(
+                model, inputs, targets, plan.generic, chunk_size=chunk_size, output_fn=output_fn
+            ))
+        return {name: sums[name] for name in params}
 
     def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn):
-        """{name: sum} of the parameters ``plan``'s rules take, over all of ``inputs``; None when
-        a layer's batch dimension could not be found."""
-        groups = self._rule_pass_groups(model, plan, params, inputs, targets, [inputs.shape[0]], chunk_size, output_fn)
-        return None if groups is None else groups[0]
-
-    def _rule_pass_groups(self, model, plan: Plan, params, inputs, targets, sizes, chunk_size, output_fn):
-        """:meth:`_rule_pass` with one {name: sum} per block of ``sizes`` consecutive rows."""
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
         names |= set(plan.broadcast)
         broadcast = {name: params[name] for name in plan.broadcast}
-        # one {name: sum} per row block; the first contribution becomes the accumulator (no zero fill)
-        sums: list[dict[str, Tensor]] = [{} for _ in sizes]
-        ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+        sums: dict[str, Tensor] = {}  # the first contribution becomes the accumulator (no zero fill)
 
-        def add(group: dict, name: str, value: Tensor) -> None:
+        def add(name: str, value: Tensor) -> None:
             dtype = accumulation_dtype(params[name].dtype)
-            if name in group:
-                group[name] += value.to(dtype)
+            if name in sums:
+                sums[name] += value.to(dtype)
             else:  # rule outputs are fresh tensors: safe to own and add into
-                group[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
-        step = chunk_size or max(inputs.shape[0], 1)
+                sums[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
+        step = chunk_size or max(inputs.shape[0], 1)  # an empty block: no pass, zero sums
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
-            # the blocks' rows within this chunk: (block, first row, end row), chunk-relative
-            parts = [(k, max(end - size, start) - start, min(end, start + x.shape[0]) - start)
-                     for k, (size, end) in enumerate(zip(sizes, ends))]
-            parts = [(k, lo, hi) for k, lo, hi in parts if hi > lo]
-            whole = len(parts) == 1  # one block: rule inputs as they are (no slicing)
             capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()})
             caught = BroadcastCapture(broadcast)
             rest = [p for name, p in params.items() if name not in broadcast]
@@ -197,25 +161,20 @@ class FastEngine:
                 samples = per_sample(grad, params[name].shape, x.shape[0])
                 if samples is None:
                     return None
-                samples = samples.to(accumulation_dtype(params[name].dtype))
-                for k, lo, hi in parts:
-                    add(sums[k], name, (samples if whole else samples[lo:hi]).square().sum(0))
+                add(name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
                 if not calls:
                     continue
-                for k, lo, hi in parts:
-                    rows = calls if whole else [(inp[lo:hi], grad[lo:hi]) for inp, grad in calls]
-                    for local, value in rule.accumulate(module, rows, self.kernels).items():
-                        if local in local_names:
-                            add(sums[k], local_names[local], value)
+                for local, value in rule.accumulate(module, calls, self.kernels).items():
+                    if local in local_names:
+                        add(local_names[local], value)
             # Drop this chunk's captured inputs and output gradients before the next forward:
             # one chunk's activations live at a time, whatever N is.
-            capture = caught = loss = wanted = records = calls = rows = value = samples = None
-        for group in sums:
-            for name in names - group.keys():  # a parameter no code reached: zero Fisher
-                group[name] = ref_fisher.zero_accumulator(params[name])
+            capture = caught = loss = wanted = records = calls = value = None
+        for name in names - sums.keys():  # a parameter no code reached: zero Fisher
+            sums[name] = ref_fisher.zero_accumulator(params[name])
         return sums
 
     # ---- perturbation -------------------------------------------------------------------

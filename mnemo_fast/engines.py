@@ -39,7 +39,7 @@ class Engine(Protocol):
     - ``local(t)`` -> the part of ``t`` this process holds and edits [``t`` itself];
     - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False];
     - ``sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)`` -> one
-      ``sum_squared_grads`` per block of ``sizes`` consecutive rows, in one pass [one call per block].
+      ``sum_squared_grads`` per block of ``sizes`` consecutive rows, on one plan [one call per block].
     """
 
     name: str

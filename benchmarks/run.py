@@ -240,10 +240,12 @@ def forget_section(class_counts, repeats: int, cap: float, log) -> dict:
         x, y = codes.batch(range(c))
         methods = {
             "plain fwd+bwd over all codes": lambda: bm.plain_forward_backward(model, x, y),
+            "scoring forward over all codes": lambda: scoring_forward(model, x),
             "authors' algorithm": lambda: bm.authors_forget(model, codes, [0], LAMBDA1, LAMBDA2),
             "REFERENCE": lambda: mnemo_fast.forget(model, codes, [0], lambda1=LAMBDA1, lambda2=LAMBDA2, engine=REFERENCE),
             "HOOKS_ATEN": lambda: mnemo_fast.forget(model, codes, [0], lambda1=LAMBDA1, lambda2=LAMBDA2, engine=HOOKS_ATEN),
             "mnemo_fast (EXTENSION)": lambda: mnemo_fast.forget(model, codes, [0], lambda1=LAMBDA1, lambda2=LAMBDA2, engine=EXTENSION),
+            AUTO: lambda: mnemo_fast.forget(model, codes, [0], lambda1="auto", lambda2=LAMBDA2, engine=EXTENSION),
         }
         results = {}
         for name, fn in methods.items():
@@ -258,7 +260,18 @@ def forget_section(class_counts, repeats: int, cap: float, log) -> dict:
             err = max((p - authors[n]).abs().max().item() / (authors[n].abs().max().item() or 1.0)
                       for n, p in res.model.named_parameters())
             rows[(c, name)].update(err=err, sign=res.sign)
+        rows[(c, AUTO)].update(trials=len(results[AUTO].calibration.trials), sign=results[AUTO].sign)
     return rows
+
+
+#: the forget section's lambda1="auto" row: one Fisher pair, the calibration's trials, the choice
+AUTO = "mnemo_fast (EXTENSION, lambda1=auto)"
+
+
+@torch.no_grad()
+def scoring_forward(model, x):
+    """One forward of all codes without grad: what each calibration trial scores per sign."""
+    return model(x)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -418,6 +431,12 @@ def targets(fisher, sizes, noise, forget, forget_counts) -> list[str]:
         authors = forget[(c, "authors' algorithm")]["ms"]
         out.append(f"- forget, C = {c}: {ours / floor:.1f}x plain fwd+bwd (target <= 5x): {_met(ours / floor <= 5)}; "
                    f"{authors / ours:.1f}x faster than the authors' (target >= 10x): {_met(authors / ours >= 10)}.")
+        if (c, AUTO) in forget:
+            auto, fwd = forget[(c, AUTO)], forget[(c, "scoring forward over all codes")]["ms"]
+            trials = auto.get("trials", 0)
+            extra = (auto["ms"] - ours) / fwd
+            out.append(f"  - lambda1=\"auto\": +{auto['ms'] - ours:.1f} ms over lambda1 fixed = {extra:.1f} scoring "
+                       f"forwards; its {trials} trials score {2 * trials} (target: no more): {_met(extra <= 2 * trials)}.")
     return out
 
 

@@ -37,7 +37,9 @@ class Engine(Protocol):
     - ``forwards(model)`` -> a context manager entered once around a whole call (a sharded
       model reshards after each forward inside it) [none];
     - ``local(t)`` -> the part of ``t`` this process holds and edits [``t`` itself];
-    - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False].
+    - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False];
+    - ``sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)`` -> one
+      ``sum_squared_grads`` per block of ``sizes`` consecutive rows, on one plan [one call per block].
     """
 
     name: str

@@ -127,8 +127,13 @@ def fisher_of(engine, model, inputs: Tensor, labels: Tensor, num_classes: int, p
     """f = (eps + sum_{codes} g^2 / K) / |C| for the class set whose K codes each are ``inputs``
     (docs/METHOD.md, "Fisher information from the codes"). Model in eval mode already."""
     sums = engine.sum_squared_grads(model, inputs, labels, chunk_size, output_fn)
-    # In place, in the formula's order ((s / K) + eps) / |C|: no second parameter-sized copy;
-    # a division by 1 (one code per class, one class) is exact and skipped (one pass less each).
+    return _scaled(sums, num_classes, per_class, eps)
+
+
+def _scaled(sums: dict[str, Tensor], num_classes: int, per_class: int, eps: float) -> dict[str, Tensor]:
+    """The sums S made f = ((S / K) + eps) / |C| in place (the formula's order)."""
+    # In place: no second parameter-sized copy; a division by 1 (one code per class, one class)
+    # is exact and skipped (one pass less each).
     for s in sums.values():
         if per_class != 1:
             s.div_(per_class)
@@ -225,19 +230,11 @@ class CandidateSession:
         self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
         self.num_forget = len(classes)
 
-        forget_inputs, forget_labels = self.inputs[self.is_forget], self.labels[self.is_forget]
-        remain_inputs, remain_labels = self.inputs[~self.is_forget], self.labels[~self.is_forget]
         recorder = _OutputRecorder(model, output_fn)
         try:
             with eval_mode(model), only_parameters(model, keep):
-                forget_fisher = fisher_of(engine, model, forget_inputs, forget_labels, len(classes),
-                                          codes.per_class, eps, chunk_size, output_fn)
-                forget_logits = recorder.logits_for(forget_inputs)
-                recorder.records = []
-                remain_fisher = fisher_of(engine, model, remain_inputs, remain_labels,
-                                          codes.num_classes - len(classes), codes.per_class, eps,
-                                          chunk_size, output_fn)
-                remain_logits = recorder.logits_for(remain_inputs)
+                forget_fisher, remain_fisher, forget_logits, remain_logits = self._fisher_pair(
+                    recorder, len(classes), codes.num_classes - len(classes), codes.per_class, eps)
         finally:
             recorder.close()
         self.forget_fisher = [forget_fisher[n].contiguous() for n in self.names]
@@ -250,6 +247,33 @@ class CandidateSession:
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
             logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
             self.logits_before = logits
+
+    def _fisher_pair(self, recorder: "_OutputRecorder", num_forget: int, num_remain: int, per_class: int,
+                     eps: float):
+        """(f_F, f_R, forget codes' logits or None, retained codes' logits or None). An engine
+        with ``sum_squared_grads_groups`` takes both code sets as one batch (forget codes
+        first): one plan and one forward+backward per chunk for the pair; else two calls."""
+        model, engine, chunk_size, output_fn = self.model, self.engine, self.chunk_size, self.output_fn
+        groups = getattr(engine, "sum_squared_grads_groups", None)
+        if groups is not None:
+            order = torch.cat([self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)])
+            inputs, labels = self.inputs.index_select(0, order), self.labels.index_select(0, order)
+            split = int(self.is_forget.sum())
+            forget_sums, remain_sums = groups(model, inputs, labels, [split, inputs.shape[0] - split],
+                                              chunk_size, output_fn)
+            logits = recorder.logits_for(inputs)
+            forget_logits, remain_logits = (None, None) if logits is None else (logits[:split], logits[split:])
+            return (_scaled(forget_sums, num_forget, per_class, eps), _scaled(remain_sums, num_remain, per_class, eps),
+                    forget_logits, remain_logits)
+        forget_inputs, forget_labels = self.inputs[self.is_forget], self.labels[self.is_forget]
+        remain_inputs, remain_labels = self.inputs[~self.is_forget], self.labels[~self.is_forget]
+        forget_fisher = fisher_of(engine, model, forget_inputs, forget_labels, num_forget, per_class, eps,
+                                  chunk_size, output_fn)
+        forget_logits = recorder.logits_for(forget_inputs)
+        recorder.records = []
+        remain_fisher = fisher_of(engine, model, remain_inputs, remain_labels, num_remain, per_class, eps,
+                                  chunk_size, output_fn)
+        return forget_fisher, remain_fisher, forget_logits, recorder.logits_for(remain_inputs)
 
     # ---- candidates ------------------------------------------------------------------------
     @torch.no_grad()

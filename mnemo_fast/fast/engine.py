@@ -35,6 +35,14 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
         )
 
 
+def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
+    """(inputs, targets) of each block of consecutive rows (views)."""
+    start = 0
+    for size in sizes:
+        yield inputs[start : start + size], targets[start : start + size]
+        start += size
+
+
 class FastEngine:
     """``kernels``: one path of the op table, :data:`.ops.COMPILED` or :data:`.ops.TWINS`."""
 
@@ -69,13 +77,44 @@ class FastEngine:
         chunk_size: int | None = None,
         output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
     ) -> dict[str, Tensor]:
-        params = ref_fisher.trainable_parameters(model)
-        if not params:
-            return {}
         if not self.runs_on(inputs.device):
             return self.fallback.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
+        return self.sum_squared_grads_groups(model, inputs, targets, [inputs.shape[0]], chunk_size, output_fn)[0]
+
+    def sum_squared_grads_groups(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        sizes: Sequence[int],
+        chunk_size: int | None = None,
+        output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+    ) -> list[dict[str, Tensor]]:
+        """:meth:`sum_squared_grads` of each block of consecutive rows of ``inputs`` [N, ...]
+        (``sizes``: the blocks' row counts, summing to N), on one plan: the Fisher pair of the
+        forget and retained codes plans the model once, not twice. Each block still runs its
+        own forward+backward, so each sum is bit for bit what :meth:`sum_squared_grads` gives
+        for that block (one joined batch would round differently). No plan outlives the call."""
+        sizes = [int(n) for n in sizes]
+        if sum(sizes) != inputs.shape[0]:
+            raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
+        params = ref_fisher.trainable_parameters(model)
+        if not params:
+            return [{} for _ in sizes]
+        if not self.runs_on(inputs.device):
+            fallback = self.fallback
+            if hasattr(fallback, "sum_squared_grads_groups"):
+                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)
+            return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
+                    for x, y in _blocks(inputs, targets, sizes)]
         plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
         _refuse_sharded_generic(plan, params)
+        return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
+                for x, y in _blocks(inputs, targets, sizes)]
+
+    def _sums(self, model, params, plan: Plan, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
+        """{name: sum} over ``inputs`` on ``plan``: the rule pass, then the generic path for
+        the parameters no rule takes."""
         sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
@@ -102,7 +141,7 @@ class FastEngine:
                 sums[name] += value.to(dtype)
             else:  # rule outputs are fresh tensors: safe to own and add into
                 sums[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
-        step = chunk_size or inputs.shape[0]
+        step = chunk_size or max(inputs.shape[0], 1)  # an empty block: no pass, zero sums
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
             capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()})

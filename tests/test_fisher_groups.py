@@ -1,0 +1,172 @@
+"""The Fisher pair on one plan: ``sum_squared_grads_groups`` of the fast engines equals, bit for
+bit, one ``sum_squared_grads`` per block of rows (and the reference's sums), plans once per call,
+and keeps no plan between calls (a changed model or input shape is planned afresh)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mnemo_fast as mf
+from mnemo_fast.fast import engine as fast_engine
+from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+from mnemo_fast.reference.engine import REFERENCE
+from mnemo_fast.reference.fisher import eval_mode
+from mnemo_fast.codes import MnemonicCodes
+from test_fast_engine import ENGINES, MODELS, assert_fisher_close, problem
+
+
+def expected_blocks(model, x, y, sizes):
+    """The reference's sums, one call per block of consecutive rows."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(REFERENCE.sum_squared_grads(model, x[start : start + size], y[start : start + size]))
+        start += size
+    return out
+
+
+def count_plans(monkeypatch):
+    calls = []
+    real = fast_engine.make_plan
+    monkeypatch.setattr(fast_engine, "make_plan", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("sizes, chunk", [([1, 6], None), ([3, 4], None), ([2, 5], 3), ([5, 2], 2), ([2, 2, 3], 4)])
+def test_groups_equal_the_reference_per_block(engine, name, sizes, chunk):
+    """Every model of the zoo (linear, conv, embedding, norms, broadcast raw parameters,
+    attention, tied and custom parameters), blocks split inside and across chunks."""
+    model, x, y = problem(name, n=sum(sizes))
+    with eval_mode(model):
+        expected = expected_blocks(model, x, y, sizes)
+        got = engine.sum_squared_grads_groups(model, x, y, sizes, chunk)
+    assert len(got) == len(sizes)
+    for g, e in zip(got, expected):
+        assert_fisher_close(g, e, rtol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_groups_are_bitwise_the_calls_per_block(engine, name, chunk):
+    """The shared plan changes no result: float32, each block's sums equal a call on it alone."""
+    model, x, y = problem(name, dtype=torch.float32, n=7)
+    with eval_mode(model):
+        got = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk)
+        alone = [engine.sum_squared_grads(model, x[:3], y[:3], chunk), engine.sum_squared_grads(model, x[3:], y[3:], chunk)]
+    for g, a in zip(got, alone):
+        assert list(g) == list(a)
+        for key in a:
+            assert torch.equal(g[key], a[key]), key
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_one_group_is_sum_squared_grads(engine, name):
+    model, x, y = problem(name, dtype=torch.float32, n=5)
+    with eval_mode(model):
+        (got,) = engine.sum_squared_grads_groups(model, x, y, [5], 2)
+        assert_fisher_close(got, engine.sum_squared_grads(model, x, y, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_sizes_and_an_empty_block(engine):
+    model, x, y = problem("mlp", n=4)
+    with eval_mode(model):
+        with pytest.raises(ValueError, match="do not add up"):
+            engine.sum_squared_grads_groups(model, x, y, [1, 2])
+        empty, whole = engine.sum_squared_grads_groups(model, x, y, [0, 4])
+        assert_fisher_close(whole, REFERENCE.sum_squared_grads(model, x, y), rtol=1e-10)
+        for name, value in empty.items():
+            assert not value.any(), name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["mlp", "transformer", "vit", "tied_shared_custom"])
+def test_plans_once_per_call(engine, name, monkeypatch):
+    """One plan for the pair, whatever the rules (attention, broadcast, tied and custom)."""
+    plans = count_plans(monkeypatch)
+    model, x, y = problem(name, n=6)
+    with eval_mode(model):
+        engine.sum_squared_grads_groups(model, x, y, [2, 4])
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_forget_plans_once(engine, monkeypatch):
+    """The whole forget (the Fisher of the forget and of the retained codes) plans once."""
+    plans = count_plans(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+    codes = MnemonicCodes.generate(5, (1, 4, 4), per_class=2)
+    mf.forget(model, codes, [1, 3], lambda1=1e-3, lambda2=10.0, engine=engine)
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_changed_model_is_planned_again(engine, monkeypatch):
+    """No plan outlives a call: after a layer is swapped for one no rule takes, or a weight is
+    tied, the next call plans the model as it is now and still equals the reference."""
+    plans = count_plans(monkeypatch)
+    model, x, y = problem("mlp", n=6)
+    with eval_mode(model):
+        first = engine.sum_squared_grads_groups(model, x, y, [2, 4])
+        for g, e in zip(first, expected_blocks(model, x, y, [2, 4])):
+            assert_fisher_close(g, e, rtol=1e-10)
+        linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        parent = next(p for p in model.modules() if linear in p.children())
+        key = next(k for k, m in parent.named_children() if m is linear)
+
+        class Custom(nn.Linear):  # overrides forward: no rule may take it
+            def forward(self, inp):
+                return nn.functional.linear(inp, self.weight * 1.5, self.bias)
+
+        swapped = Custom(linear.in_features, linear.out_features).to(linear.weight.dtype)
+        setattr(parent, key, swapped)
+        second = engine.sum_squared_grads_groups(model, x, y, [2, 4])
+        for g, e in zip(second, expected_blocks(model, x, y, [2, 4])):
+            assert_fisher_close(g, e, rtol=1e-10)
+    assert len(plans) == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_different_input_shapes_are_planned_again(engine, monkeypatch):
+    """A model that takes sequences of any length: each call plans on its own inputs."""
+    plans = count_plans(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    model(torch.zeros(1, 5, 3, dtype=torch.float64))  # materialise for length 5
+    short = torch.randn(4, 5, 3, dtype=torch.float64)
+    model_long = copy.deepcopy(model)
+    model_long[3] = nn.Linear(4 * 7, 2).double()
+    long = torch.randn(4, 7, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    with eval_mode(model), eval_mode(model_long):
+        for m, inp in ((model, short), (model_long, long), (model, short)):
+            got = engine.sum_squared_grads_groups(m, inp, y, [1, 3])
+            for g, e in zip(got, expected_blocks(m, inp, y, [1, 3])):
+                assert_fisher_close(g, e, rtol=1e-10)
+    assert len(plans) == 3
+    assert plans[1] is model_long
+
+
+def test_session_hands_the_pair_at_once(monkeypatch):
+    """The session hands both code sets to the engine at once (forget codes first) and still
+    gets the codes' logits before forgetting from the Fisher's own forwards."""
+    seen = []
+    real = HOOKS_ATEN.sum_squared_grads_groups
+    monkeypatch.setattr(HOOKS_ATEN, "sum_squared_grads_groups",
+                        lambda model, x, y, sizes, *a: seen.append((y.tolist(), list(sizes))) or real(model, x, y, sizes, *a))
+    monkeypatch.setattr(HOOKS_ATEN, "sum_squared_grads", lambda *a, **k: pytest.fail("two calls for the pair"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    codes = MnemonicCodes.generate(4, (1, 4, 4))
+    from mnemo_fast.session import CandidateSession, code_logits
+
+    session = CandidateSession(model, codes, [2], engine=HOOKS_ATEN)
+    assert seen == [([2, 0, 1, 3], [1, 3])]
+    assert session.logits_before is not None
+    torch.testing.assert_close(session.logits_before, code_logits(model, session.inputs))

@@ -12,7 +12,8 @@ import torch
 
 import mnemo_fast as mf
 import mnemo_fast.reference as ref
-from mnemo_fast import engines, models
+from mnemo_fast import engines
+from mnemo_fast.evaluation import models
 from mnemo_fast.calibration import Calibration, CalibrationWarning, calibrate
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN

@@ -18,6 +18,7 @@ from . import engines, validation
 from .calibration import Calibration, calibrate_session, lambda2_candidates
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
+from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
 from .reference.fisher import eval_mode, logits_of
 from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
     CandidateSession,
@@ -194,12 +195,6 @@ def code_accuracy(
     return accuracy_of(correct, is_forget)
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
-    from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
-
-    return default_generator(device)
-
-
 def forget(
     model: torch.nn.Module,
     codes: MnemonicCodes,
@@ -267,7 +262,7 @@ def forget(
                 calibration = calibrate_session(session, lambda2s, **(calibration_options or {}))
                 lambda1, lambda2 = calibration.lambda1, calibration.lambda2
             if mode == "gaussian" and generator is None:
-                generator = _default_generator(session.live[0].device)
+                generator = default_generator(session.live[0].device)
             best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
                                                           generator=generator)
         except BaseException:

@@ -108,12 +108,7 @@ def correct_predictions(
 ) -> Tensor:
     """[N] bool: the model (in eval mode) puts input n in class labels[n]; at most
     ``chunk_size`` inputs per forward pass."""
-    step = chunk_size or max(inputs.shape[0], 1)
-    with eval_mode(model):
-        return torch.cat([
-            output_fn(model(inputs[start : start + step])).argmax(-1) == labels[start : start + step]
-            for start in range(0, inputs.shape[0], step)
-        ])
+    return code_logits(model, inputs, chunk_size, output_fn).argmax(-1) == labels
 
 
 def accuracy_of(correct: Tensor, is_forget: Tensor) -> CodeAccuracy:

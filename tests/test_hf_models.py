@@ -14,7 +14,7 @@ import mnemo_fast.reference as ref
 from mnemo_fast.codes import MnemonicCodes
 
 pytest.importorskip("transformers")
-from mnemo_fast.evaluation.hf_models import FAMILIES, build  # noqa: E402
+from mnemo_fast.evaluation.hf_models import FAMILIES, TEXT_FAMILIES, build  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -48,11 +48,14 @@ def test_fast_fisher_equals_reference(family, dtype, rtol):
     _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), rtol)
 
 
-@pytest.mark.parametrize("family", ["vit", "swin"])
-def test_forget_runs_on_a_transformers_image_model(family):
-    """(Codes for token models, and so ``forget`` on the text families, are issue 11's.)"""
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit", "swin"])
+def test_forget_runs_on_a_transformers_model(family):
+    """Text families take token codes (ids past the padding id 0), image families pixel codes."""
     hf = build(family)
-    codes = MnemonicCodes.generate(hf.num_classes, (3, 16, 16), seed=0)
+    if family in TEXT_FAMILIES:
+        codes = MnemonicCodes.generate_tokens(hf.num_classes, length=8, vocab_size=64, per_class=2, low=1)
+    else:
+        codes = MnemonicCodes.generate(hf.num_classes, (3, 16, 16), seed=0)
     before = [p.detach().clone() for p in hf.model.parameters()]
     result = mf.forget(hf.model, codes, [1], lambda1=1e-3, lambda2=10.0)
     assert result.sign in (1, -1)

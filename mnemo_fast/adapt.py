@@ -147,10 +147,10 @@ def adapt_with_codes(
     config = {"t_mix": float(t_mix), "lr": float(lr), "weight_decay": float(weight_decay),
               "batch_size": int(batch_size), "optimizer": optimizer, "momentum": float(momentum),
               "seed": int(seed), "num_samples": len(dataset)}
-    run = {"steps": int(steps), "codes_sha256": codes.fingerprint()}
     path = None
     start = 0
     if checkpoint_dir is not None:
+        run = {"steps": int(steps), "codes_sha256": codes.fingerprint()}
         path = Path(checkpoint_dir) / CHECKPOINT_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():

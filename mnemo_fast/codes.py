@@ -188,7 +188,7 @@ class MnemonicCodes:
             )
         if seed is not None and distribution is not None:
             expected = cls.generate(num_classes, shape, per_class, seed, distribution)
-            if not torch.equal(expected.tensor, tensor.float()):
+            if not torch.equal(expected.tensor.to(tensor.dtype), tensor):  # codes saved after .to(dtype)
                 raise CodesFileError(
                     f"{path}: codes do not match their metadata (seed={seed}, "
                     f"distribution={distribution}); the file was altered"

@@ -219,6 +219,18 @@ def test_demo_one_epoch_writes_the_three_files(capsys, tmp_path):
     mf.MnemonicCodes.load(out_dir / "codes.safetensors")
 
 
+@pytest.mark.slow
+def test_demo_keeps_the_trained_model_when_forgetting_fails(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--epochs", "1", "--out", tmp_path, "--forget", "12")
+    user_error((code, out, err), "cannot forget: ", "12")
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "codes.safetensors").is_file()
+    assert not (tmp_path / "forgotten.safetensors").exists()
+    # the saved pair can be forgotten again from the command line
+    code, out, err = run(capsys, "forget", tmp_path / "model.safetensors", tmp_path / "codes.safetensors",
+                         "--forget", "2", "--output", tmp_path / "forgotten.safetensors")
+    assert code == 0, err
+
+
 def _entry_point(*argv) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "mnemo_fast.cli", *map(str, argv)], env=env,

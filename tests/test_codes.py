@@ -204,6 +204,14 @@ def test_load_refuses_unreadable_files(saved, tmp_path):
         mf.MnemonicCodes.load(tmp_path / "nothere")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_codes_saved_in_another_dtype_load_and_verify(tmp_path, dtype):
+    codes = mf.MnemonicCodes.generate(3, (2, 2), seed=4, distribution="normal").to(dtype)
+    codes.save(tmp_path / "codes.safetensors")
+    loaded = mf.MnemonicCodes.load(tmp_path / "codes.safetensors")
+    assert loaded.tensor.dtype == dtype and torch.equal(loaded.tensor, codes.tensor)
+
+
 def test_fingerprint_identifies_the_codes():
     a = mf.MnemonicCodes.generate(3, (2,), seed=1)
     assert a.fingerprint() == mf.MnemonicCodes.generate(3, (2,), seed=1).fingerprint()

@@ -258,6 +258,10 @@ def demo(args) -> int:
     train, test = _load_data(args.data)
     input_shape, num_classes = tuple(train.tensors[0].shape[1:]), data.num_classes(train)
     epochs = args.epochs if args.epochs is not None else (40 if args.data == "digits" else 5)
+    unknown = sorted(set(c for c in args.forget if c >= num_classes))
+    if unknown or len(set(args.forget)) == num_classes:  # known before training: refuse now
+        raise UserError(f"--forget {' '.join(map(str, unknown or sorted(set(args.forget))))}: "
+                        f"{args.data} has classes 0..{num_classes - 1}, and at least one must remain")
     codes = MnemonicCodes.generate(num_classes, input_shape, seed=args.seed)
     model = models.build(args.model, input_shape, num_classes)
     print(f"training {args.model} on {args.data} ({len(train)} samples) with codes, "

@@ -180,6 +180,23 @@ def test_the_method_refusals_are_one_line_and_save_nothing(capsys, saved, tmp_pa
     assert not output.exists() and not output.with_name(output.name + ".tmp").exists()
 
 
+def test_a_non_finite_result_is_never_saved(capsys, saved, tmp_path, monkeypatch):
+    """The CLI's own check, whatever the method lets through."""
+    real = cli.forget
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        with torch.no_grad():
+            result.model[1].bias[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(cli, "forget", poisoned)
+    output = tmp_path / "out.safetensors"
+    user_error(run(capsys, "forget", saved / "model.safetensors", saved / "codes.safetensors", "--output", output),
+               "made 1 tensor(s) NaN or inf (first: 1.bias); nothing saved")
+    assert not output.exists()
+
+
 def test_forget_writes_the_forgotten_model(capsys, saved, tmp_path):
     output = tmp_path / "out.safetensors"
     code, out, err = run(capsys, "forget", saved / "model.safetensors", saved / "codes.safetensors",

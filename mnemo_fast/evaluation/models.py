@@ -171,7 +171,8 @@ def _check_weights(path, expected: dict[str, torch.Tensor], stored: dict[str, tu
         )
 
 
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64")
+#: safetensors dtype names of floating-point tensors.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _first_line(error: BaseException) -> str:

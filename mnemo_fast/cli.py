@@ -44,22 +44,29 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def positive_number(text: str) -> float:
-    """A finite number > 0 (lambda2)."""
+#: The largest lambda: the models are float32, and a larger gain is inf there.
+LAMBDA_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _lambda(text: str, expected: str) -> float:
     value = _number(text)
     if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    if value > LAMBDA_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too large: above float32's largest number ({LAMBDA_MAX:.3g}) the shifts overflow to inf"
+        )
     return value
+
+
+def positive_number(text: str) -> float:
+    """A lambda2: a number in (0, float32 max]."""
+    return _lambda(text, "a positive number")
 
 
 def lambda1_value(text: str) -> float | str:
-    """A finite number > 0, or "auto"."""
-    if text == "auto":
-        return text
-    value = _number(text)
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
-    return value
+    """A lambda1: a number in (0, float32 max], or "auto"."""
+    return text if text == "auto" else _lambda(text, "a positive number or 'auto'")
 
 
 def fraction(text: str) -> float:

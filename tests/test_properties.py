@@ -284,7 +284,8 @@ def test_perturbation_ops_equal_the_formula_in_float64(pair, lambdas, sign, seed
     by_reference = [p.clone() for p in params]
     REFERENCE.shift_(by_reference, forget, remain, want_max, lambda1, lambda2, sign)
     for p, e, m, got, reference in zip(params, etas, want_max, shifted, by_reference):
-        alpha = min(lambda1, lambda2 / m.item()) if m > 0 else lambda1
+        # lambda2 / max as torch divides a scalar by a tensor: reciprocal, then product
+        alpha = min(lambda1, (1.0 / m.item()) * lambda2) if m > 0 else lambda1
         want = p + sign * (alpha * torch.where(torch.isinf(e), m, e))
         assert torch.equal(got, want)
         assert torch.isfinite(got).all()

@@ -57,7 +57,8 @@ def _mixes_samples(model: nn.Module) -> bool:
 
 
 def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tensor, y1: torch.Tensor, output_fn) -> Plan:
-    """Plan from one sample ``x1`` [1, ...], ``y1`` [1]; the model is in eval mode."""
+    """Plan from one sample ``x1`` [1, ...], ``y1`` [1] (given twice more, as a batch of 2,
+    only when a raw parameter may be broadcast over the batch); the model is in eval mode."""
     if _mixes_samples(model):
         return all_generic(params, "BatchNorm without running statistics mixes the samples")
     rules = {m: rule_for(m) for m in model.modules()}

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import mnemo_fast as mf
 import mnemo_fast.reference
+from mnemo_fast.reference import perturb
 from mnemo_fast.evaluation import models
 from mnemo_fast.distributed.launch import shard
 from mnemo_fast.distributed.sharding import gathered
@@ -312,6 +313,18 @@ def test_fsdp_gaussian_perturbs_exactly_the_masked_entries(runs):
             moved = run["fsdp-gaussian"][name] != p.detach()
             assert torch.equal(moved, eta > 0.5), f"rank {rank} {name}: noise outside (or missing from) the mask"
     assert all(torch.equal(runs[0]["fsdp-gaussian"][n], runs[1]["fsdp-gaussian"][n]) for n in runs[0]["fsdp-gaussian"])
+    # The gathered copies above are equal by construction; the noise itself is checked against
+    # the one-process Fisher: (new - old) / (alpha * eta) must be standard normal draws.
+    lambda1, lambda2 = FSDP_FORGET["lambda1"], FSDP_FORGET["lambda2"]
+    z = []
+    for name, p in model.named_parameters():
+        m = perturb.max_finite_ratio(fisher_f[name], fisher_r[name])
+        eta = perturb.ratio(fisher_f[name], fisher_r[name], m)
+        mask = eta > 0.5
+        z.append(((runs[0]["fsdp-gaussian"][name] - p.detach()) / (perturb.alpha(m, lambda1, lambda2) * eta))[mask])
+    z = torch.cat(z).double()
+    assert z.numel() >= 200, "too few perturbed entries for the statistics below"
+    assert abs(z.mean().item()) < 0.15 and abs(z.std().item() - 1.0) < 0.15, (z.mean().item(), z.std().item())
 
 
 def test_fsdp_refusals_reach_every_rank_and_touch_nothing(runs):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -143,6 +144,40 @@ def test_both_namespaces_export_the_same_api():
         assert hasattr(mf, name) and hasattr(ref, name), name
     assert ref.backend() == "reference"
     assert mf.backend() in ("reference", "cpu-ext")
+
+
+def test_the_public_api_is_derived_not_copied():
+    """The two ``__all__`` lists are typed twice; what they must hold is derived here from
+    the code: every public non-module name of ``mnemo_fast``, which is the method's engine
+    functions (bound to the reference engine in ``mnemo_fast.reference``), and otherwise the
+    very same objects in both namespaces."""
+    import inspect
+
+    from mnemo_fast import api, method
+
+    public = {name for name, value in vars(mf).items() if not name.startswith("_") and not inspect.ismodule(value)}
+    assert set(mf.__all__) == public and len(mf.__all__) == len(public)
+    assert set(ref.__all__) == public and len(ref.__all__) == len(public)
+    assert set(api.ENGINE_FUNCTIONS) <= public
+    for name in public:
+        fast, slow = getattr(mf, name), getattr(ref, name)
+        if name in api.ENGINE_FUNCTIONS:  # per-call engine here, the reference engine there
+            assert fast is getattr(method, name) and slow is not fast and slow.__wrapped__ is fast, name
+            with pytest.raises(TypeError, match="fixed engine"):
+                slow(engine=None)
+        elif name != "backend":
+            assert slow is fast, name
+
+
+def test_backend_is_the_one_this_build_gives():
+    """Not "either answer": the extension's load state decides which one."""
+    from mnemo_fast.fast import _ext
+
+    assert mf.backend() == ("cpu-ext" if _ext.available() else "reference")
+    assert mf.backend("cpu") == mf.backend(torch.device("cpu"))
+    assert ref.backend() == ref.backend("cuda") == "reference"
+    if os.environ.get("MNEMO_FAST_DISABLE_EXT") == "1":
+        assert not _ext.available() and mf.backend() == "reference"
 
 
 # --- bad input: a clear error naming the problem, the model bit-identical afterwards ---

@@ -18,7 +18,7 @@ from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
 from . import _ext, devices
 from .capture import Capture, frozen
-from .plan import Plan, make_plan
+from .plan import Plan, all_generic, make_plan
 from .rules.broadcast import BroadcastCapture, per_sample
 from ..distributed.sharding import is_sharded
 
@@ -119,7 +119,7 @@ class FastEngine:
         if plan.rule_modules or plan.broadcast:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if taken is None:  # a layer's batch dimension was not first: no rule is safe
-                plan = Plan(generic=list(params))
+                plan = all_generic(params, "a layer's batch dimension could not be found in the pass")
                 _refuse_sharded_generic(plan, params, "a layer's batch dimension could not be found")
             else:
                 sums.update(taken)
@@ -155,8 +155,8 @@ class FastEngine:
                     torch.autograd.grad(loss, wanted, allow_unused=True)
             if capture.batch_mismatch or caught.failed:
                 return None
-            for name, grad in caught.grads.items():
-                samples = per_sample(grad, params[name].shape, x.shape[0])
+            for name, (grad, scale) in caught.grads.items():
+                samples = per_sample(grad, plan.broadcast_uses[name], params[name].shape, scale, x.shape[0])
                 if samples is None:
                     return None
                 add(name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))

@@ -3,9 +3,12 @@
 A parameter is taken by a rule when exactly one module with a rule that can take it is
 called, and a batch-1 forward shows the parameter used once per call of that module (counted
 as edges into its gradient accumulator in the autograd graph), with an input dimension of
-size 1 that can index samples. Anything else (a raw parameter of a custom
-module, nn.MultiheadAttention's projections, a weight tied between two layers or also used
-functionally, a convolution whose batch dimension is not first) goes to the generic path.
+size 1 that can index samples. A raw parameter whose one use is an expand/add/subtract
+node is taken by the broadcast rule if a second probe, of batch 2, proves which dimension of
+that node's output indexes samples (:func:`.rules.broadcast.plan_use`). Anything else (a raw
+parameter of a custom module, a weight tied between two layers or also used functionally, a
+convolution whose batch dimension is not first, a broadcast whose sample dimension is not
+proven) goes to the generic path, with its reason in :attr:`Plan.reasons`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .rules import rule_for
-from .rules.broadcast import BROADCAST_NODES, parent_nodes
+from .rules.broadcast import BROADCAST_NODES, BroadcastUse, parent_nodes, plan_use
 
 
 @dataclass
@@ -29,10 +32,21 @@ class Plan:
     rule_modules: dict[nn.Module, tuple[object, dict[str, str]]] = field(default_factory=dict)
     generic: list[str] = field(default_factory=list)
     batch_dims: dict[nn.Module, set[int]] = field(default_factory=dict)
-    #: raw parameters broadcast over the batch (see :mod:`.broadcast`), full names
+    #: raw parameters broadcast over the batch (see :mod:`.rules.broadcast`), full names
     broadcast: list[str] = field(default_factory=list)
+    #: full name -> where its broadcast node holds the samples, for each name of ``broadcast``
+    broadcast_uses: dict[str, BroadcastUse] = field(default_factory=dict)
+    #: full name -> why it goes to the generic path, for each name of ``generic``
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def send_generic(self, name: str, reason: str) -> None:
+        self.generic.append(name)
+        self.reasons[name] = reason
 
 
+def all_generic(params, reason: str) -> Plan:
+    """A plan that sends every parameter of ``params`` to the generic path for ``reason``."""
+    return Plan(generic=list(params), reasons={name: reason for name in params})
 
 
 def _mixes_samples(model: nn.Module) -> bool:
@@ -43,9 +57,10 @@ def _mixes_samples(model: nn.Module) -> bool:
 
 
 def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tensor, y1: torch.Tensor, output_fn) -> Plan:
-    """Plan from one sample ``x1`` [1, ...], ``y1`` [1]; the model is in eval mode."""
+    """Plan from one sample ``x1`` [1, ...], ``y1`` [1] (given twice more, as a batch of 2,
+    only when a raw parameter may be broadcast over the batch); the model is in eval mode."""
     if _mixes_samples(model):
-        return Plan(generic=list(params))
+        return all_generic(params, "BatchNorm without running statistics mixes the samples")
     rules = {m: rule_for(m) for m in model.modules()}
     rules = {m: r for m, r in rules.items() if r is not None}
     claims = defaultdict(list)  # id(parameter) -> [(module, local name)] of rules that can take it
@@ -85,6 +100,7 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     uses = Counter({key: len(nodes) for key, nodes in parents.items()})
 
     plan = Plan(batch_dims=batch_dims)
+    candidates = []  # raw parameters with one use, through a broadcast node
     for name, p in params.items():
         called = [(m, local) for m, local in claims[id(p)] if calls[m] > 0]
         if len(called) == 1:
@@ -94,8 +110,50 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
             if within and batch_dims[module] and uses[id(p)] == calls[module]:
                 plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
                 continue
-        if not claims[id(p)] and uses[id(p)] == 1 and parents[id(p)][0].name() in BROADCAST_NODES:
-            plan.broadcast.append(name)
-            continue
-        plan.generic.append(name)
+            plan.send_generic(name, _why_not_taken(type(module).__name__, rule, calls[module],
+                                                   batch_dims[module], uses[id(p)]))
+        elif len(called) > 1:
+            plan.send_generic(name, f"tied: the weight of {len(called)} called modules with a rule")
+        elif claims[id(p)]:
+            plan.send_generic(name, f"its module is not called; used {uses[id(p)]} times elsewhere")
+        elif uses[id(p)] != 1:
+            plan.send_generic(name, f"raw parameter used {uses[id(p)]} times in the forward")
+        elif parents[id(p)][0].name() not in BROADCAST_NODES:
+            plan.send_generic(name, f"raw parameter used by {parents[id(p)][0].name()}, which no rule takes")
+        else:
+            candidates.append(name)
+    if candidates:
+        _plan_broadcast(plan, model, {name: params[name] for name in candidates}, parents, x1, y1, output_fn)
+    plan.generic = [name for name in params if name in plan.reasons]  # the parameters' order
     return plan
+
+
+def _why_not_taken(kind: str, rule, calls: int, dims: set[int], uses: int) -> str:
+    if rule.max_calls is not None and calls > rule.max_calls:
+        return f"its {kind} is called {calls} times; the rule takes at most {rule.max_calls}"
+    if not dims:
+        return f"no input dimension of its {kind} can be shown to index samples"
+    return f"used {uses} times but its {kind} is called {calls} times (also used outside it)"
+
+
+def _plan_broadcast(plan: Plan, model, candidates: dict[str, nn.Parameter], parents, x1, y1, output_fn) -> None:
+    """Broadcast rule or generic path for each candidate: a second probe, the sample given
+    twice (batch 2), shows which dimension of each broadcast node's output grows with the
+    batch (:func:`.rules.broadcast.plan_use`). A size that equals N never decides it."""
+    try:
+        with torch.enable_grad():
+            loss2 = F.cross_entropy(output_fn(model(torch.cat([x1, x1]))), torch.cat([y1, y1]), reduction="sum")
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        for name in candidates:
+            plan.send_generic(name, f"a probe of batch 2 failed ({type(error).__name__})")
+        return
+    wanted = {id(p) for p in candidates.values()}
+    parents2 = parent_nodes(loss2, wanted) if loss2.grad_fn is not None else {}
+    for name, p in candidates.items():
+        nodes2 = parents2.get(id(p), [])
+        use = plan_use(parents[id(p)][0], nodes2[0] if len(nodes2) == 1 else None, p)
+        if isinstance(use, str):
+            plan.send_generic(name, use)
+        else:
+            plan.broadcast.append(name)
+            plan.broadcast_uses[name] = use

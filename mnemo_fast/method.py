@@ -258,7 +258,10 @@ def forget(
     object or a dict (default: the tensor itself, ``.logits`` or ``["logits"]``).
 
     A new model is returned unless ``inplace=True``; in-place edits happen completely or not
-    at all (any failure restores the parameters). Bad input raises ``UnlearningError``.
+    at all (any failure restores the parameters and, in Gaussian mode, the generator's state).
+    Bad input raises ``UnlearningError`` (a ValueError), a value of the wrong kind ``TypeError``,
+    before the model is touched; a chosen candidate that leaves a parameter NaN or inf is undone
+    and raises (docs/METHOD.md, "Inputs that are refused").
     """
     start = time.perf_counter()
     if mode not in MODES:
@@ -299,7 +302,7 @@ def forget(
             if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
                 validation.finite_logits(session.logits_before, session.labels)
             validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, eps, len(classes),
-                                             codes.num_classes - len(classes))
+                                             codes.num_classes - len(classes), engine)
             calibration = None
             if auto:
                 calibration = calibrate_session(session, lambda2s, **calibration_options)
@@ -311,7 +314,7 @@ def forget(
             best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
                                                           generator=generator)
             validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1, lambda2,
-                                     mode)
+                                     mode, engine)
         except BaseException:
             session.restore()
             if generator_state is not None:

@@ -409,20 +409,30 @@ def finite_logits(logits: Tensor, labels: Tensor) -> None:
         raise UnlearningError(f"the model's logits on the codes of class(es) {bad} contain NaN or inf")
 
 
+def everywhere(engine, flag: bool, device: torch.device) -> bool:
+    """``flag`` on every process of the engine (its ``all_ranks``; a one-process engine: ``flag``)."""
+    agree = getattr(engine, "all_ranks", None)
+    return flag if agree is None else agree(flag, device)
+
+
 @torch.no_grad()
 def forget_fisher_nonzero(forget_fisher: Sequence[Tensor], max_ratio: Tensor, eps: float,
-                          num_forget: int, num_remain: int) -> None:
+                          num_forget: int, num_remain: int, engine=None) -> None:
     """Some code's gradient of the forget classes touches a selected parameter: f_F is not the
     epsilon floor eps/|C_F| everywhere. Where f_F is the floor, eta <= (eps/|C_F|)/(eps/|C_R|)
     = |C_R|/|C_F| (f_R >= its floor), so a larger max_ratio [L] proves it without a pass."""
     if bool((max_ratio.double() > 1.0001 * num_remain / num_forget).any()):
-        return
+        return  # max_ratio is the same on every rank: every rank returns here, or none does
+    touched = False
     for f in forget_fisher:
         floor = torch.zeros((), dtype=f.dtype, device=f.device).add_(eps)
         if num_forget != 1:
             floor = floor.div_(num_forget)
         if f.numel() and bool((f.amax() > floor * 1.0001).item()):
-            return
+            touched = True
+            break
+    if not everywhere(engine, not touched, max_ratio.device):  # a shard elsewhere may be touched
+        return
     raise UnlearningError(
         "the forget classes' codes give a zero gradient to every selected parameter (their Fisher "
         "is the epsilon floor alone): the logits do not depend on the perturbed parameters there, "
@@ -434,7 +444,8 @@ def forget_fisher_nonzero(forget_fisher: Sequence[Tensor], max_ratio: Tensor, ep
 
 @torch.no_grad()
 def result_finite(names: Sequence[str], live: Sequence[Tensor], max_ratio: Tensor,
-                  largest: Mapping[str, float] | None, lambda1: float, lambda2: float, mode: str) -> None:
+                  largest: Mapping[str, float] | None, lambda1: float, lambda2: float, mode: str,
+                  engine=None) -> None:
     """The parameters after the chosen candidate are finite; else :class:`UnlearningError`
     (the caller restores them).
 
@@ -442,14 +453,15 @@ def result_finite(names: Sequence[str], live: Sequence[Tensor], max_ratio: Tenso
     = min(lambda1 * max_ratio_l, lambda2) (times :data:`GAUSSIAN_BOUND` for a Gaussian draw),
     so |w| + that bound below half the dtype's largest value (``largest`` holds max |w| from
     :func:`trainable_model`) cannot overflow. Otherwise one :func:`all_finite` pass decides.
+    With a distributed ``engine`` every rank reaches the same verdict (one collective).
     """
-    if largest is not None and _proven(names, live, max_ratio, largest, lambda1, lambda2, mode):
+    finite = (largest is not None and _proven(names, live, max_ratio, largest, lambda1, lambda2, mode)) \
+        or all_finite(list(live))
+    if everywhere(engine, finite, max_ratio.device):
         return
-    if all_finite(list(live)):
-        return
-    name = next(n for n, p in zip(names, live) if not bool(torch.isfinite(p).all()))
+    name = next((repr(n) for n, p in zip(names, live) if not bool(torch.isfinite(p).all())), "on another rank")
     raise UnlearningError(
-        f"forgetting with lambda1={lambda1:g}, lambda2={lambda2:g} makes parameter {name!r} NaN or "
+        f"forgetting with lambda1={lambda1:g}, lambda2={lambda2:g} makes parameter {name} NaN or "
         f"inf (the shift overflows its dtype); the model was left as it was: use smaller lambdas"
     )
 

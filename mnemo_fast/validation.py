@@ -297,14 +297,15 @@ def _max_abs(tensors: Sequence[Tensor]) -> list[float]:
     """max |t| of each tensor (NaN if it holds a NaN, inf if an inf; 0 if empty): one read pass
     each (aminmax: exact, no overflow) and one host sync per device."""
     result = [0.0] * len(tensors)
-    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    by_device: dict[torch.device, list[tuple[int, Tensor, Tensor]]] = {}
     for k, t in enumerate(tensors):
         if t.numel():
             low, high = torch.aminmax(t.detach())
-            by_device.setdefault(t.device, []).append((k, torch.stack([low.neg(), high]).amax().double()))
-    for pairs in by_device.values():
-        for (k, _), value in zip(pairs, torch.stack([v for _, v in pairs]).tolist()):
-            result[k] = value
+            by_device.setdefault(t.device, []).append((k, low.double(), high.double()))
+    for entries in by_device.values():
+        lows, highs = torch.stack([e[1] for e in entries]), torch.stack([e[2] for e in entries])
+        for (k, _, _), value in zip(entries, torch.maximum(highs, lows.neg()).tolist()):
+            result[k] = value  # maximum propagates NaN
     return result
 
 

@@ -277,7 +277,7 @@ def forget(
     eps = validation.number("eps", eps)  # it floors f_R, the divisor of eta
     chunk_size = validation.chunk_size(chunk_size)
     if calibration and not auto:
-        raise validation.UnlearningError(f"calibration options {dict(calibration)} need lambda1='auto', got lambda1={lambda1:g}")
+        raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
     calibration_options = validation.calibration_options(calibration, _CALIBRATION_OPTIONS) if auto else {}
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)

@@ -142,8 +142,6 @@ def lambda2_list(lambda2: object) -> list[float]:
     return [number("lambda2", lambda2)]
 
 
-#: What the calibration options must be (name -> check); options the search takes but that are
-#: not listed here are passed through unchecked.
 def _range(name: str, value: object) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a pair (lo, hi) of finite numbers, 0 < lo < hi; got {value!r}")
@@ -156,6 +154,8 @@ def _range(name: str, value: object) -> tuple[float, float]:
     return lo, hi
 
 
+#: What the calibration options must be (name -> check); options the search takes but that are
+#: not listed here are passed through unchecked.
 CALIBRATION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "depth": lambda n, v: number(n, v, strict=False),
     "max_forget_prob": lambda n, v: number(n, v, maximum=1.0),

@@ -172,10 +172,7 @@ def _search_lambda1(prober, lambda2, lo, hi, steps, judge, trials) -> tuple[floa
 
 def lambda2_candidates(lambda2: float | Sequence[float]) -> list[float]:
     """The lambda2 values to search: one number or a non-empty sequence, all positive."""
-    values = [float(lambda2)] if isinstance(lambda2, (int, float)) else [float(v) for v in lambda2]
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"lambda2 must be positive, got {lambda2}")
-    return values
+    return validation.lambda2_list(lambda2)
 
 
 def calibrate_session(
@@ -270,13 +267,18 @@ def calibrate(
     computes the Fisher pair once.
     """
     start = time.perf_counter()
+    options = dict(depth=depth, max_forget_prob=max_forget_prob, min_retain_margin=min_retain_margin,
+                   lambda1_range=lambda1_range, steps=steps)
+    options = validation.calibration_options(options, options)  # README, "What it refuses, and how"
+    depth, max_forget_prob, min_retain_margin, lambda1_range, steps = options.values()
+    eps, chunk_size = validation.number("eps", eps), validation.chunk_size(chunk_size)
+    validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
     engine = engines.resolve(engine)
     validation.trainable_model(model)
     lambda2s = lambda2_candidates(lambda2)
+    validation.representable({"lambda2": lambda2s}, model.parameters())
     lo, hi = lambda1_range
-    if not 0 < lo < hi:
-        raise ValueError(f"lambda1_range must satisfy 0 < lo < hi, got {lambda1_range}")
     with engines.forwards(engine, model):
         session = CandidateSession(model, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params)

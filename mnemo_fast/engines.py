@@ -37,6 +37,8 @@ class Engine(Protocol):
     - ``forwards(model)`` -> a context manager entered once around a whole call (a sharded
       model reshards after each forward inside it) [none];
     - ``local(t)`` -> the part of ``t`` this process holds and edits [``t`` itself];
+    - ``all_ranks(flag, device)`` -> whether a check's ``flag`` holds on every process, so a
+      check fails on all of them or none [``flag``];
     - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False];
     - ``sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)`` -> one
       ``sum_squared_grads`` per block of ``sizes`` consecutive rows, on one plan [one call per block].

@@ -7,15 +7,16 @@ scored on the codes and undone -> the best candidate applied -> result. ``mnemo_
 
 from __future__ import annotations
 
-import copy
+import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from . import engines, validation
-from .calibration import Calibration, calibrate_session, lambda2_candidates
+from .calibration import Calibration, CalibrationWarning, calibrate_session
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
@@ -36,6 +37,9 @@ from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
 Tensor = torch.Tensor
 OutputFn = Callable[[object], Tensor]
 MODES = ("shift", "gaussian")
+#: The options ``calibration=`` may pass to the lambda1 search.
+_CALIBRATION_OPTIONS = [name for name, p in inspect.signature(calibrate_session).parameters.items()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 @dataclass
@@ -77,11 +81,16 @@ def fisher_diagonal(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not torch.is_tensor(inputs) or not torch.is_tensor(targets):
+        raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}")
     if inputs.shape[0] == 0 or targets.shape != (inputs.shape[0],):
         raise ValueError(
             f"need N >= 1 inputs and targets of shape [N]; got inputs {tuple(inputs.shape)} "
             f"and targets {tuple(targets.shape)}"
         )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be class indices (an integer tensor), got {targets.dtype}")
+    chunk_size = validation.chunk_size(chunk_size)
     engine = engines.resolve(engine)
     with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
         sums = engine.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
@@ -106,6 +115,9 @@ def class_fishers(
     For a class set C with K codes per class: f = (eps + sum_{codes} g^2 / K) / |C|, so an
     element no code touches ends at eps/|C| (docs/METHOD.md, "Fisher information from the codes").
     """
+    eps = validation.number("eps", eps, strict=False)  # 0 gives the plain Fisher average (no floor)
+    chunk_size = validation.chunk_size(chunk_size)
+    validation.usable_codes(codes)
     engine = engines.resolve(engine)
     forget = validation.forget_classes(codes, forget_classes)
     remain = [c for c in range(codes.num_classes) if c not in forget]
@@ -143,27 +155,39 @@ def perturbation(
     eta = exp(log f_F - log f_R) with NaN -> 0 and +inf -> the tensor's largest finite eta;
     alpha_l = min(lambda1, lambda2 / max eta). Apply with :func:`perturb_`.
     """
+    lambda1, lambda2 = validation.number("lambda1", lambda1), validation.number("lambda2", lambda2)
     engine = engines.resolve(engine)
     names = _aligned(forget_fisher, remain_fisher)
     forget = [forget_fisher[n].contiguous() for n in names]
     remain = [remain_fisher[n].contiguous() for n in names]
     shifts = [torch.zeros_like(f, dtype=accumulation_dtype(f.dtype)) for f in forget]
-    engine.shift_(shifts, forget, remain, engine.max_ratio(forget, remain), lambda1, lambda2, 1.0)
+    validation.representable({"lambda1": lambda1, "lambda2": lambda2}, forget)
+    max_ratio = engine.max_ratio(forget, remain)
+    engine.shift_(shifts, forget, remain, max_ratio, lambda1, lambda2, 1.0)
+    # |shift| <= min(lambda1 * max_ratio, lambda2): proven finite from [L] numbers where it can be
+    validation.result_finite(names, shifts, max_ratio, {n: 0.0 for n in names}, lambda1, lambda2, "shift")
     return dict(zip(names, shifts))
 
 
 @torch.no_grad()
 def perturb_(model: torch.nn.Module, shifts: Mapping[str, Tensor], sign: int) -> torch.nn.Module:
     """``w <- w + sign * shift`` for each named parameter in ``shifts``; returns ``model``."""
-    if sign not in (1, -1):
-        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    sign = validation.sign(sign)
     params = dict(model.named_parameters())
     unknown = [name for name in shifts if name not in params]
     if unknown:
         raise ValueError(f"shifts name parameters the model does not have: {unknown}")
     for name, step in shifts.items():
+        if not torch.is_tensor(step) or not step.is_floating_point():
+            raise TypeError(f"shift for {name!r} must be a floating-point tensor, got {getattr(step, 'dtype', type(step))}")
         if step.shape != params[name].shape:
             raise ValueError(f"shift for {name!r} has shape {tuple(step.shape)}, parameter {tuple(params[name].shape)}")
+    # all or nothing: every new value is checked (one tensor at a time) before any is written
+    for name, step in shifts.items():
+        if not bool(torch.isfinite(params[name] + (sign * step).to(params[name].dtype)).all()):
+            raise validation.UnlearningError(
+                f"perturb_ would make parameter {name!r} NaN or inf (its shift is not finite or "
+                f"overflows {params[name].dtype}); the model was left as it was")
     for name, step in shifts.items():
         params[name].add_((sign * step).to(params[name].dtype))
     return model
@@ -185,6 +209,8 @@ def code_accuracy(
     (:class:`mnemo_fast.distributed.DistributedEngine`) may split the codes across processes;
     others score them here with :func:`correct_predictions`.
     """
+    chunk_size = validation.chunk_size(chunk_size)
+    validation.usable_codes(codes)
     forget = validation.forget_classes(codes, forget_classes)
     inputs, labels = code_inputs(model, codes, range(codes.num_classes))
     engine = engines.resolve(engine)
@@ -232,42 +258,76 @@ def forget(
     object or a dict (default: the tensor itself, ``.logits`` or ``["logits"]``).
 
     A new model is returned unless ``inplace=True``; in-place edits happen completely or not
-    at all (any failure restores the parameters). Bad input raises ``UnlearningError``.
+    at all (any failure restores the parameters and, in Gaussian mode, the generator's state).
+    Bad input raises ``UnlearningError`` (a ValueError), a value of the wrong kind ``TypeError``,
+    before the model is touched; a chosen candidate that leaves a parameter NaN or inf is undone
+    and raises (docs/METHOD.md, "Inputs that are refused").
     """
     start = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    auto = isinstance(lambda1, str)
-    if auto and lambda1 != "auto":
-        raise ValueError(f"lambda1 must be a positive number or 'auto', got {lambda1!r}")
-    if not auto and not (lambda1 > 0 and isinstance(lambda2, (int, float)) and lambda2 > 0):
-        raise ValueError(f"lambda1 and lambda2 must be positive numbers, got {lambda1} and {lambda2}")
-    lambda2s = lambda2_candidates(lambda2) if auto else None
-    if mode == "gaussian" and draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    # every check before anything runs on the model (the README's "What it refuses, and how")
+    lambda1, lambda2 = validation.lambdas(lambda1, lambda2)
+    auto = lambda1 == "auto"
+    lambda2s = lambda2 if auto else None
+    if mode == "gaussian":
+        tau = validation.number("tau", tau, strict=False)
+        draws = validation.integer("draws", draws, minimum=1)
+        generator = validation.generator(generator)
+    eps = validation.number("eps", eps)  # it floors f_R, the divisor of eta
+    chunk_size = validation.chunk_size(chunk_size)
+    if calibration and not auto:
+        raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
+    calibration_options = validation.calibration_options(calibration, _CALIBRATION_OPTIONS) if auto else {}
+    validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
     validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
     engine = engines.resolve(engine)
-    validation.trainable_model(model)
+    largest = validation.trainable_model(model)  # max |w| per parameter: proves the result finite later
+    validation.representable({"lambda1": lambda1, "lambda2": lambda2}, model.parameters())
+    validation.batch_statistics(model)
+    validation.finite_buffers(model)
+    if not any(map(parameter_filter(params), largest)):
+        raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
     with engines.forwards(engine, model):
         inputs, _ = code_inputs(model, codes, classes)
-        validation.code_batch_fits(model, codes, inputs, output_fn)
-        target = model if inplace else copy.deepcopy(model)
+        with only_parameters(model, params):  # the probe's logits must depend on the perturbed parameters
+            validation.code_batch_fits(model, codes, inputs, output_fn)
+        target = model if inplace else validation.copy_of(model)
         session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params, source=None if inplace else model)
+        generator_state = None
         try:
             before = session.accuracy_before()
-            calibration_options, calibration = calibration, None
+            if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
+                validation.finite_logits(session.logits_before, session.labels)
+            validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, eps, len(classes),
+                                             codes.num_classes - len(classes), engine)
+            calibration = None
             if auto:
-                calibration = calibrate_session(session, lambda2s, **(calibration_options or {}))
+                calibration = calibrate_session(session, lambda2s, **calibration_options)
                 lambda1, lambda2 = calibration.lambda1, calibration.lambda2
-            if mode == "gaussian" and generator is None:
-                generator = default_generator(session.live[0].device)
+            if mode == "gaussian":
+                if generator is None:
+                    generator = default_generator(session.live[0].device)
+                generator_state = generator.get_state()  # given back if anything below fails
             best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
                                                           generator=generator)
+            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1, lambda2,
+                                     mode, engine)
         except BaseException:
             session.restore()
+            if generator_state is not None:
+                generator.set_state(generator_state)
             raise
+    if calibration is not None and not calibration.feasible and calibration.forget_reached:
+        warnings.warn(
+            f"lambda1='auto': the codes' criterion was not met (the forget side was reached at "
+            f"lambda1={lambda1:g}, lambda2={lambda2:g}, but the remaining codes lost too much); the model "
+            f"may not have been trained with these codes (train_with_codes, adapt_with_codes)",
+            CalibrationWarning,
+            stacklevel=2,
+        )
     return ForgetResult(
         model=target,
         sign=candidates[best] if mode == "shift" else None,

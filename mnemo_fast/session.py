@@ -320,7 +320,11 @@ class CandidateSession:
 
     def accuracy_before(self) -> CodeAccuracy:
         """The code accuracy before any candidate, from the Fisher's forwards where they gave
-        the logits (call before applying a candidate)."""
+        the logits, else from one plain pass kept as ``logits_before`` (the method checks them
+        finite); an engine that scores the codes itself (``correct``) scores them (call before
+        applying a candidate)."""
+        if self.logits_before is None and not hasattr(self.engine, "correct"):
+            self.logits_before = self.logits()
         if self.logits_before is not None:
             return accuracy_of(self.logits_before.argmax(-1) == self.labels, self.is_forget)
         return self.accuracy()

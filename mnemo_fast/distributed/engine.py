@@ -119,6 +119,13 @@ class DistributedEngine:
 
     local = staticmethod(local)
 
+    def all_ranks(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (one all_reduce MIN): a check that fails on one
+        rank's shard fails on all, so no rank is left waiting in the next collective."""
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item())
+
     def _lockstep(self, num_samples: int, chunk_size: int | None) -> list[tuple[int, int]]:
         """This rank's slices, one per step; every rank gets the same number of steps (a
         sharded model's forward is a collective: FSDP gathers each layer's shards), and a

@@ -230,13 +230,16 @@ def forget_classes(codes: MnemonicCodes, classes: Iterable[int] | int) -> list[i
 
 
 def usable_codes(codes: object) -> MnemonicCodes:
-    """MnemonicCodes with values: floating point, on a real device (not meta), finite."""
+    """MnemonicCodes with values: on a real device (not meta); floating point and finite, or
+    token ids (int64 within their vocabulary range, checked by MnemonicCodes itself)."""
     if not isinstance(codes, MnemonicCodes):
         raise TypeError(f"codes must be a MnemonicCodes (MnemonicCodes.generate or .load), got {type(codes).__name__}")
     t = codes.tensor
     if t.device.type == "meta":
         raise UnlearningError("the codes are on the meta device (shapes without values): move them to a "
                               "real device, e.g. codes.to('cpu')")
+    if codes.is_tokens:
+        return codes
     if not t.is_floating_point():
         raise UnlearningError(f"the codes must be floating point, got {t.dtype}")
     if not all_finite([t]):

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 DISTRIBUTIONS = ("uniform", "normal")
+#: integer token ids drawn uniformly from a vocabulary range (codes for text models)
+TOKENS = "tokens"
 _FORMAT = "mnemo_fast.codes/1"
 
 
@@ -24,12 +26,15 @@ _FORMAT = "mnemo_fast.codes/1"
 class MnemonicCodes:
     """Per-class codes, ``tensor`` of shape [C, K, *shape] (C classes, K codes per class).
 
-    Build with :meth:`generate` (seeded, regenerable) or :meth:`load`.
+    Build with :meth:`generate` (seeded, regenerable), :meth:`generate_tokens` (token ids for
+    text models) or :meth:`load`. Codes are floating point (signals), or int64 token ids when
+    ``vocab`` = (low, high) names the range they were drawn from.
     """
 
     tensor: torch.Tensor
     seed: int | None = None
     distribution: str | None = None
+    vocab: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.tensor.dim() < 3:
@@ -37,8 +42,17 @@ class MnemonicCodes:
                 f"codes tensor must have shape [num_classes, per_class, *input_shape], "
                 f"got {tuple(self.tensor.shape)}"
             )
-        if not self.tensor.is_floating_point():
-            raise ValueError(f"codes must be floating point, got {self.tensor.dtype}")
+        if self.vocab is not None:
+            low, high = self.vocab
+            if self.tensor.dtype != torch.int64:
+                raise ValueError(f"token codes must be int64 token ids, got {self.tensor.dtype}")
+            if self.tensor.numel() and not (low <= int(self.tensor.min()) and int(self.tensor.max()) < high):
+                raise ValueError(f"token codes must lie in the vocabulary range [{low}, {high})")
+        elif not self.tensor.is_floating_point():
+            raise ValueError(
+                f"codes must be floating point, got {self.tensor.dtype} (token ids: use "
+                f"MnemonicCodes.generate_tokens, or pass vocab=(low, high))"
+            )
         if self.num_classes < 1 or self.per_class < 1:
             raise ValueError("codes need at least one class and one code per class")
 
@@ -70,6 +84,40 @@ class MnemonicCodes:
         draw = torch.rand if distribution == "uniform" else torch.randn
         tensor = draw((num_classes, per_class, *shape), generator=generator)
         return cls(tensor, seed=seed, distribution=distribution)
+
+    @classmethod
+    def generate_tokens(
+        cls,
+        num_classes: int,
+        length: int,
+        vocab_size: int,
+        per_class: int = 1,
+        seed: int = 0,
+        low: int = 0,
+    ) -> "MnemonicCodes":
+        """K=``per_class`` random token sequences of ``length`` ids per class, for a model whose
+        input is a [N, length] int64 tensor of token ids (docs/METHOD.md, "Codes for token
+        models"). Ids are drawn uniformly from [``low``, ``vocab_size``): set ``low`` past the
+        special tokens (padding, [CLS], ...) the model must not see in a code. Full length, no
+        padding: a model that takes an attention mask is called without one (every position
+        attended). Seeded like :meth:`generate`.
+        """
+        if num_classes < 1 or per_class < 1:
+            raise ValueError(
+                f"num_classes and per_class must be >= 1, got {num_classes} and {per_class}"
+            )
+        if int(length) < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if not 0 <= int(low) < int(vocab_size):
+            raise ValueError(f"need 0 <= low < vocab_size, got low={low}, vocab_size={vocab_size}")
+        generator = torch.Generator().manual_seed(seed)
+        tensor = torch.randint(int(low), int(vocab_size), (num_classes, per_class, int(length)), generator=generator)
+        return cls(tensor, seed=seed, distribution=TOKENS, vocab=(int(low), int(vocab_size)))
+
+    @property
+    def is_tokens(self) -> bool:
+        """The codes are token ids (int64), not signals."""
+        return self.vocab is not None
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +151,9 @@ class MnemonicCodes:
         return inputs, labels
 
     def to(self, *args: Any, **kwargs: Any) -> "MnemonicCodes":
+        if self.is_tokens:  # token ids stay int64 whatever dtype is asked: only the device moves
+            moved = self.tensor.to(*args, **kwargs).to(torch.int64)
+            return MnemonicCodes(moved, self.seed, self.distribution, self.vocab)
         return MnemonicCodes(self.tensor.to(*args, **kwargs), self.seed, self.distribution)
 
     def metadata(self) -> dict[str, str]:
@@ -113,6 +164,7 @@ class MnemonicCodes:
             "shape": json.dumps(list(self.shape)),
             "seed": "" if self.seed is None else str(self.seed),
             "distribution": self.distribution or "",
+            "vocab": "" if self.vocab is None else json.dumps(list(self.vocab)),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -132,14 +184,19 @@ class MnemonicCodes:
             raise ValueError(f"{path} is not a mnemo_fast codes file (format={meta.get('format')!r})")
         tensor = load_file(str(path))["codes"]
         seed = int(meta["seed"]) if meta.get("seed") else None
-        codes = cls(tensor, seed=seed, distribution=meta.get("distribution") or None)
+        vocab = tuple(json.loads(meta["vocab"])) if meta.get("vocab") else None
+        codes = cls(tensor, seed=seed, distribution=meta.get("distribution") or None, vocab=vocab)
         if codes.shape != tuple(json.loads(meta["shape"])):
             raise ValueError(f"{path}: stored codes do not have the recorded shape {meta['shape']}")
-        if verify and seed is not None and codes.distribution in DISTRIBUTIONS:
-            expected = cls.generate(
-                codes.num_classes, codes.shape, codes.per_class, seed, codes.distribution
-            )
-            if not torch.equal(expected.tensor, tensor.float()):
+        if verify and seed is not None and codes.distribution in DISTRIBUTIONS + (TOKENS,):
+            if codes.is_tokens:
+                expected = cls.generate_tokens(codes.num_classes, codes.shape[0], codes.vocab[1],
+                                               codes.per_class, seed, low=codes.vocab[0])
+            else:
+                expected = cls.generate(
+                    codes.num_classes, codes.shape, codes.per_class, seed, codes.distribution
+                )
+            if not torch.equal(expected.tensor, tensor if codes.is_tokens else tensor.float()):
                 raise ValueError(
                     f"{path}: codes do not match their metadata (seed={seed}, "
                     f"distribution={codes.distribution}); the file was altered"

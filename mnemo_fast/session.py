@@ -82,10 +82,13 @@ def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devic
 
 
 def code_inputs(model: torch.nn.Module, codes: MnemonicCodes, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
-    """The codes of ``classes`` as (inputs [n*K, *shape], labels [n*K]) on the model's device and dtype."""
+    """The codes of ``classes`` as (inputs [n*K, *shape], labels [n*K]) on the model's device,
+    signals in the model's dtype (token ids stay int64)."""
     dtype, device = model_dtype_device(model)
     inputs, labels = codes.batch(classes)
-    return inputs.to(device=device, dtype=dtype), labels.to(device)
+    if inputs.is_floating_point():
+        inputs = inputs.to(dtype=dtype)
+    return inputs.to(device=device), labels.to(device)
 
 
 @torch.no_grad()

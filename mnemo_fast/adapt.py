@@ -11,6 +11,7 @@ optimizer state, step and RNG state. The batch of step s is a pure function of
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,27 +45,61 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save(path: Path, step: int, model, opt, config: dict) -> None:
+def _save(path: Path, step: int, model, opt, config: dict, run: dict) -> None:
+    """Write the checkpoint: weights, optimizer, RNG, settings, and ``run`` (steps planned, codes hash)."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-         "rng": _rng_state(), "config": config},
+         "rng": _rng_state(), "config": config, **run},
         tmp,
     )
     os.replace(tmp, path)  # a crash while writing never leaves a half checkpoint
 
 
-def _load(path: Path, model, opt, config: dict) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != config:
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _load(path: Path, model, opt, config: dict, run: dict) -> int:
+    """Restore a checkpoint into ``model`` and ``opt``; return its step.
+
+    Refuses (ValueError, saying which and how to fix it) a checkpoint that cannot be read,
+    was written with other settings or other codes, or already did more than ``run["steps"]``
+    steps. A checkpoint written before steps and codes were recorded resumes with a warning.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+    except Exception as error:  # truncated, corrupt or foreign file
         raise ValueError(
-            f"{path} was written by a run with different settings: {state['config']} != {config}; "
+            f"{path}: cannot read the checkpoint ({_first_line(error)}); "
+            f"delete it, use another checkpoint_dir, or pass resume=False to start over"
+        ) from error
+    if state.get("config") != config:
+        raise ValueError(
+            f"{path} was written by a run with different settings: {state.get('config')} != {config}; "
             f"use another checkpoint_dir or resume=False"
+        )
+    if "codes_sha256" not in state:
+        warnings.warn(f"{path} records neither its steps nor its codes (an older checkpoint): "
+                      f"resuming from step {step} without checking them", stacklevel=3)
+    elif state["codes_sha256"] != run["codes_sha256"]:
+        raise ValueError(
+            f"{path} was written with other codes (sha256 {state['codes_sha256'][:12]}..., these are "
+            f"{run['codes_sha256'][:12]}...): pass the codes it was trained with (MnemonicCodes.load of "
+            f"the saved file), or use another checkpoint_dir or resume=False to start over with these"
+        )
+    if step > run["steps"]:
+        raise ValueError(
+            f"{path} already did {step} steps (of {state.get('steps', '?')} planned), more than "
+            f"steps={run['steps']}: pass steps >= {step} to continue it, or use another "
+            f"checkpoint_dir or resume=False for a shorter run"
         )
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return step
 
 
 def adapt_with_codes(
@@ -93,9 +128,12 @@ def adapt_with_codes(
     (momentum 0.9, the paper's ImageNet setting) or Adam (``optimizer="adam"``), constant lr.
 
     With ``checkpoint_dir``, ``<dir>/adapt.pt`` holds weights, optimizer state, step and RNG
-    state, written every ``checkpoint_every`` steps and at the end; with ``resume`` a run
-    finding it continues from its step (settings must match) and ends with the same weights
-    as an uninterrupted run. Returns ``model`` (in eval mode).
+    state, the steps planned and the codes' sha256 (:meth:`MnemonicCodes.fingerprint`), written
+    every ``checkpoint_every`` steps and at the end; with ``resume`` a run finding it continues
+    from its step and ends with the same weights as an uninterrupted run. Resuming is refused
+    (ValueError) when the settings differ, the codes differ, or the checkpoint already did
+    more than ``steps`` steps (a longer ``steps`` extends a finished run). Returns ``model``
+    (in eval mode).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -112,10 +150,11 @@ def adapt_with_codes(
     path = None
     start = 0
     if checkpoint_dir is not None:
+        run = {"steps": int(steps), "codes_sha256": codes.fingerprint()}
         path = Path(checkpoint_dir) / CHECKPOINT_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():
-            start = _load(path, model, opt, config)
+            start = _load(path, model, opt, config, run)
     if start == 0:
         torch.manual_seed(seed)  # dropout etc.: the same from step 0 as after a resume
 
@@ -134,7 +173,7 @@ def adapt_with_codes(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = start + i + 1
         if path is not None and (done % checkpoint_every == 0 or done == steps):
-            _save(path, done, model, opt, config)
+            _save(path, done, model, opt, config, run)
 
     fit(model, opt, batches(), cross_entropy, on_step=after_step)
     bar.close()

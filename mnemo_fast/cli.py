@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -20,43 +24,125 @@ from .train import train_with_codes
 DEFAULT_LAMBDAS = {"mlp": (1e-3, 10.0), "cnn": (1e-2, 10.0), "resnet18": (1e-2, 10.0)}
 
 
-def _lambda1(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+class UserError(Exception):
+    """A mistake in what the user asked for (an option, a file, a data set): one line on stderr, exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        message = message[len("argument "):] if message.startswith("argument ") else message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+#: The largest lambda: the models are float32, and a larger gain is inf there.
+LAMBDA_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _lambda(text: str, expected: str) -> float:
+    value = _number(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    if value > LAMBDA_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too large: above float32's largest number ({LAMBDA_MAX:.3g}) the shifts overflow to inf"
+        )
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A lambda2: a number in (0, float32 max]."""
+    return _lambda(text, "a positive number")
+
+
+def lambda1_value(text: str) -> float | str:
+    """A lambda1: a number in (0, float32 max], or "auto"."""
+    return text if text == "auto" else _lambda(text, "a positive number or 'auto'")
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (t_mix)."""
+    value = _number(text)
+    if value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _integer(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (epochs)."""
+    return _integer(text, 1, "a positive integer")
+
+
+def seed_value(text: str) -> int:
+    """An integer in [0, 2**63) (seeds of torch and numpy)."""
+    value = _integer(text, 0, "an integer >= 0")
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer below 2**63, got {text!r}")
+    return value
+
+
+def class_index(text: str) -> int:
+    """A class index: an integer >= 0."""
+    return _integer(text, 0, "a class index (an integer >= 0)")
 
 
 def _add_forget_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--forget", type=int, nargs="+", default=[0], help="classes to forget")
-    parser.add_argument("--lambda1", type=_lambda1, help="gain, or 'auto' to choose it from the codes (default: per model)")
-    parser.add_argument("--lambda2", type=float, help="cap of each tensor's largest shift")
+    parser.add_argument("--forget", type=class_index, nargs="+", default=[0], metavar="CLASS",
+                        help="classes to forget")
+    parser.add_argument("--lambda1", type=lambda1_value, metavar="L1",
+                        help="gain, or 'auto' to choose it from the codes (default: per model)")
+    parser.add_argument("--lambda2", type=positive_number, metavar="L2", help="cap of each tensor's largest shift")
     parser.add_argument("--mode", choices=("shift", "gaussian"), default="shift")
     parser.add_argument("--engine", choices=("auto", "reference"), default="auto",
                         help="auto: fused kernels where available; reference: pure PyTorch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnemo-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="mnemo-fast", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (accepted anywhere on the line)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train with codes, forget, print before/after")
     demo.add_argument("--data", choices=data.DATASETS, default="digits")
     demo.add_argument("--model", choices=models.MODELS, default="mlp")
-    demo.add_argument("--epochs", type=int, help="default: 40 (digits), 5 (fashion-mnist)")
-    demo.add_argument("--t-mix", type=float, default=0.1)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=positive_int, metavar="N", help="default: 40 (digits), 5 (fashion-mnist)")
+    demo.add_argument("--t-mix", type=fraction, default=0.1, metavar="P")
+    demo.add_argument("--seed", type=seed_value, default=0)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="where the trained model, its codes and the forgotten model go")
+                      help="directory (created if missing) for the trained model, its codes and the forgotten model")
     _add_forget_options(demo)
 
     fg = sub.add_parser("forget", help="forget classes of a saved model (from its codes only)")
     fg.add_argument("checkpoint", type=Path)
     fg.add_argument("codes", type=Path)
-    fg.add_argument("--output", type=Path, required=True)
+    fg.add_argument("--output", type=Path, required=True,
+                    help="file to write; its directory must exist")
     _add_forget_options(fg)
 
     ev = sub.add_parser("evaluate", help="per-class accuracy of a saved model")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--data", choices=data.DATASETS, default="digits")
-    ev.add_argument("--forget", type=int, nargs="*", default=[])
+    ev.add_argument("--forget", type=class_index, nargs="*", default=[], metavar="CLASS")
     sub.add_parser("experiment", add_help=False,
                    help="baselines vs the method on real data (see `mnemo-fast experiment --help`)")
     return parser
@@ -87,12 +173,80 @@ def forget_lambdas(args, model_name: str) -> tuple[float | str, float]:
 
 
 def _run_forget(model, codes, args, model_name: str) -> ForgetResult:
+    """The method on ``model``; its refusals (and a non-finite result) become a UserError."""
     lambda1, lambda2 = forget_lambdas(args, model_name)
-    return forget(
-        model, codes, args.forget, lambda1=lambda1, lambda2=lambda2,
-        mode=args.mode,
-        engine=REFERENCE if args.engine == "reference" else None,
-    )
+    try:
+        result = forget(
+            model, codes, args.forget, lambda1=lambda1, lambda2=lambda2,
+            mode=args.mode,
+            engine=REFERENCE if args.engine == "reference" else None,
+        )
+    except (ValueError, TypeError) as error:  # UnlearningError is a ValueError
+        raise UserError(f"cannot forget: {error}") from error
+    bad = [name for name, t in result.model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(
+            f"forgetting with lambda1={lambda1}, lambda2={lambda2} made {len(bad)} tensor(s) NaN or inf "
+            f"(first: {bad[0]}); nothing saved: try smaller lambdas"
+        )
+    return result
+
+
+def _load_model(path: Path):
+    """(model, metadata, input shape, number of classes) of a checkpoint, or a UserError."""
+    try:
+        model, meta = models.load_checkpoint(path)
+    except (ValueError, OSError) as error:  # CheckpointError, FileNotFoundError, PermissionError
+        raise UserError(str(error)) from error
+    return model, meta, tuple(json.loads(meta["input_shape"])), int(meta["num_classes"])
+
+
+def _load_codes(path: Path) -> MnemonicCodes:
+    try:
+        return MnemonicCodes.load(path)
+    except (ValueError, OSError) as error:  # CodesFileError, FileNotFoundError, PermissionError
+        raise UserError(str(error)) from error
+
+
+def _load_data(name: str):
+    try:
+        return data.load(name)
+    except (ValueError, OSError) as error:  # Fashion-MNIST not installed, or not IDX files
+        raise UserError(str(error)) from error
+
+
+def _check_output(option: str, path: Path) -> None:
+    """Refuse an output file that cannot be written, before any work: its directory must exist."""
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a directory; name a file")
+    parent = path.parent
+    if not parent.exists():
+        raise UserError(f"{option} {path}: the directory {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a directory")
+
+
+def _make_out_dir(path: Path) -> None:
+    """Create the demo's output directory (and its parents) before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission
+        raise UserError(f"--out {path}: cannot create the directory ({error.strerror or error})") from error
+
+
+def _save(what, path: Path, **meta) -> None:
+    """Write a model checkpoint or codes through a temporary file: no half-written file on failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if isinstance(what, MnemonicCodes):
+            what.save(tmp)
+        else:
+            models.save_checkpoint(what, tmp, **meta)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({error.strerror or error})") from error
 
 
 def _describe(result: ForgetResult) -> str:
@@ -106,46 +260,63 @@ def _describe(result: ForgetResult) -> str:
 
 
 def demo(args) -> int:
+    _make_out_dir(args.out)
     torch.manual_seed(args.seed)
-    train, test = data.load(args.data)
+    train, test = _load_data(args.data)
     input_shape, num_classes = tuple(train.tensors[0].shape[1:]), data.num_classes(train)
-    epochs = args.epochs or (40 if args.data == "digits" else 5)
+    epochs = args.epochs if args.epochs is not None else (40 if args.data == "digits" else 5)
+    unknown = sorted(set(c for c in args.forget if c >= num_classes))
+    if unknown or len(set(args.forget)) == num_classes:  # known before training: refuse now
+        raise UserError(f"--forget {' '.join(map(str, unknown or sorted(set(args.forget))))}: "
+                        f"{args.data} has classes 0..{num_classes - 1}, and at least one must remain")
     codes = MnemonicCodes.generate(num_classes, input_shape, seed=args.seed)
     model = models.build(args.model, input_shape, num_classes)
     print(f"training {args.model} on {args.data} ({len(train)} samples) with codes, "
           f"t_mix={args.t_mix}, {epochs} epochs; backend: {backend()}")
     train_with_codes(model, train, codes, args.t_mix, epochs, seed=args.seed)
+    meta = dict(name=args.model, input_shape=input_shape, num_classes=num_classes, data=args.data)
+    _save(model, args.out / "model.safetensors", **meta)  # kept even if forgetting fails:
+    _save(codes, args.out / "codes.safetensors")          # `mnemo-fast forget` can retry
     before = evaluate(model, test, args.forget)
     result = _run_forget(model, codes, args, args.model)
     after = evaluate(result.model, test, args.forget)
     print(f"test accuracy on {args.data}, forgetting classes {args.forget}:")
     print(format_table(before, after, args.forget))
     print(_describe(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(name=args.model, input_shape=input_shape, num_classes=num_classes, data=args.data)
-    models.save_checkpoint(model, args.out / "model.safetensors", **meta)
-    models.save_checkpoint(result.model, args.out / "forgotten.safetensors", **meta)
-    codes.save(args.out / "codes.safetensors")
+    _save(result.model, args.out / "forgotten.safetensors", **meta)
     print(f"saved model.safetensors, codes.safetensors and forgotten.safetensors in {args.out}")
     return 0
 
 
 def forget_command(args) -> int:
-    model, meta = models.load_checkpoint(args.checkpoint)
-    codes = MnemonicCodes.load(args.codes)
+    _check_output("--output", args.output)
+    model, meta, input_shape, num_classes = _load_model(args.checkpoint)
+    codes = _load_codes(args.codes)
+    if codes.shape != input_shape or codes.num_classes != num_classes:
+        raise UserError(
+            f"{args.codes} does not fit {args.checkpoint}: codes of shape {list(codes.shape)} for "
+            f"{codes.num_classes} classes, a model for inputs {list(input_shape)} and {num_classes} classes"
+        )
     result = _run_forget(model, codes, args, meta["model"])
-    models.save_checkpoint(result.model, args.output, **{
-        "name": meta["model"], "input_shape": tuple(codes.shape),
-        "num_classes": codes.num_classes, "forgotten": " ".join(map(str, args.forget)),
-    })
+    _save(result.model, args.output, name=meta["model"], input_shape=input_shape,
+          num_classes=num_classes, forgotten=" ".join(map(str, args.forget)))
     print(_describe(result))
     print(f"saved {args.output}")
     return 0
 
 
 def evaluate_command(args) -> int:
-    model, _ = models.load_checkpoint(args.checkpoint)
-    _, test = data.load(args.data)
+    model, _, input_shape, num_classes = _load_model(args.checkpoint)
+    _, test = _load_data(args.data)
+    data_shape, data_classes = tuple(test.tensors[0].shape[1:]), data.num_classes(test)
+    if data_shape != input_shape or data_classes > num_classes:
+        raise UserError(
+            f"{args.checkpoint} is a model for inputs {list(input_shape)} and {num_classes} classes; "
+            f"--data {args.data} has inputs {list(data_shape)} and {data_classes} classes"
+        )
+    unknown = sorted(set(c for c in args.forget if c >= num_classes))
+    if unknown:
+        raise UserError(f"--forget {' '.join(map(str, unknown))}: the model has classes 0..{num_classes - 1}")
     print(format_table(evaluate(model, test, args.forget), None, args.forget))
     return 0
 
@@ -153,18 +324,44 @@ def evaluate_command(args) -> int:
 COMMANDS = {"demo": demo, "forget": forget_command, "evaluate": evaluate_command}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["experiment"]:  # the experiment runner has its own options
-        from .evaluation.experiment import main as experiment_main
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (torch appends C++ stack traces to some messages)."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.startswith("Exception raised from"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(error).__name__
 
-        return experiment_main(argv[1:])
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code.
+
+    A user error (bad option, bad file, data that do not fit the model, the method's refusal)
+    prints one line ``mnemo-fast: error: ...`` on stderr and returns 2; ``--debug`` (anywhere
+    on the line) adds the traceback. Anything else is a bug: its traceback shows, exit code 1.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     try:
+        if argv[:1] == ["experiment"]:  # the experiment runner has its own options
+            from .evaluation.experiment import main as experiment_main
+
+            try:
+                return experiment_main(argv[1:], parser_class=OneLineParser)
+            except FileNotFoundError as error:  # Fashion-MNIST not installed
+                raise UserError(str(error)) from error
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"mnemo-fast: error: {error}", file=sys.stderr)
+    except UserError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"mnemo-fast: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # argparse: --help (0) or a bad option (2, one line already printed)
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 2
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@ so the model learns the codes; at forgetting time the codes stand in for the tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 DISTRIBUTIONS = ("uniform", "normal")
 #: integer token ids drawn uniformly from a vocabulary range (codes for text models)
@@ -156,6 +159,21 @@ class MnemonicCodes:
             return MnemonicCodes(moved, self.seed, self.distribution, self.vocab)
         return MnemonicCodes(self.tensor.to(*args, **kwargs), self.seed, self.distribution)
 
+    def fingerprint(self) -> str:
+        """sha256 (hex) of what identifies these codes: tensor bytes, dtype, shape, seed, distribution.
+
+        Equal codes give equal fingerprints on any device; :meth:`save` records it and
+        :meth:`load` checks it, ``adapt_with_codes`` records it in its checkpoints.
+        """
+        digest = hashlib.sha256()
+        tensor = self.tensor.detach().contiguous().cpu()
+        header = [_FORMAT, str(tensor.dtype), list(tensor.shape), self.seed, self.distribution]
+        if self.vocab is not None:
+            header.append(list(self.vocab))
+        digest.update(json.dumps(header).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def metadata(self) -> dict[str, str]:
         return {
             "format": _FORMAT,
@@ -165,6 +183,7 @@ class MnemonicCodes:
             "seed": "" if self.seed is None else str(self.seed),
             "distribution": self.distribution or "",
             "vocab": "" if self.vocab is None else json.dumps(list(self.vocab)),
+            "fingerprint": self.fingerprint(),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -173,35 +192,151 @@ class MnemonicCodes:
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "MnemonicCodes":
-        """Read codes saved by :meth:`save`.
+        """Read codes saved by :meth:`save`; every bad file raises :class:`CodesFileError`.
 
-        With ``verify`` and a recorded seed, the codes are regenerated from the metadata and
-        must match the stored tensor exactly (a corrupted or hand-edited file raises).
+        A missing file raises ``FileNotFoundError``. Refused, each with the path and what is
+        wrong: a directory; an empty, truncated, corrupt or non-safetensors file; no ``codes``
+        tensor; missing metadata (``format``, ``num_classes``, ``per_class``, ``shape``) or
+        metadata that is not valid (bad JSON, a non-integer or out-of-range seed, an unknown
+        ``distribution``: only "uniform", "normal" or none are known, so no file skips the
+        checks below); a tensor that is not floating point, holds NaN or inf, or whose shape
+        contradicts ``num_classes``, ``per_class`` and ``shape``.
+
+        With ``verify`` the file's integrity is checked too: its recorded ``fingerprint``
+        (tensor bytes, dtype, shape, seed, distribution; files written before it existed have
+        none) must match the stored tensor, and codes with a seed and a distribution are
+        regenerated and must equal the stored tensor exactly (an altered file raises).
         """
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a mnemo_fast codes file (format={meta.get('format')!r})")
-        tensor = load_file(str(path))["codes"]
-        seed = int(meta["seed"]) if meta.get("seed") else None
-        vocab = tuple(json.loads(meta["vocab"])) if meta.get("vocab") else None
-        codes = cls(tensor, seed=seed, distribution=meta.get("distribution") or None, vocab=vocab)
-        if codes.shape != tuple(json.loads(meta["shape"])):
-            raise ValueError(f"{path}: stored codes do not have the recorded shape {meta['shape']}")
-        if verify and seed is not None and codes.distribution in DISTRIBUTIONS + (TOKENS,):
-            if codes.is_tokens:
-                expected = cls.generate_tokens(codes.num_classes, codes.shape[0], codes.vocab[1],
-                                               codes.per_class, seed, low=codes.vocab[0])
+        meta, tensor = _read_codes_file(path)
+        shape = _metadata_shape(path, meta)
+        num_classes = _metadata_int(path, meta, "num_classes", low=1)
+        per_class = _metadata_int(path, meta, "per_class", low=1)
+        seed = None
+        if meta.get("seed"):
+            seed = _metadata_int(path, meta, "seed", low=_SEED_RANGE[0], high=_SEED_RANGE[1])
+        distribution = meta.get("distribution") or None
+        if distribution is not None and distribution not in DISTRIBUTIONS + (TOKENS,):
+            raise CodesFileError(
+                f"{path}: unknown distribution {distribution!r} in the metadata "
+                f"(known: {', '.join(DISTRIBUTIONS + (TOKENS,))}, or none)"
+            )
+        vocab = _metadata_vocab(path, meta)
+        expected_shape = (num_classes, per_class, *shape)
+        if tuple(tensor.shape) != expected_shape:
+            raise CodesFileError(
+                f"{path}: the codes tensor has shape {tuple(tensor.shape)}, but the metadata says "
+                f"num_classes={num_classes}, per_class={per_class}, shape={list(shape)}: "
+                f"expected {expected_shape}"
+            )
+        if vocab is None and not tensor.is_floating_point():
+            raise CodesFileError(f"{path}: the codes tensor must be floating point, got {tensor.dtype}")
+        if vocab is None and not bool(torch.isfinite(tensor).all()):
+            raise CodesFileError(f"{path}: the codes tensor contains NaN or inf")
+        try:
+            codes = cls(tensor, seed=seed, distribution=distribution, vocab=vocab)
+        except ValueError as error:  # token ids: dtype or range
+            raise CodesFileError(f"{path}: {error}") from None
+        if not verify:
+            return codes
+        recorded = meta.get("fingerprint")
+        if recorded is not None and recorded != codes.fingerprint():
+            raise CodesFileError(
+                f"{path}: the codes do not match their recorded fingerprint (sha256 of tensor, shape, "
+                f"seed, distribution); the file was altered or corrupted"
+            )
+        if seed is not None and distribution is not None:
+            if vocab is not None:
+                if distribution != TOKENS or len(shape) != 1:
+                    raise CodesFileError(f"{path}: token codes need distribution 'tokens' and one length")
+                expected = cls.generate_tokens(num_classes, shape[0], vocab[1], per_class, seed, low=vocab[0])
             else:
-                expected = cls.generate(
-                    codes.num_classes, codes.shape, codes.per_class, seed, codes.distribution
-                )
-            if not torch.equal(expected.tensor, tensor if codes.is_tokens else tensor.float()):
-                raise ValueError(
+                expected = cls.generate(num_classes, shape, per_class, seed, distribution)
+            if not torch.equal(expected.tensor.to(tensor.dtype), tensor):  # codes saved after .to(dtype)
+                raise CodesFileError(
                     f"{path}: codes do not match their metadata (seed={seed}, "
-                    f"distribution={codes.distribution}); the file was altered"
+                    f"distribution={distribution}); the file was altered"
                 )
         return codes
+
+
+class CodesFileError(ValueError):
+    """A codes file that cannot be used: unreadable, incomplete, or contradicting itself.
+
+    The message names the file and what is wrong with it.
+    """
+
+
+#: Seeds ``torch.Generator.manual_seed`` accepts (and so :meth:`MnemonicCodes.generate`).
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+_REQUIRED = ("format", "num_classes", "per_class", "shape")
+
+
+def _read_codes_file(path: str | os.PathLike) -> tuple[dict[str, str], torch.Tensor]:
+    """(metadata, the ``codes`` tensor) of a codes file, or CodesFileError / FileNotFoundError."""
+    where = Path(path)
+    if not where.exists():
+        raise FileNotFoundError(f"{path}: no such codes file")
+    if where.is_dir():
+        raise CodesFileError(f"{path}: is a directory, not a codes file")
+    try:
+        with safe_open(str(where), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+            names = list(handle.keys())
+            if meta.get("format") != _FORMAT:
+                raise CodesFileError(
+                    f"{path}: not a mnemo_fast codes file (metadata format={meta.get('format')!r}, "
+                    f"expected {_FORMAT!r})"
+                )
+            missing = [key for key in _REQUIRED if key not in meta]
+            if missing:
+                raise CodesFileError(f"{path}: the metadata lacks {', '.join(missing)}")
+            if "codes" not in names:
+                raise CodesFileError(f"{path}: no 'codes' tensor in the file (it holds {names})")
+            tensor = handle.get_tensor("codes")
+    except CodesFileError:
+        raise
+    except Exception as error:  # safetensors' parse errors, OS errors: one error with the path
+        raise CodesFileError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
+    return meta, tensor
+
+
+def _metadata_int(path, meta: dict[str, str], key: str, low: int, high: int | None = None) -> int:
+    text = meta[key]
+    if not re.fullmatch(r"-?[0-9]+", text.strip()):
+        raise CodesFileError(f"{path}: metadata {key}={text!r} is not an integer")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise CodesFileError(f"{path}: metadata {key}={value} is out of range (must be {allowed})")
+    return value
+
+
+def _metadata_vocab(path, meta: dict[str, str]) -> tuple[int, int] | None:
+    """The (low, high) token-id range of token codes, None for signal codes."""
+    text = meta.get("vocab") or ""
+    if not text:
+        return None
+    try:
+        vocab = json.loads(text)
+    except (ValueError, RecursionError):
+        vocab = None
+    if (not isinstance(vocab, list) or len(vocab) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab) or not 0 <= vocab[0] < vocab[1]):
+        raise CodesFileError(f"{path}: metadata vocab={text!r} must be a JSON list [low, high] with 0 <= low < high")
+    return vocab[0], vocab[1]
+
+
+def _metadata_shape(path, meta: dict[str, str]) -> tuple[int, ...]:
+    try:
+        shape = json.loads(meta["shape"])
+    except (ValueError, RecursionError):
+        raise CodesFileError(f"{path}: metadata shape={meta['shape']!r} is not valid JSON") from None
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise CodesFileError(
+            f"{path}: metadata shape={meta['shape']!r} must be a non-empty JSON list of positive integers"
+        )
+    return tuple(shape)
 
 
 class MnemonicMix(torch.utils.data.Dataset):
@@ -248,3 +383,9 @@ class MnemonicMix(torch.utils.data.Dataset):
             code = self.codes.tensor[int(y), k]
             x = code.to(torch.as_tensor(x).dtype) if torch.is_tensor(x) else code
         return x, y
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch appends C++ stack traces to some)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -98,3 +99,58 @@ def test_checkpoint_of_other_settings_is_refused(pretrained, digits_split, tmp_p
     adapt_with_codes(copy.deepcopy(base), train, codes, 3, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="different settings"):
         adapt_with_codes(copy.deepcopy(base), train, codes, 6, lr=0.1, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_checkpoint_records_steps_and_codes(pretrained, digits_split, tmp_path):
+    train, _ = digits_split
+    base, codes = pretrained
+    adapt_with_codes(copy.deepcopy(base), train, codes, 4, checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / "adapt.pt", weights_only=True)
+    assert (state["step"], state["steps"]) == (4, 4)
+    assert state["codes_sha256"] == codes.fingerprint()
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(pretrained, digits_split, tmp_path):
+    train, _ = digits_split
+    base, codes = pretrained
+    adapt_with_codes(copy.deepcopy(base), train, codes, 6, checkpoint_dir=tmp_path, progress=False)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"already did 6 steps \(of 6 planned\), more than steps=4: pass steps >= 6"):
+        adapt_with_codes(model, train, codes, 4, checkpoint_dir=tmp_path, progress=False)
+    for a, b in zip(model.state_dict().values(), base.state_dict().values()):
+        assert torch.equal(a, b)  # refused before anything changed
+    # a longer run extends the checkpoint, as many steps as a fresh longer run
+    extended = adapt_with_codes(copy.deepcopy(base), train, codes, 8, checkpoint_dir=tmp_path, progress=False)
+    fresh = adapt_with_codes(copy.deepcopy(base), train, codes, 8, progress=False)
+    assert torch.load(tmp_path / "adapt.pt", weights_only=True)["step"] == 8
+    for a, b in zip(extended.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_with_other_codes_is_refused(pretrained, digits_split, tmp_path):
+    train, _ = digits_split
+    base, codes = pretrained
+    adapt_with_codes(copy.deepcopy(base), train, codes, 3, checkpoint_dir=tmp_path, progress=False)
+    other = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=1)
+    with pytest.raises(ValueError, match="written with other codes .*pass the codes it was trained with"):
+        adapt_with_codes(copy.deepcopy(base), train, other, 6, checkpoint_dir=tmp_path, progress=False)
+    # the same codes read back from a file are the same codes
+    codes.save(tmp_path / "codes.safetensors")
+    again = mf.MnemonicCodes.load(tmp_path / "codes.safetensors")
+    adapt_with_codes(copy.deepcopy(base), train, again, 6, checkpoint_dir=tmp_path, progress=False)
+    assert torch.load(tmp_path / "adapt.pt", weights_only=True)["step"] == 6
+
+
+def test_unreadable_or_older_checkpoint(pretrained, digits_split, tmp_path):
+    train, _ = digits_split
+    base, codes = pretrained
+    adapt_with_codes(copy.deepcopy(base), train, codes, 3, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "adapt.pt"
+    state = torch.load(path, weights_only=True)
+    del state["steps"], state["codes_sha256"]  # as written before they were recorded
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="older checkpoint"):
+        adapt_with_codes(copy.deepcopy(base), train, codes, 4, checkpoint_dir=tmp_path, progress=False)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: cannot read the checkpoint") + ".*resume=False"):
+        adapt_with_codes(copy.deepcopy(base), train, codes, 4, checkpoint_dir=tmp_path, progress=False)

@@ -118,3 +118,15 @@ def test_per_sample_refuses_a_gradient_of_another_shape():
     torch.testing.assert_close(samples, 2.0 * grad.sum(0), rtol=0, atol=0)
     assert per_sample(grad, use, torch.Size([D]), 1.0, batch=T) is None  # planned N=3 is not here
     assert per_sample(grad.transpose(0, 1), use, torch.Size([D]), 1.0, batch=3) is None
+
+
+def test_a_failing_second_probe_sends_the_parameter_generic():
+    class BatchOfTwoFails(Biased):
+        def forward(self, x):
+            if x.shape[0] == 2:
+                raise RuntimeError("this model refuses a batch of 2")
+            return super().forward(x)
+
+    plan = plan_of(BatchOfTwoFails("add_alpha", 3.0).double())
+    assert plan.broadcast == [] and plan.generic == ["b"]
+    assert plan.reasons["b"] == "a probe of batch 2 failed (RuntimeError)"

@@ -8,6 +8,7 @@ import torch
 import mnemo_fast as mf
 from mnemo_fast.evaluation import data, models
 from mnemo_fast.calibration import Calibration, calibrate
+from mnemo_fast.validation import UnlearningError
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,9 @@ def test_choice_forgets_the_codes_and_keeps_the_rest(setup, cls):
     result = mf.forget(model, codes, [cls], lambda1=cal.lambda1, lambda2=cal.lambda2)
     assert result.code_accuracy_after.forget == 0.0
     assert result.sign == cal.diagnostics["chosen"].sign
-    if cal.diagnostics["feasible"]:
-        assert result.code_accuracy_after.retain == 1.0
+    # the trained model can forget either class cleanly: no `if feasible` that could skip this
+    assert cal.diagnostics["feasible"] and cal.feasible
+    assert result.code_accuracy_after.retain == 1.0
     base = mf.evaluate(model, test, [cls])
     after = mf.evaluate(result.model, test, [cls])
     assert after.forget_accuracy <= 0.1
@@ -62,9 +64,29 @@ def test_bisection_brackets_the_threshold(setup):
     failing = [t.lambda1 for t in trials if not t.forget_ok]
     # the chosen lambda1 meets the criterion; the largest failing trial below it is within 10^(1/64)
     below = [l for l in failing if l < cal.lambda1]
-    if below:
-        assert cal.lambda1 / max(below) <= 10 ** (1 / 64) * 1.0001
+    assert below, "no failing trial below the choice: nothing was bracketed"
+    assert cal.lambda1 / max(below) <= 10 ** (1 / 64) * 1.0001
     assert cal.diagnostics["chosen"].forget_ok
+    # checked outside the calibration: forget() at each lambda1, margins of the forget codes
+    assert forget_side_met(model, codes, 5, cal.lambda1)
+    assert not forget_side_met(model, codes, 5, max(below))
+
+
+def forget_side_met(model, codes, cls, lambda1, lambda2=10.0, depth=1.0, max_prob=1e-3):
+    """The criterion's forget side, from forget()'s model: every code of ``cls`` ends at least
+    ``depth`` times as confidently wrong as it was right, with true-class probability <= max_prob."""
+    x, y = codes.batch([cls])
+
+    def margins(m):
+        with torch.no_grad():
+            logits = m(x)
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
+        return true - other, torch.softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+
+    before, _ = margins(model)
+    after, prob = margins(mf.forget(model, codes, [cls], lambda1=lambda1, lambda2=lambda2).model)
+    return bool((-after >= depth * before.clamp_min(1e-6)).all() and (prob <= max_prob).all())
 
 
 def test_lambda2_search_returns_a_candidate(setup):
@@ -72,6 +94,16 @@ def test_lambda2_search_returns_a_candidate(setup):
     cal = calibrate(model, codes, [1], lambda2=[1.0, 10.0, 100.0])
     assert cal.lambda2 in (1.0, 10.0, 100.0)
     assert len(cal.diagnostics["per_lambda2"]) == 3
+    # the documented choice, re-derived: among the feasible candidates the largest median
+    # remaining-code margin, ties to the smaller lambda2; each candidate's lambda1 its own search's
+    assert [l2 for l2, _, _ in cal.per_lambda2] == [1.0, 10.0, 100.0]
+    feasible = [(trial.retain_margin_ratio, -l2, l2, l1) for l2, l1, trial in cal.per_lambda2
+                if trial is not None and trial.retain_ok]
+    assert feasible, "no feasible lambda2: the choice below would not be tested"
+    _, _, best_l2, best_l1 = max(feasible)
+    assert (cal.lambda2, cal.lambda1) == (best_l2, best_l1)
+    alone = calibrate(model, codes, [1], lambda2=best_l2)
+    assert alone.lambda1 == pytest.approx(best_l1, rel=1e-12)
 
 
 def test_two_classes_at_once(setup):
@@ -83,7 +115,7 @@ def test_two_classes_at_once(setup):
 
 def test_bad_input(setup):
     model, codes, _ = setup
-    with pytest.raises(Exception):
+    with pytest.raises(UnlearningError, match=r"forget_classes.*\[10\]"):
         calibrate(model, codes, [10])
     with pytest.raises(ValueError):
         calibrate(model, codes, [0], lambda2=-1.0)

@@ -389,6 +389,7 @@ def test_a_class_with_one_code_through_the_layer_rules():
     """class_fishers with one code per class: every rule sees one sample per class; the
     compiled ops and their twins (through the same hooks and rules) agree."""
     import mnemo_fast as mf
+    import mnemo_fast.reference
     from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
     import models_zoo as zoo
 
@@ -405,6 +406,13 @@ def test_a_class_with_one_code_through_the_layer_rules():
             assert list(got) == list(want)
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-30, msg=name)
+        # both hooks engines share the rules: the reference (torch.func) is the independent truth
+        exact = mnemo_fast.reference.class_fishers(model, codes, [1])
+        for got, want in zip(fast, exact):
+            assert list(got) == list(want)
+            for name in want:
+                scale = want[name].abs().max().item()
+                torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10 * scale, msg=name)
 
 
 # --- opcheck and torch.compile --------------------------------------------------------------
@@ -419,16 +427,23 @@ def opcheck_cases():
     return {
         "sum_sq_grad_linear": (g, x),
         "sum_sq_grad_linear_T1": (g[:, :1], x[:, :1]),
+        "sum_sq_grad_linear_strided": (maybe_strided(g, True), torch.cat([x, x], 2)[:, :, ::2]),
         "sum_sq_grad_conv2d": (cg, cx, *conv_args(CONV[1])),
+        "sum_sq_grad_conv2d_strided": (maybe_strided(cg, True), maybe_strided(cx, True), *conv_args(CONV[1])),
         "perturb_max_ratio": (forget, remain),
         "perturb_shift_": (params, forget, remain, m, 0.1, 1.0, -1.0),
         "perturb_gaussian_": (params, forget, remain, m, 0.1, 1.0, 0.5, None),
     }
 
 
+def opcheck_op(name: str):
+    """The operator of an opcheck case (cases of one op differ by a suffix)."""
+    return getattr(torch.ops.mnemo_fast, name.removesuffix("_T1").removesuffix("_strided"))
+
+
 @pytest.mark.parametrize("name", list(opcheck_cases()))
 def test_opcheck(name):
-    op = getattr(torch.ops.mnemo_fast, name.removesuffix("_T1"))
+    op = opcheck_op(name)
     torch.library.opcheck(op, opcheck_cases()[name])
 
 

@@ -84,6 +84,9 @@ def test_perturb_gaussian_cuda_distribution_mask_and_reproducibility():
 # ==== The first-GPU-run plan (issue 14): each finding of the static review gets a test. ====
 from test_ops_cpu import maybe_strided  # noqa: E402
 
+from types import SimpleNamespace  # noqa: E402
+
+from mnemo_fast.dtypes import accumulation_dtype  # noqa: E402
 from mnemo_fast.reference import perturb  # noqa: E402
 
 LOW = (torch.bfloat16, torch.float16)
@@ -91,6 +94,42 @@ LOW = (torch.bfloat16, torch.float16)
 
 def on(device, tensors):
     return [t.to(device) for t in tensors]
+
+
+def _eta(f, r):
+    """eta = f / r in the compute dtype, with the kernels' rules: 0 unless both are >= 0, NaN -> 0,
+    -0 counts as +0. The same function as the twins' exp(log f - log r), rounded once."""
+    dtype = accumulation_dtype(f.dtype)
+    f, r = f.to(dtype), r.to(dtype)
+    e = (f + 0.0) / (r + 0.0)
+    return torch.where((f >= 0) & (r >= 0) & ~torch.isnan(e), e, torch.zeros_like(e))
+
+
+def _division_max_ratio(forget, remain):
+    """[L]: per tensor the largest finite eta (0 if none), eta by division."""
+    out = []
+    for f, r in zip(forget, remain):
+        e = _eta(f, r)
+        finite = e[torch.isfinite(e)]
+        out.append(finite.max() if finite.numel() else e.new_zeros(()))
+    return torch.stack(out).to(accumulation_dtype(forget[0].dtype))
+
+
+def _division_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign):
+    """In place: p += sign * (alpha * eta), eta by division (+inf -> max ratio), alpha as the
+    kernels compute it (reciprocal of the max ratio times lambda2, at most lambda1)."""
+    for p, f, r, m in zip(params, forget, remain, max_ratio):
+        e = _eta(f, r)
+        m = m.to(e.dtype)
+        alpha = torch.clamp((1.0 / m) * lambda2, max=lambda1) if m != 0 else torch.tensor(lambda1, dtype=e.dtype)
+        p.add_((sign * (alpha * torch.where(torch.isinf(e), m, e))).to(p.dtype))  # the step, then the add
+
+
+#: The reference of the ops on the GPU: the twins for the Fisher sums (float64), and for the
+#: perturbation the division form of the formula, which the CPU and CUDA kernels both round once
+#: (the twins' exp(log f - log r) differs by a few dozen ulps; tests/test_ops_cpu.py checks that).
+ref = SimpleNamespace(sum_sq_grad_linear=twin.sum_sq_grad_linear, sum_sq_grad_conv2d=twin.sum_sq_grad_conv2d,
+                      perturb_max_ratio=_division_max_ratio, perturb_shift_=_division_shift_)
 
 
 def ref_linear64(g, x):
@@ -279,11 +318,14 @@ def test_shift_denormal_fisher_like_the_cpu():
     remain = [torch.tensor([1e-39, 1.0, 1e-39, 1.0])]
     params = [torch.tensor([1e-40, 0.0, 1e-40, 0.0])]
     want = [p.clone() for p in params]
+    by_formula = [p.clone() for p in params]  # and both against the formula, not only each other
+    ref.perturb_shift_(by_formula, forget, remain, ref.perturb_max_ratio(forget, remain), 1e-3, 10.0, 1.0)
     ops.perturb_shift_(want, forget, remain, ops.perturb_max_ratio(forget, remain), 1e-3, 10.0, 1.0)
     got = on(CUDA, params)
     ops.perturb_shift_(got, on(CUDA, forget), on(CUDA, remain),
                        ops.perturb_max_ratio(on(CUDA, forget), on(CUDA, remain)), 1e-3, 10.0, 1.0)
     assert torch.equal(got[0].cpu(), want[0])
+    assert torch.equal(got[0].cpu(), by_formula[0])
 
 
 # --- devices and streams --------------------------------------------------------------------------
@@ -337,3 +379,66 @@ def test_kernel_image_probe_on_this_gpu():
     import mnemo_fast
 
     assert mnemo_fast.backend("cuda") == "cuda-ext"
+
+
+# --- opcheck, strided inputs, the low-precision tolerance rule (tests/test_ops_cpu.py does the same on the CPU) ---
+from test_ops_cpu import low_precision_error_ok, opcheck_cases, opcheck_op  # noqa: E402
+
+
+def _to_cuda(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(CUDA)
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [t.to(CUDA) for t in value]
+    return value
+
+
+@pytest.mark.parametrize("name", list(opcheck_cases()))
+def test_opcheck_cuda(name):
+    """Schema, fake kernel, aliasing and dispatch of every op on CUDA tensors."""
+    torch.library.opcheck(opcheck_op(name), tuple(_to_cuda(a) for a in opcheck_cases()[name]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv_strided_inputs(dtype):
+    case = CONV[1]
+    g, x = conv_inputs(case, dtype, torch.Generator().manual_seed(21))
+    want = twin.sum_sq_grad_conv2d(g.double(), x.double(), *conv_args(case))
+    got = ops.sum_sq_grad_conv2d(maybe_strided(g.to(CUDA), True), maybe_strided(x.to(CUDA), True), *conv_args(case))
+    torch.testing.assert_close(got.cpu().double(), want, **tol(dtype))
+
+
+def test_perturb_ops_with_strided_fishers():
+    """Parameters must be contiguous (the op says so); the Fisher tensors need not be."""
+    forget, remain = fishers([(33, 64)], torch.float32, seed=22, special=True)
+    f, r = [forget[0].t().to(CUDA)], [remain[0].t().to(CUDA)]
+    assert not f[0].is_contiguous()
+    ratio = ops.perturb_max_ratio(f, r)
+    assert torch.equal(ratio.cpu(), ref.perturb_max_ratio([forget[0].t()], [remain[0].t()]))
+    params = [torch.randn(64, 33, device=CUDA)]
+    want = [params[0].cpu().clone()]
+    ref.perturb_shift_(want, [forget[0].t()], [remain[0].t()], ratio.cpu(), 1e-3, 10.0, -1.0)
+    ops.perturb_shift_(params, f, r, ratio, 1e-3, 10.0, -1.0)
+    torch.testing.assert_close(params[0].cpu(), want[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("T", [1, 8, 40])
+def test_linear_low_precision_rule(dtype, T):
+    """flash-attention's rule: the kernel's error against float64 is at most ~2x that of plain
+    PyTorch in the same low precision (no guessed tolerance)."""
+    gen = torch.Generator().manual_seed(23)
+    g = torch.randn(24, T, 130, generator=gen, dtype=torch.float64).to(dtype).double().to(CUDA)
+    x = torch.randn(24, T, 70, generator=gen, dtype=torch.float64).to(dtype).double().to(CUDA)
+    fast = ops.sum_sq_grad_linear(g.to(dtype), x.to(dtype))
+    assert fast.dtype == torch.float32
+    low_precision_error_ok(fast, twin.sum_sq_grad_linear, (g, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_conv_low_precision_rule(dtype):
+    case = CONV[1]
+    g, x = conv_inputs(case, torch.float64, torch.Generator().manual_seed(24))
+    g, x = g.to(dtype).double().to(CUDA), x.to(dtype).double().to(CUDA)
+    fast = ops.sum_sq_grad_conv2d(g.to(dtype), x.to(dtype), *conv_args(case))
+    low_precision_error_ok(fast, twin.sum_sq_grad_conv2d, (g, x, *conv_args(case)), dtype)

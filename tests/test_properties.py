@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
 
 import mnemo_fast as mf  # noqa: E402
 import mnemo_fast.reference as ref  # noqa: E402
@@ -201,11 +201,16 @@ def layers(draw):
         layer = Broadcast(t, dim, use, draw(st.sampled_from([1.0, 3.0, 0.5, -2.0])))
         return layer, lambda n, g: torch.randn(n, t, dim, generator=g)
     c = draw(conv_configs(max_size=5))
+    mode = draw(st.sampled_from(["zeros", "zeros", "circular", "reflect", "replicate"]))
+    dims = 2 if kind == "conv2d" else 1
+    # padding other than zeros needs padding < size (reflect's rule, kept for all): redraw the rest
+    assume(mode == "zeros" or all(c["p"][i] < c["hw"][i] for i in range(dims)))
     if kind == "conv2d":
-        layer = nn.Conv2d(c["cin"], c["cout"], c["k"], c["s"], c["p"], c["d"], c["groups"], bias=draw(st.booleans()))
+        layer = nn.Conv2d(c["cin"], c["cout"], c["k"], c["s"], c["p"], c["d"], c["groups"], bias=draw(st.booleans()),
+                          padding_mode=mode)
         return layer, lambda n, g: torch.randn(n, c["cin"], *c["hw"], generator=g)
     layer = nn.Conv1d(c["cin"], c["cout"], c["k"][0], c["s"][0], c["p"][0], c["d"][0], c["groups"],
-                      bias=draw(st.booleans()))
+                      bias=draw(st.booleans()), padding_mode=mode)
     return layer, lambda n, g: torch.randn(n, c["cin"], c["hw"][0], generator=g)
 
 

@@ -185,8 +185,8 @@ def forget_sets(spec: str, classes: int) -> list[list[int]]:
     return [[int(c) for c in spec.split(",")]]
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mnemo-fast experiment", description=__doc__)
+def parse_args(argv, parser_class=argparse.ArgumentParser):
+    p = parser_class(prog="mnemo-fast experiment", description=__doc__)
     p.add_argument("--data", nargs="+", default=["digits"], choices=data_mod.DATASETS)
     p.add_argument("--models", nargs="+", default=["mlp"], choices=("mlp", "cnn", "resnet"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -374,8 +374,8 @@ def figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
+    args = parse_args(argv, parser_class)
     if args.report_all:
         rows = list(_read_rows(args.cache / "results.jsonl").values())
     else:

@@ -115,10 +115,11 @@ def _mixes_samples(model: nn.Module) -> bool:
 
 def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tensor, y1: torch.Tensor, output_fn,
               x2: torch.Tensor | None = None) -> Plan:
-    """Plan from one sample ``x1`` [1, ...], ``y1`` [1]; the model is in eval mode. ``x2``
-    [2, ...]: two different samples, the first ``x1``'s, for the operation-level probe (None:
-    ``x1`` twice, which proves the layouts but not the order of folded rows; right only when
-    every batch of the call has one sample)."""
+    """Plan from one sample ``x1`` [1, ...], ``y1`` [1] (given twice more, as a batch of 2,
+    only when a raw parameter may be broadcast over the batch); the model is in eval mode.
+    ``x2`` [2, ...]: two different samples, the first ``x1``'s, for the operation-level probe
+    (None: ``x1`` twice, which proves the layouts but not the order of folded rows; right
+    only when every batch of the call has one sample)."""
     if _mixes_samples(model):
         return all_generic(params, "BatchNorm without running statistics mixes the samples")
     rules = {m: rule_for(m) for m in model.modules()}

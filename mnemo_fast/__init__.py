@@ -19,6 +19,7 @@ from .method import (
     perturbation,
 )
 from .adapt import adapt_with_codes
+from .explain import Explanation, explain
 from .train import TrainHistory, train_with_codes
 from .validation import UnlearningError
 
@@ -32,4 +33,5 @@ __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "explain", "Explanation",
 ]

@@ -27,4 +27,8 @@ def bind(engine) -> dict[str, object]:
 
         return bound
 
-    return {name: bound_to(getattr(method, name)) for name in ENGINE_FUNCTIONS}
+    from .explain import explain
+
+    bound = {name: bound_to(getattr(method, name)) for name in ENGINE_FUNCTIONS}
+    bound["explain"] = bound_to(explain)
+    return bound

@@ -76,9 +76,12 @@ def test_plan_routes_what_no_rule_can_take():
     model, x, y = problem("tied_shared_custom")
     with eval_mode(model):
         plan = make_plan(model, trainable_parameters(model), x[:1], y[:1], logits_of)
-    # tied weight and a multiplied raw parameter: generic; Linear called twice and circular
-    # Conv1d: rules; an added raw parameter: broadcast
-    assert set(plan.generic) == {"first.weight", "scale.gain"} and plan.broadcast == ["scale.offset"]
+    # tied weight and a multiplied raw parameter: no layer rule, taken at the operation level
+    # (two linear uses summed per sample; a mul); Linear called twice and circular Conv1d:
+    # rules; an added raw parameter: broadcast
+    assert plan.generic == [] and plan.broadcast == ["scale.offset"]
+    assert set(plan.operations.names) == {"first.weight", "scale.gain"}
+    assert sorted(u.op for u in plan.operations.uses if u.name == "first.weight") == ["linear", "linear"]
     taken = {full for _, names in plan.rule_modules.values() for full in names.values()}
     assert {"shared.weight", "shared.bias", "conv.weight", "second.bias"} <= taken
 

@@ -1,10 +1,13 @@
 """Hugging Face ``transformers`` classifiers (built from tiny configs, no download): the fast
-Fisher equals the reference's, and ``forget`` runs end to end on a text and an image model.
+Fisher equals the reference's with no parameter on the generic path, and ``forget`` runs end
+to end on text (token codes) and image models.
 
-Which parameters the fast path batches on these models is issue-tracked work (GPT-2's Conv1D,
-the RMSNorm scales of Llama/Mistral/Qwen2, Swin's windows and ConvNeXt's channels-first norms
-go to the exact generic path today; benchmarks/HF.md lists them); exactness holds either way.
+GPT-2's Conv1D, the RMSNorm scales of Llama/Mistral/Qwen2, Swin's folded windows and relative
+position tables and ConvNeXt's channels-first norms and layer scales are taken at the
+operation level (mnemo_fast/fast/rules/operations.py); the rest by the layer rules.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 import mnemo_fast as mf
 import mnemo_fast.reference as ref
 from mnemo_fast.codes import MnemonicCodes
+from mnemo_fast.explain import GenericPathWarning
 
 pytest.importorskip("transformers")
 from mnemo_fast.evaluation.hf_models import FAMILIES, TEXT_FAMILIES, build  # noqa: E402
@@ -45,7 +49,19 @@ def _assert_close(fast: dict, exact: dict, rtol: float) -> None:
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_fast_fisher_equals_reference(family, dtype, rtol):
     model, x, y = _problem(family, dtype)
-    _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), rtol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GenericPathWarning)
+        fast = mf.fisher_diagonal(model, x, y)
+    _assert_close(fast, ref.fisher_diagonal(model, x, y), rtol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_shows_no_generic_parameter(family):
+    model, x, y = _problem(family, torch.float32)
+    explanation = mf.explain(model, x, y)
+    assert [r.name for r in explanation.routes] == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert explanation.generic == [], str(explanation)
+    assert {r.path for r in explanation.routes} <= {"rule", "broadcast", "operation"}
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit", "swin"])

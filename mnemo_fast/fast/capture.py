@@ -34,8 +34,9 @@ class Capture:
     (nn.MultiheadAttention) is followed through its first element.
     """
 
-    def __init__(self, layouts: dict[nn.Module, tuple[set[int], bool]]):
+    def __init__(self, layouts: dict[nn.Module, tuple[set[int], bool]], keep: tuple = ()):
         self.layouts = layouts
+        self.keep = {id(p) for p in keep}  # parameters other paths need gradients through
         self.calls: dict[nn.Module, list[list]] = defaultdict(list)
         self.leaves: list[Tensor] = []
         self.batch_mismatch = False
@@ -72,7 +73,7 @@ class Capture:
         """Under FSDP2 a module runs on gathered copies of its parameters, which the caller's
         ``frozen`` did not reach: freeze those as the module is called (restored on exit)."""
         for p in module.parameters():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in self.keep:
                 p.requires_grad_(False)
                 self._thawed.append(p)
 

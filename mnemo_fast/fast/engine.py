@@ -8,6 +8,7 @@ compiled kernels were not built for, the Fisher runs on the hooks engine with AT
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -18,8 +19,9 @@ from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
 from . import _ext, devices
 from .capture import Capture, frozen
-from .plan import Plan, all_generic, make_plan
+from .plan import Plan, Route, all_generic, make_plan, warn_generic
 from .rules.broadcast import BroadcastCapture, per_sample
+from .rules.operations import OperationsCapture
 from ..distributed.sharding import is_sharded
 
 Tensor = torch.Tensor
@@ -107,16 +109,29 @@ class FastEngine:
                 return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)
             return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
-        plan = make_plan(model, params, inputs[:1], targets[:1], output_fn)
+        plan = make_plan(model, params, inputs[:1], targets[:1], output_fn,
+                         inputs[:2] if inputs.shape[0] >= 2 else None)
         _refuse_sharded_generic(plan, params)
+        warn_generic(model, plan)
         return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
                 for x, y in _blocks(inputs, targets, sizes)]
+
+    def routes(self, model, inputs: Tensor, targets: Tensor, output_fn=ref_fisher.logits_of) -> dict[str, Route]:
+        """name -> :class:`.plan.Route` for every trainable parameter (the plan a Fisher call on
+        these inputs would make; model in eval mode). Backs :func:`mnemo_fast.explain`."""
+        if not self.runs_on(inputs.device):
+            return self.fallback.routes(model, inputs, targets, output_fn)
+        params = ref_fisher.trainable_parameters(model)
+        if not params:
+            return {}
+        return make_plan(model, params, inputs[:1], targets[:1], output_fn,
+                         inputs[:2] if inputs.shape[0] >= 2 else None).routes()
 
     def _sums(self, model, params, plan: Plan, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         """{name: sum} over ``inputs`` on ``plan``: the rule pass, then the generic path for
         the parameters no rule takes."""
         sums: dict[str, Tensor] = {}
-        if plan.rule_modules or plan.broadcast:
+        if plan.rule_modules or plan.broadcast or plan.operations:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if taken is None:  # a layer's batch dimension was not first: no rule is safe
                 plan = all_generic(params, "a layer's batch dimension could not be found in the pass")
@@ -133,6 +148,9 @@ class FastEngine:
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
         names |= set(plan.broadcast)
         broadcast = {name: params[name] for name in plan.broadcast}
+        operations = plan.operations
+        op_params = {name: params[name] for name in operations.names} if operations else {}
+        names |= set(op_params)
         sums: dict[str, Tensor] = {}  # the first contribution becomes the accumulator (no zero fill)
 
         def add(name: str, value: Tensor) -> None:
@@ -144,17 +162,26 @@ class FastEngine:
         step = chunk_size or max(inputs.shape[0], 1)  # an empty block: no pass, zero sums
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
-            capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()})
+            capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()},
+                              keep=tuple(op_params.values()) + tuple(broadcast.values()))
             caught = BroadcastCapture(broadcast)
-            rest = [p for name, p in params.items() if name not in broadcast]
+            used = OperationsCapture(operations, params, x, self.kernels) if operations else None
+            rest = [p for name, p in params.items() if name not in broadcast and name not in op_params]
             with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
-                loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                wanted = capture.leaves + list(broadcast.values()) or ([x] if x.requires_grad else [])
+                with used.recorder if used else contextlib.nullcontext():
+                    loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
+                wanted = capture.leaves + list(broadcast.values()) + list(op_params.values())
+                wanted = wanted or ([x] if x.requires_grad else [])
                 if loss.requires_grad and wanted:
                     caught.attach(loss)
                     torch.autograd.grad(loss, wanted, allow_unused=True)
-            if capture.batch_mismatch or caught.failed:
+            if capture.batch_mismatch or caught.failed or (used and used.failed):
                 return None
+            if used:
+                for name, value in used.sums.items():
+                    add(name, value)
+                for name, samples in used.samples.items():
+                    add(name, samples.square().sum(0))
             for name, (grad, scale) in caught.grads.items():
                 samples = per_sample(grad, plan.broadcast_uses[name], params[name].shape, scale, x.shape[0])
                 if samples is None:
@@ -170,7 +197,7 @@ class FastEngine:
                         add(local_names[local], value)
             # Drop this chunk's captured inputs and output gradients before the next forward:
             # one chunk's activations live at a time, whatever N is.
-            capture = caught = loss = wanted = records = calls = value = None
+            capture = caught = used = loss = wanted = records = calls = value = None
         for name in names - sums.keys():  # a parameter no code reached: zero Fisher
             sums[name] = ref_fisher.zero_accumulator(params[name])
         return sums

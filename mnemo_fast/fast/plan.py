@@ -13,6 +13,8 @@ proven) goes to the generic path, with its reason in :attr:`Plan.reasons`.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -20,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.sharding import is_sharded
 from .rules import rule_for
 from .rules.broadcast import BROADCAST_NODES, BroadcastUse, parent_nodes, plan_use
+from .rules.operations import OperationsPlan, plan_operations
 
 
 @dataclass
@@ -39,9 +43,62 @@ class Plan:
     #: full name -> why it goes to the generic path, for each name of ``generic``
     reasons: dict[str, str] = field(default_factory=dict)
 
+    #: parameters taken at the operation level (:mod:`.rules.operations`), None if none
+    operations: OperationsPlan | None = None
+
+    def routes(self) -> dict[str, "Route"]:
+        """name -> :class:`Route` for every parameter of the plan."""
+        out = {}
+        for module, (rule, local_names) in self.rule_modules.items():
+            for local, full in local_names.items():
+                out[full] = Route(full, "rule", f"{type(rule).__name__} on {type(module).__name__}.{local}")
+        for name in self.broadcast:
+            out[name] = Route(name, "broadcast", "broadcast over the samples (expand / add / subtract)")
+        if self.operations is not None:
+            for name in self.operations.names:
+                ops = [u.op for u in self.operations.uses if u.name == name]
+                out[name] = Route(name, "operation", ", ".join(ops) or "unused (zero)")
+        for name in self.generic:
+            out[name] = Route(name, "generic", self.reasons.get(name, "no rule takes it"))
+        return out
+
     def send_generic(self, name: str, reason: str) -> None:
         self.generic.append(name)
         self.reasons[name] = reason
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one parameter's Fisher is computed. ``path``: "rule", "broadcast", "operation",
+    "generic" (or "reference" on the reference engine); ``detail``: the rule, the operations,
+    or why no rule takes it."""
+
+    name: str
+    path: str
+    detail: str
+
+
+class GenericPathWarning(UserWarning):
+    """Parameters of a model went to the generic per-sample path (exact, slower)."""
+
+
+_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def warn_generic(model: nn.Module, plan: Plan) -> None:
+    """One :class:`GenericPathWarning` per model, naming the generic parameters and why."""
+    if not plan.generic or model in _warned:
+        return
+    _warned.add(model)
+    shown = "; ".join(f"{name} ({plan.reasons.get(name, 'no rule')})" for name in plan.generic[:5])
+    more = f"; and {len(plan.generic) - 5} more" if len(plan.generic) > 5 else ""
+    warnings.warn(
+        f"mnemo_fast: {len(plan.generic)} parameter(s) of {type(model).__name__} go to the generic "
+        f"per-sample path (exact, slower): {shown}{more}. mnemo_fast.explain(model, inputs, targets) "
+        f"lists every parameter's path",
+        GenericPathWarning,
+        stacklevel=2,
+    )
 
 
 def all_generic(params, reason: str) -> Plan:
@@ -56,9 +113,13 @@ def _mixes_samples(model: nn.Module) -> bool:
     )
 
 
-def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tensor, y1: torch.Tensor, output_fn) -> Plan:
+def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tensor, y1: torch.Tensor, output_fn,
+              x2: torch.Tensor | None = None) -> Plan:
     """Plan from one sample ``x1`` [1, ...], ``y1`` [1] (given twice more, as a batch of 2,
-    only when a raw parameter may be broadcast over the batch); the model is in eval mode."""
+    only when a raw parameter may be broadcast over the batch); the model is in eval mode.
+    ``x2`` [2, ...]: two different samples, the first ``x1``'s, for the operation-level probe
+    (None: ``x1`` twice, which proves the layouts but not the order of folded rows; right
+    only when every batch of the call has one sample)."""
     if _mixes_samples(model):
         return all_generic(params, "BatchNorm without running statistics mixes the samples")
     rules = {m: rule_for(m) for m in model.modules()}
@@ -124,8 +185,27 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
             candidates.append(name)
     if candidates:
         _plan_broadcast(plan, model, {name: params[name] for name in candidates}, parents, x1, y1, output_fn)
+    left = {name: params[name] for name in params if name in plan.reasons and not is_sharded(params[name])}
+    if left:
+        _plan_operations(plan, model, left, x1, torch.cat([x1, x1]) if x2 is None else x2, output_fn)
     plan.generic = [name for name in params if name in plan.reasons]  # the parameters' order
     return plan
+
+
+def _plan_operations(plan: Plan, model, left: dict[str, nn.Parameter], x1, x2, output_fn) -> None:
+    """The operation level takes what it can prove of the parameters no layer rule took."""
+    try:
+        operations = plan_operations(model, left, x1, x2, output_fn)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        for name in left:
+            plan.reasons[name] += f"; the operation-level probe failed ({type(error).__name__}: {error})"
+        return
+    for name in operations.names:
+        del plan.reasons[name]
+    for name, why in operations.reasons.items():
+        plan.reasons[name] += f"; at the operation level: {why}"
+    if operations.names:
+        plan.operations = operations
 
 
 def _why_not_taken(kind: str, rule, calls: int, dims: set[int], uses: int) -> str:

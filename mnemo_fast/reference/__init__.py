@@ -15,13 +15,14 @@ __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "explain", "Explanation",
 ]
 
 _PLAIN = {
     "MnemonicCodes": "..codes", "MnemonicMix": "..codes", "Evaluation": "..evaluation",
     "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
     "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
-    "TrainHistory": "..train", "UnlearningError": "..validation",
+    "TrainHistory": "..train", "UnlearningError": "..validation", "Explanation": "..explain",
 }
 
 

@@ -1,0 +1,76 @@
+"""Which path computes each parameter's Fisher, and why: ``mnemo_fast.explain``.
+
+The fast engine batches a parameter's per-sample squared gradients when a layer rule, the
+broadcast rule or an operation-level rule can take it, and sends the rest to the exact but
+slower generic per-sample path (docs/FAST_PATH.md, "Which parameter goes where"). This module
+reports that choice per parameter, so a user can check a model before relying on its speed,
+and warns once per model when a call sends parameters to the generic path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import engines
+from .fast.plan import GenericPathWarning, Route  # noqa: F401 (part of this module's API)
+from .reference.fisher import eval_mode, logits_of
+from .session import ParamSelector, only_parameters
+
+Tensor = torch.Tensor
+
+#: The paths a parameter can take.
+PATHS = ("rule", "broadcast", "operation", "generic", "reference")
+
+
+@dataclass
+class Explanation:
+    """The route of every trainable parameter (in the model's order), on ``backend``."""
+
+    backend: str
+    routes: list[Route] = field(default_factory=list)
+
+    @property
+    def generic(self) -> list[Route]:
+        """The parameters on the generic per-sample path."""
+        return [r for r in self.routes if r.path == "generic"]
+
+    def counts(self) -> dict[str, int]:
+        out = {path: 0 for path in PATHS}
+        for r in self.routes:
+            out[r.path] += 1
+        return {path: n for path, n in out.items() if n}
+
+    def __str__(self) -> str:
+        width = max((len(r.name) for r in self.routes), default=4)
+        lines = [f"backend {self.backend}: " + ", ".join(f"{n} {path}" for path, n in self.counts().items())]
+        lines += [f"  {r.name:<{width}}  {r.path:<9}  {r.detail}" for r in self.routes]
+        return "\n".join(lines)
+
+
+def explain(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    output_fn: Callable[[object], Tensor] = logits_of,
+    params: ParamSelector = None,
+    engine=None,
+) -> Explanation:
+    """How the Fisher of ``model`` on ``inputs`` [N, ...] / ``targets`` [N] would be computed,
+    per trainable parameter: which rule takes it, or why it goes to the generic path. Runs
+    the planner's probes (forwards on one and on two samples), not the Fisher itself. Give at
+    least two different inputs, as :func:`mnemo_fast.forget` does with the codes: with one,
+    folded samples cannot be told apart."""
+    engine = engines.resolve(engine)
+    backend = engine.backend_for(inputs.device)
+    with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        routes = getattr(engine, "routes", None)
+        if routes is None:
+            return Explanation(backend, [Route(name, "reference", "per-sample gradients (torch.func)")
+                                         for name in names])
+        found = routes(model, inputs, targets, output_fn)
+    return Explanation(backend, [found[name] for name in names])

@@ -1,0 +1,201 @@
+"""Parameters taken at the level of operations (mnemo_fast/fast/rules/operations.py): exact
+per-sample squared gradients for parameters outside the modules the layer rules know, samples
+folded into a leading dimension, and the generic path (with a reason) where nothing is proven."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mnemo_fast as mf
+import mnemo_fast.reference as ref
+from mnemo_fast.explain import GenericPathWarning
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: a raw [in, out] weight through addmm on rows [N * T, in]."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(0.1 * torch.randn(d_out))
+
+    def forward(self, x):
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, offset=False):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.offset = offset
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return ((1 + self.weight) if self.offset else self.weight) * x  # Gemma-style: (1 + w)
+
+
+class ChannelsFirstNorm(nn.Module):
+    """ConvNeXt's norm on [N, C, H, W]: F.layer_norm on the permuted tensor."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(c))
+        self.bias = nn.Parameter(0.1 * torch.randn(c))
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+
+
+class TextBlock(nn.Module):
+    """Token ids [N, T] -> logits: Conv1D projections, RMSNorm (plain and offset), a layer
+    scale, a hand-added bias with alpha, a division by a raw parameter, a tied weight."""
+
+    def __init__(self, vocab=20, d=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.proj = Conv1D(d, 2 * d)
+        self.back = Conv1D(2 * d, d)
+        self.norm = RMSNorm(d)
+        self.norm2 = RMSNorm(d, offset=True)
+        self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(d))
+        self.shift = nn.Parameter(0.1 * torch.randn(d))
+        self.temperature = nn.Parameter(1 + 0.1 * torch.rand(1))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        h = h + self.gamma[None, None, :] * self.back(torch.tanh(self.proj(h)))
+        h = torch.add(self.norm2(h), self.shift, alpha=3.0) / self.temperature
+        return self.head(h.mean(1))
+
+
+class WindowBlock(nn.Module):
+    """Images [N, C, H, W] -> logits, Swin-like: windows folded into the leading dimension
+    ([N * windows, T, d]), attention projections on the folded rows, and a relative-position
+    bias table indexed by a buffer and added to the folded scores; a channels-first norm."""
+
+    def __init__(self, c=3, d=8, window=2, heads=2, classes=3):
+        super().__init__()
+        self.window, self.heads = window, heads
+        self.norm = ChannelsFirstNorm(c)
+        self.embed = nn.Conv2d(c, d, 1)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.table = nn.Parameter(0.1 * torch.randn((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(self.norm(x))  # [N, d, H, W]
+        n, d, hh, ww = h.shape
+        w = self.window
+        windows = h.view(n, d, hh // w, w, ww // w, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, d)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        split = lambda t: t.view(t.shape[0], w * w, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        bias = self.table[self.index.view(-1)].view(w * w, w * w, self.heads).permute(2, 0, 1)
+        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + bias
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(-1, w * w, d)
+        return self.head(out.reshape(n, -1, d).mean(1))
+
+
+class MixesSamples(nn.Module):
+    """A raw parameter applied after a batch-wide centring: no per-sample layout exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head((h - h.mean(0, keepdim=True)) * self.scale)
+
+
+def _problem(name, dtype, n=5, seed=0):
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if name == "text":
+        model, x = TextBlock(), torch.randint(0, 20, (n, 6), generator=generator)
+    elif name == "windows":
+        model, x = WindowBlock(), torch.randn(n, 3, 4, 4, generator=generator, dtype=dtype)
+    else:
+        model, x = MixesSamples(), torch.randn(n, 4, generator=generator, dtype=dtype)
+    y = torch.randint(0, 3 if name != "mixes" else 2, (n,), generator=generator)
+    return model.to(dtype).eval(), x, y
+
+
+def _assert_close(fast, exact, rtol):
+    assert fast.keys() == exact.keys()
+    for name, value in exact.items():
+        scale = float(value.abs().max())
+        assert torch.allclose(fast[name], value, rtol=rtol, atol=rtol * scale), name
+
+
+@pytest.mark.parametrize("name", ["text", "windows"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_operation_level_fisher_equals_reference(name, dtype, rtol, chunk_size):
+    model, x, y = _problem(name, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GenericPathWarning)  # nothing may go generic here
+        fast = mf.fisher_diagonal(model, x, y, chunk_size=chunk_size)
+    _assert_close(fast, ref.fisher_diagonal(model, x, y), rtol)
+
+
+def test_explain_names_the_operation_of_each_parameter():
+    model, x, y = _problem("text", torch.float64)
+    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    assert not [r for r in routes.values() if r.path == "generic"]
+    assert routes["proj.weight"].path == "operation" and routes["proj.weight"].detail == "addmm"
+    assert routes["norm.weight"].detail == "mul" and routes["gamma"].detail == "mul"
+    assert routes["temperature"].detail in ("div", "__truediv__")
+    assert routes["norm2.weight"].path == "operation"  # (1 + w) * x: through its chain
+    assert routes["head.weight"].path == "rule"
+    model, x, y = _problem("windows", torch.float64)
+    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    assert routes["qkv.weight"].path == "operation"  # windows folded into the rows
+    assert routes["table"].path == "operation" and routes["norm.weight"].detail == "layer_norm"
+
+
+def test_mixed_samples_go_generic_with_a_reason_and_a_warning():
+    model, x, y = _problem("mixes", torch.float64)
+    explanation = mf.explain(model, x, y)
+    generic = {r.name: r.detail for r in explanation.generic}
+    assert set(generic) == {"scale"} and "not grouped by sample" in generic["scale"]
+    with pytest.warns(GenericPathWarning, match="scale"):
+        fast = mf.fisher_diagonal(model, x, y)
+    # (only ``scale`` is compared: a forward that mixes samples has no per-sample layout, and
+    # the reference's per-sample loss sees each sample alone)
+    exact = ref.fisher_diagonal(model, x, y)
+    assert torch.allclose(fast["scale"], exact["scale"], rtol=1e-10, atol=1e-300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GenericPathWarning)  # once per model
+        mf.fisher_diagonal(model, x, y)
+
+
+def test_reference_explain_lists_every_parameter_on_the_reference():
+    model, x, y = _problem("text", torch.float64)
+    explanation = ref.explain(model, x, y)
+    assert explanation.backend == "reference"
+    assert [r.name for r in explanation.routes] == [n for n, _ in model.named_parameters()]
+    assert {r.path for r in explanation.routes} == {"reference"}
+
+
+def test_forget_on_operation_level_model_matches_reference():
+    from mnemo_fast.codes import MnemonicCodes
+
+    model, _, _ = _problem("windows", torch.float64)
+    codes = MnemonicCodes.generate(3, (3, 4, 4), per_class=2, seed=0).to(torch.float64)
+    fast = mf.forget(model, codes, [1], lambda1=1e-2, lambda2=1.0)
+    exact = ref.forget(model, codes, [1], lambda1=1e-2, lambda2=1.0)
+    assert fast.sign == exact.sign
+    for (name, a), b in zip(fast.model.named_parameters(), exact.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name

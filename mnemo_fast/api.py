@@ -11,8 +11,17 @@ import functools
 
 from . import method
 
-#: Functions of the method that take an ``engine`` argument.
-ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy")
+#: Public functions that take an ``engine`` argument.
+ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy", "explain")
+
+
+def engine_function(name: str):
+    """The unbound function behind ``name`` of :data:`ENGINE_FUNCTIONS`."""
+    if name == "explain":
+        from .explain import explain
+
+        return explain
+    return getattr(method, name)
 
 
 def bind(engine) -> dict[str, object]:
@@ -27,8 +36,4 @@ def bind(engine) -> dict[str, object]:
 
         return bound
 
-    from .explain import explain
-
-    bound = {name: bound_to(getattr(method, name)) for name in ENGINE_FUNCTIONS}
-    bound["explain"] = bound_to(explain)
-    return bound
+    return {name: bound_to(engine_function(name)) for name in ENGINE_FUNCTIONS}

@@ -153,7 +153,7 @@ def test_the_public_api_is_derived_not_copied():
     very same objects in both namespaces."""
     import inspect
 
-    from mnemo_fast import api, method
+    from mnemo_fast import api
 
     public = {name for name, value in vars(mf).items() if not name.startswith("_") and not inspect.ismodule(value)}
     assert set(mf.__all__) == public and len(mf.__all__) == len(public)
@@ -162,7 +162,7 @@ def test_the_public_api_is_derived_not_copied():
     for name in public:
         fast, slow = getattr(mf, name), getattr(ref, name)
         if name in api.ENGINE_FUNCTIONS:  # per-call engine here, the reference engine there
-            assert fast is getattr(method, name) and slow is not fast and slow.__wrapped__ is fast, name
+            assert fast is api.engine_function(name) and slow is not fast and slow.__wrapped__ is fast, name
             with pytest.raises(TypeError, match="fixed engine"):
                 slow(engine=None)
         elif name != "backend":

@@ -199,3 +199,25 @@ def test_forget_on_operation_level_model_matches_reference():
     assert fast.sign == exact.sign
     for (name, a), b in zip(fast.model.named_parameters(), exact.model.parameters()):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+
+
+def test_in_place_use_goes_generic_and_stays_exact():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.mul_(self.gain)  # in place on an activation (Linear's backward does not need it)
+            return self.head(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = InPlace().double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+    generic = {r.name: r.detail for r in mf.explain(model, x, y).generic}
+    assert set(generic) == {"gain"} and "in-place operation mul_" in generic["gain"]
+    with pytest.warns(GenericPathWarning):
+        _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)

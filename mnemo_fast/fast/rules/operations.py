@@ -64,6 +64,12 @@ def _name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def _in_place(name: str) -> bool:
+    """``add_``, ``__iadd__``, ``__setitem__``: writes into its first argument."""
+    return (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
+        name.startswith("__i") and name not in ("__index__", "__invert__", "__int__", "__iter__"))
+
+
 @dataclass
 class Origin:
     """A tensor computed from parameter ``name`` alone: ``fn(p)`` recomputes it."""
@@ -178,7 +184,10 @@ class Recorder(TorchFunctionMode):
         if batch:
             for t in outputs:
                 self.batched[t] = True
-            if params:
+            if params and _in_place(name):
+                for origin in params.values():
+                    self.mixed.setdefault(origin.name, f"used by the in-place operation {name}")
+            elif params:
                 use = Use(func, args, kwargs, spec, leaves, params, batch,
                           outputs[0] if len(outputs) == 1 else None)
                 self.uses.append(use)
@@ -294,7 +303,7 @@ def _prove(small: Use, large: Use, name: str) -> tuple[UsePlan | None, str | Non
     if len(leaves) != 1:
         return None, f"{small.op} takes it {len(leaves)} times"
     if small.output is None or large.output is None:
-        return None, f"{small.op} returns several tensors"
+        return None, f"{small.op} does not return one tensor"
     output = _layout(small.output, large.output)
     if output is None:
         return None, f"no dimension of {small.op}'s output is proven to hold the samples"

@@ -221,3 +221,23 @@ def test_in_place_use_goes_generic_and_stays_exact():
     assert set(generic) == {"gain"} and "in-place operation mul_" in generic["gain"]
     with pytest.warns(GenericPathWarning):
         _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+def test_a_parameter_expanded_to_the_batch_before_its_use_is_refused_not_guessed():
+    class ClassToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):  # x [N, T, 4]; the token scaled (no broadcast rule), expanded to N, concatenated
+            tokens = torch.cat([(2.0 * self.cls).expand(x.shape[0], -1, -1), x], dim=1)
+            return self.lin(tokens.tanh().mean(1))
+
+    torch.manual_seed(0)
+    model = ClassToken().double().eval()
+    x, y = torch.randn(4, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    assert routes["cls"].path == "generic" and "changes shape with the batch" in routes["cls"].detail
+    with pytest.warns(GenericPathWarning):
+        _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)

@@ -304,6 +304,8 @@ def _prove(small: Use, large: Use, name: str) -> tuple[UsePlan | None, str | Non
         return None, f"{small.op} takes it {len(leaves)} times"
     if small.output is None or large.output is None:
         return None, f"{small.op} does not return one tensor"
+    if small.leaves[leaves[0]].shape != large.leaves[leaves[0]].shape:
+        return None, f"what {small.op} takes of it changes shape with the batch (expanded to the samples)"
     output = _layout(small.output, large.output)
     if output is None:
         return None, f"no dimension of {small.op}'s output is proven to hold the samples"

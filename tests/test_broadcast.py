@@ -128,6 +128,8 @@ def test_a_failing_second_probe_sends_the_parameter_generic():
             return super().forward(x)
 
     plan = plan_of(BatchOfTwoFails("add_alpha", 3.0).double())
-    assert plan.broadcast == [] and plan.generic == ["b"]
+    # nothing is proven without a batch of 2: the Linear's inputs are not shown to grow either
+    assert plan.broadcast == [] and plan.generic == ["b", "head.weight", "head.bias"]
+    assert "is shown to index samples (size 1 at batch 1, 2 at batch 2)" in plan.reasons["head.weight"]
     assert plan.reasons["b"].startswith("a probe of batch 2 failed (RuntimeError)")
     assert "the operation-level probe failed" in plan.reasons["b"]  # it probes with two samples too

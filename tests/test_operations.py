@@ -241,3 +241,52 @@ def test_a_parameter_expanded_to_the_batch_before_its_use_is_refused_not_guessed
     assert routes["cls"].path == "generic" and "changes shape with the batch" in routes["cls"].detail
     with pytest.warns(GenericPathWarning):
         _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+class SharedPositions(nn.Module):
+    """BERT-style: position ids [1, T] shared by the batch, looked up in an nn.Embedding and
+    added to every sample (the Embedding's input never holds the samples)."""
+
+    def __init__(self, vocab=12, t=5, d=6):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = nn.Embedding(t, d)
+        self.register_buffer("ids", torch.arange(t)[None])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x) + self.positions(self.ids)).mean(1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_an_embedding_of_ids_shared_by_the_batch_is_not_a_layer_rule(n):
+    torch.manual_seed(0)
+    model = SharedPositions().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 12, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
+    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    assert routes["tokens.weight"].path == "rule"
+    assert routes["positions.weight"].path == "operation"  # a constant lookup, added to the samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GenericPathWarning)  # the pass must not fail over silently
+        fast = mf.fisher_diagonal(model, x, y)
+    _assert_close(fast, ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+def test_a_batched_pass_that_contradicts_the_plan_warns(monkeypatch):
+    """Whatever makes the batched pass fail over to the generic path says so, once."""
+    from mnemo_fast.fast import capture
+
+    torch.manual_seed(0)
+    model = SharedPositions().double().eval()
+    x, y = torch.randint(0, 12, (4, 5)), torch.tensor([0, 1, 2, 0])
+    original = capture.Capture._hook
+
+    def mismatch(self, *args):
+        self.batch_mismatch = True
+        return original(self, *args)
+
+    monkeypatch.setattr(capture.Capture, "_hook", mismatch)
+    with pytest.warns(GenericPathWarning, match="the batched pass failed"):
+        fast = mf.fisher_diagonal(model, x, y)
+    _assert_close(fast, ref.fisher_diagonal(model, x, y), 1e-10)

@@ -133,9 +133,10 @@ class FastEngine:
         sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast or plan.operations:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
-            if taken is None:  # a layer's batch dimension was not first: no rule is safe
-                plan = all_generic(params, "a layer's batch dimension could not be found in the pass")
-                _refuse_sharded_generic(plan, params, "a layer's batch dimension could not be found")
+            if isinstance(taken, str):  # the pass contradicted the plan: no rule is safe
+                plan = all_generic(params, f"the batched pass failed: {taken}")
+                _refuse_sharded_generic(plan, params, f"the batched pass failed ({taken})")
+                warn_generic(model, plan)
             else:
                 sums.update(taken)
         if plan.generic:
@@ -176,7 +177,9 @@ class FastEngine:
                     caught.attach(loss)
                     torch.autograd.grad(loss, wanted, allow_unused=True)
             if capture.batch_mismatch or caught.failed or (used and used.failed):
-                return None
+                return ("a layer's input did not hold the batch where the plan found it" if capture.batch_mismatch
+                        else "a broadcast parameter's gradient did not have the planned shape" if caught.failed
+                        else f"an operation-level use failed: {used.failed}")
             if used:
                 for name, value in used.sums.items():
                     add(name, value)
@@ -185,7 +188,7 @@ class FastEngine:
             for name, (grad, scale) in caught.grads.items():
                 samples = per_sample(grad, plan.broadcast_uses[name], params[name].shape, scale, x.shape[0])
                 if samples is None:
-                    return None
+                    return f"the gradient of {name}'s broadcast node did not have the planned shape"
                 add(name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]

@@ -155,6 +155,7 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
+    _keep_growing_dims(model, rules, batch_dims, torch.cat([x1, x1]) if x2 is None else x2, output_fn)
     used = {id(p): live.get(id(p), id(p)) for p in params.values()}
     parents = parent_nodes(loss, set(used.values())) if loss.grad_fn is not None else {}
     parents = {key: parents[used_id] for key, used_id in used.items() if used_id in parents}
@@ -208,11 +209,36 @@ def _plan_operations(plan: Plan, model, left: dict[str, nn.Parameter], x1, x2, o
         plan.operations = operations
 
 
+def _keep_growing_dims(model, rules, batch_dims: dict, x2, output_fn) -> None:
+    """Keep, of each rule module's candidate dimensions (size 1 at batch 1), those that have
+    size 2 in every call of a forward at batch 2: an input shared by the whole batch (BERT's
+    position ids ``[1, T]``) has size 1 at any batch size, so it holds no samples."""
+    grown: dict = {}
+
+    def record(module, args, output):
+        if module in batch_dims and args and torch.is_tensor(args[0]):
+            shape = args[0].shape
+            dims = {d for d in batch_dims[module] if len(shape) > d and shape[d] == 2}
+            grown[module] = grown.get(module, dims) & dims
+
+    handles = [m.register_forward_hook(record) for m in rules]
+    try:
+        with torch.no_grad():
+            output_fn(model(x2))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        grown = {}  # a model that refuses a batch of 2: no dimension is shown to grow
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module in batch_dims:
+        batch_dims[module] = grown.get(module, set())
+
+
 def _why_not_taken(kind: str, rule, calls: int, dims: set[int], uses: int) -> str:
     if rule.max_calls is not None and calls > rule.max_calls:
         return f"its {kind} is called {calls} times; the rule takes at most {rule.max_calls}"
     if not dims:
-        return f"no input dimension of its {kind} can be shown to index samples"
+        return f"no input dimension of its {kind} is shown to index samples (size 1 at batch 1, 2 at batch 2)"
     return f"used {uses} times but its {kind} is called {calls} times (also used outside it)"
 
 

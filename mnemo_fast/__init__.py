@@ -18,6 +18,7 @@ from .method import (
     perturb_,
     perturbation,
 )
+from .diagnose import ClassDiagnosis, Diagnosis, diagnose
 from .adapt import adapt_with_codes
 from .train import TrainHistory, train_with_codes
 from .validation import UnlearningError
@@ -32,4 +33,5 @@ __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "diagnose", "Diagnosis", "ClassDiagnosis",
 ]

@@ -27,4 +27,8 @@ def bind(engine) -> dict[str, object]:
 
         return bound
 
-    return {name: bound_to(getattr(method, name)) for name in ENGINE_FUNCTIONS}
+    from .diagnose import diagnose  # the codes-vs-data check, on the same engine
+
+    bound = {name: bound_to(getattr(method, name)) for name in ENGINE_FUNCTIONS}
+    bound["diagnose"] = bound_to(diagnose)
+    return bound

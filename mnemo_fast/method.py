@@ -263,8 +263,9 @@ def forget(
                 lambda1, lambda2 = calibration.lambda1, calibration.lambda2
             if mode == "gaussian" and generator is None:
                 generator = default_generator(session.live[0].device)
-            best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
-                                                          generator=generator)
+            best, candidates, accuracies = session.choose(
+                mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
+                sign=calibration.sign if calibration is not None and mode == "shift" else None)
         except BaseException:
             session.restore()
             raise

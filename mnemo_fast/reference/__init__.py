@@ -15,6 +15,7 @@ __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "diagnose", "Diagnosis", "ClassDiagnosis",
 ]
 
 _PLAIN = {
@@ -22,6 +23,7 @@ _PLAIN = {
     "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
     "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
     "TrainHistory": "..train", "UnlearningError": "..validation",
+    "Diagnosis": "..diagnose", "ClassDiagnosis": "..diagnose",
 }
 
 

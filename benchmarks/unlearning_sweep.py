@@ -252,6 +252,30 @@ def report(rows: dict, methods=METHODS) -> str:
     return "\n".join(out)
 
 
+def diagnose_report(rows: dict) -> str:
+    """Does diagnose's verdict (training samples) predict whether ``auto`` meets the target on
+    the test set? Confusion counts per (data, model), and the Fisher measures by outcome."""
+    out = ["\n| data / model | cases | verdict ok & auto met | ok & missed | not ok & missed | not ok & met | "
+           "Spearman rho (met / missed) | top-1% overlap (met / missed) |", "|---|---|---|---|---|---|---|---|"]
+    for data, model in sorted({(k[0], k[1]) for k in rows}):
+        cases = sorted({(k[2], k[3]) for k in rows if k[:2] == (data, model)})
+        trip = [(rows[(data, model, s, c, "diagnose")], rows[(data, model, s, c, "auto")],
+                 rows[(data, model, s, c, "original")]) for s, c in cases
+                if all((data, model, s, c, m) in rows for m in ("diagnose", "auto", "original"))]
+        if not trip:
+            continue
+        met = [(d, ok(a, b)) for d, a, b in trip]
+        n = [sum(1 for d, m in met if (d["verdict"] == "ok") == v and m == w) for v, w in
+             ((True, True), (True, False), (False, False), (False, True))]
+
+        def mean(key, want):
+            v = [d[key] for d, m in met if m == want]
+            return f"{sum(v) / len(v):.2f}" if v else "-"
+        out.append(f"| {data} / {model} | {len(trip)} | {n[0]} | {n[1]} | {n[2]} | {n[3]} | "
+                   f"{mean('rho', True)} / {mean('rho', False)} | {mean('overlap', True)} / {mean('overlap', False)} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["fashion-mnist", "digits"], choices=("digits", "fashion-mnist"))
@@ -267,7 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the markdown tables, compute nothing")
     args = p.parse_args(argv)
     if args.report:
-        print(report(load_rows(args.rows)))
+        rows = load_rows(args.rows)
+        print(report(rows))
+        print("\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows))
         return 0
     sweep(args)
     return 0

@@ -25,10 +25,11 @@ What is searched (``search``):
   argmax, which can stay right while the model is wrecked); if neither, the one that forgets
   deeper. ``forget`` then applies the calibration's sign. Where the smallest step meeting the
   forget side breaks the retain side (on conv nets the codes can need a step 10x larger than
-  the real class does), the choice falls back to the *balanced* step: the trial maximising
-  ``min(forget depth, median retained margin ratio)`` among those that misclassify every
-  forget code, after ``steps`` log-bisections of the crossing depth = ratio (``feasible`` is
-  then False and ``diagnostics["balanced"]`` True).
+  the real class does), the choice falls back to the *balanced* step and sign: the trial of
+  either sign maximising ``min(forget depth, median retained margin ratio)`` among those that
+  misclassify every forget code, over the scan (taken one decade further) and ``steps``
+  halvings of a local search around the best (``feasible`` is then False and
+  ``diagnostics["balanced"]`` True).
 - ``"lambda1"``: the first calibration: ``lambda1`` searched with ``lambda2`` fixed, the sign by
   the code accuracy A_R + E_F (the rule of :func:`mnemo_fast.forget`), which ``forget`` re-picks.
 
@@ -141,6 +142,7 @@ class _Prober:
 
     def __init__(self, session: CandidateSession, judge, sign_rule: str = "accuracy"):
         self.session, self.judge, self.sign_rule = session, judge, sign_rule
+        self.both: list[Trial] = []   # every trial of either sign, in order
         self.labels, self.is_forget = session.labels, session.is_forget
         self.margin0, self.prob0 = _margins(session.before_logits(), self.labels)
 
@@ -161,6 +163,7 @@ class _Prober:
             ratio, retain_correct = 1.0, True
         trial = Trial(lambda1, lambda2, sign, margin[f].max().item(), prob[f].max().item(),
                       depth, retain_correct, ratio, score=a_r + e_f)
+        self.both.append(trial)
         return self.judge(trial)
 
     @torch.no_grad()
@@ -187,46 +190,50 @@ def _balance(t: Trial) -> float:
     return min(t.forget_depth, t.retain_margin_ratio)
 
 
-def _balanced(run, own: list[Trial], steps: int) -> Trial | None:
-    """Where the forget side is met only at steps that break the retain side: the trial that
-    maximises min(depth, retained margin ratio) among those whose forget codes are all
-    misclassified, after ``steps`` log-bisections of the crossing depth = ratio."""
-    points = sorted(own, key=lambda t: t.lambda1)
-    cross = next((i for i, t in enumerate(points) if t.forget_depth >= t.retain_margin_ratio), None)
-    if cross:
-        a, b = math.log10(points[cross - 1].lambda1), math.log10(points[cross].lambda1)
-        for _ in range(steps):
-            mid = 0.5 * (a + b)
-            t = run(10**mid)
-            if t.forget_depth >= t.retain_margin_ratio:
-                b = mid
-            else:
-                a = mid
-    wrong = [t for t in own if t.forget_max_margin < 0]
-    return max(wrong, key=lambda t: (_balance(t), -t.lambda1)) if wrong else None
+def _balanced(prober, pair, first: int, steps: int, trials: list[Trial], lo: float, hi: float) -> Trial | None:
+    """Where the forget side is met only at steps that break the retain side: the (step, sign)
+    that maximises min(depth, retained margin ratio) among the trials of either sign that
+    misclassify every forget code. The scan goes one decade past the first one meeting the
+    forget side, then ``steps`` halvings of a local search around the best (one sign)."""
+    for x in (0.5, 1.0):  # one decade past the first decade that met the forget side
+        l1 = min(hi, 10 ** (math.log10(prober.first_met) + x))
+        trials.append(prober.probe(l1, pair(l1)))
+    candidates = [t for t in prober.both[first:] if t.forget_max_margin < 0]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda t: (_balance(t), -t.lambda1))
+    width = 0.25
+    for _ in range(steps):
+        for x in (-width, width):
+            l1 = min(hi, max(lo, 10 ** (math.log10(best.lambda1) + x)))
+            t = prober._one(l1, pair(l1), best.sign)
+            trials.append(t)
+            if t.forget_max_margin < 0 and _balance(t) > _balance(best):
+                best = t
+        width /= 2
+    return best
 
 
 def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) -> tuple[float, Trial | None]:
     """Smallest lambda1 in [lo, hi] meeting the forget side; ``pair(lambda1)`` is its lambda2.
     With ``balance``, where that trial breaks the retain side, the balanced trial of
     :func:`_balanced` instead (when some trial misclassifies every forget code)."""
-    own: list[Trial] = []
+    first = len(prober.both)
 
     def run(l1: float) -> Trial:
         t = prober.probe(l1, pair(l1))
         trials.append(t)
-        own.append(t)
         return t
 
-    l1, chosen = _smallest(run, lo, hi, steps)
+    l1, chosen = _smallest(run, lo, hi, steps, prober)
     if balance and chosen is not None and not chosen.retain_ok:
-        fallback = _balanced(run, own, steps)
+        fallback = _balanced(prober, pair, first, steps, trials, lo, hi)
         if fallback is not None:
             return fallback.lambda1, fallback
     return l1, chosen
 
 
-def _smallest(run, lo, hi, steps) -> tuple[float, Trial | None]:
+def _smallest(run, lo, hi, steps, prober=None) -> tuple[float, Trial | None]:
     """One trial per decade from ``lo``, then ``steps`` log-bisections in the first decade
     meeting the forget side: (lambda1, its trial), or (hi, None)."""
     decades = max(1, int(round(math.log10(hi / lo))))
@@ -235,6 +242,8 @@ def _smallest(run, lo, hi, steps) -> tuple[float, Trial | None]:
         x = math.log10(lo) + k
         t = run(10**x)
         if t.forget_ok:
+            if prober is not None:
+                prober.first_met = 10**x
             if k == 0:
                 return 10**x, t
             a, b, best = previous, x, t          # a fails, b meets the forget side

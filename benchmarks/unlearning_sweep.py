@@ -289,11 +289,18 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true", help="print the markdown tables, compute nothing")
+    p.add_argument("--write-md", type=Path, default=None,
+                   help="also put the tables between the sweep markers of this markdown file")
     args = p.parse_args(argv)
     if args.report:
         rows = load_rows(args.rows)
-        print(report(rows))
-        print("\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows))
+        text = report(rows) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        print(text)
+        if args.write_md:
+            md = args.write_md.read_text()
+            begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+            head, rest = md.split(begin)
+            args.write_md.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end)[1])
         return 0
     sweep(args)
     return 0

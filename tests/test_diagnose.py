@@ -50,7 +50,8 @@ def _rule(c) -> str:
 def test_diagnosis_of_a_model_trained_with_codes(tiny):
     model, codes, data = tiny
     before = [p.detach().clone() for p in model.parameters()]
-    d = mf.diagnose(model, codes, [3, 2, 1, 0], data=data, per_class=40)   # each class alone: all may be named
+    # each class alone, so all may be named; fixed lambdas that forget most classes of this model
+    d = mf.diagnose(model, codes, [3, 2, 1, 0], data=data, per_class=40, lambda1=1e-2, lambda2=10.0)
     assert isinstance(d, Diagnosis) and [c.cls for c in d.classes] == [0, 1, 2, 3]
     assert d.samples_per_class == {0: 40, 1: 40, 2: 40, 3: 40}
     for c in d.classes:
@@ -63,8 +64,10 @@ def test_diagnosis_of_a_model_trained_with_codes(tiny):
     for c in d.classes:
         assert (f"class {c.cls}: {c.verdict}" in str(d)) == (c.verdict != "ok")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    single = mf.diagnose(model, codes, 2, data=data, per_class=40)
+    single = mf.diagnose(model, codes, 2, data=data, per_class=40, lambda1=1e-2, lambda2=10.0)
     assert single.classes == [d.classes[2]]
+    auto = mf.diagnose(model, codes, 2, data=data, per_class=40)   # default: lambda1="auto"
+    assert auto.classes[0].verdict == _rule(auto.classes[0]) and auto.classes[0].lambdas[0] > 0
 
 
 def test_verdicts_follow_the_effect_on_the_samples(tiny):

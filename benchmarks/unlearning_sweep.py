@@ -1,6 +1,7 @@
 """Every-class sweep: does forgetting hold on each class x seed, from the codes alone?
 
-One row per (data, model, seed, forget class, method), appended to a jsonl file (``--rows``);
+One row per (data, model, seed, forget class, method), appended to a jsonl file (``--rows``;
+the last row of a key wins, so ``--fresh auto`` appends recomputed rows);
 rows already there are skipped, so a rerun only computes what is missing. Models are trained
 once per seed with the package's codes and cached under ``--cache`` (git-ignored).
 
@@ -273,6 +274,17 @@ def diagnose_report(rows: dict) -> str:
             return f"{sum(v) / len(v):.2f}" if v else "-"
         out.append(f"| {data} / {model} | {len(trip)} | {n[0]} | {n[1]} | {n[2]} | {n[3]} | "
                    f"{mean('rho', True)} / {mean('rho', False)} | {mean('overlap', True)} / {mean('overlap', False)} |")
+    out.append("\nPer case where `auto` misses the target or the verdict is not \"ok\" (samples: forget acc "
+               "after / others' change on the 64-a-class training samples; test: forget acc / A_R change):\n")
+    out.append("| data / model | seed | class | verdict | samples | test | auto met |")
+    out.append("|---|---|---|---|---|---|---|")
+    for (data, model, s, c, m), d in sorted(rows.items()):
+        a, b = rows.get((data, model, s, c, "auto")), rows.get((data, model, s, c, "original"))
+        if m != "diagnose" or a is None or b is None or (d["verdict"] == "ok" and ok(a, b)):
+            continue
+        sf, sr = d["sample_forget"], d["sample_retain"]
+        out.append(f"| {data} / {model} | {s} | {c} | {d['verdict']} | {100 * sf[1]:.0f}% / {100 * (sr[1] - sr[0]):+.1f} | "
+                   f"{100 * a['F']:.1f}% / {100 * (a['A_R'] - b['A_R']):+.1f} | {'yes' if ok(a, b) else 'no'} |")
     return "\n".join(out)
 
 

@@ -18,6 +18,7 @@ from .method import (
     perturb_,
     perturbation,
 )
+from .diagnose import ClassDiagnosis, Diagnosis, diagnose
 from .adapt import adapt_with_codes
 from .explain import Explanation, explain
 from .train import TrainHistory, train_with_codes
@@ -34,4 +35,5 @@ __all__ = [
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
     "explain", "Explanation",
+    "diagnose", "Diagnosis", "ClassDiagnosis",
 ]

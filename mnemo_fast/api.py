@@ -12,7 +12,8 @@ import functools
 from . import method
 
 #: Public functions that take an ``engine`` argument.
-ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy", "explain")
+ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy", "explain",
+                    "diagnose")
 
 
 def engine_function(name: str):
@@ -21,6 +22,10 @@ def engine_function(name: str):
         from .explain import explain
 
         return explain
+    if name == "diagnose":
+        from .diagnose import diagnose  # the codes-vs-data check, on the same engine
+
+        return diagnose
     return getattr(method, name)
 
 

@@ -1,4 +1,4 @@
-"""Choose lambda1 (and optionally lambda2) from the mnemonic codes alone (docs/METHOD.md, "Choosing lambda1 from the codes").
+"""Choose the step of the shift from the mnemonic codes alone (docs/METHOD.md, "Choosing the step from the codes").
 
 Misclassifying the forget codes is not enough (on Fashion-MNIST lambda1 = 1e-3 flips every
 forget code, yet some classes keep ~20% test accuracy). The criterion therefore asks for a
@@ -11,18 +11,39 @@ forget code, yet some classes keep ~20% test accuracy). The criterion therefore 
 - retain side: every remaining-class code stays correct, and the median remaining-code margin
   keeps at least ``min_retain_margin`` of its value before forgetting.
 
-lambda1 is the smallest scale meeting the forget side, found on a log scale: one trial per
-decade from ``lambda1_range[0]`` up, then ``steps`` bisections in log space inside the first
-decade that meets it. Each trial applies the shift with both signs to the live parameters
-of a :class:`mnemo_fast.session.CandidateSession` (the one :func:`mnemo_fast.forget` then
-uses: the Fisher pair is computed once), scores them on the codes (at most ``chunk_size`` per
-forward) with the rule of :func:`mnemo_fast.forget` (keep +1 only if A_R + E_F is strictly
-better), and undoes it: no copy of the model is made. If the retain side fails at that
-lambda1, ``feasible`` is False (the codes say the classes cannot be forgotten cleanly at this
-lambda2); if no trial meets the forget side, lambda1 is the top of the range, ``feasible`` is
-False and a :class:`CalibrationWarning` says so. With several lambda2 candidates, each gets its
-lambda1 and the feasible one whose remaining codes keep the largest median margin wins (ties:
-the smaller lambda2).
+What is searched (``search``):
+
+- ``"scale"`` (default): the effective step. Per tensor the shift is ``alpha_l * eta`` with
+  ``alpha_l = min(lambda1, lambda2 / max eta_l)``; where dead units leave f_R at the epsilon
+  floor (ReLU conv nets) ``lambda2`` binds for any useful ``lambda1``, so a search over
+  ``lambda1`` alone cannot make the step smaller. Here ``lambda1`` and ``lambda2`` move
+  together: a trial at ``lambda1`` uses ``lambda2 = lambda1 * L2 / 1e-3`` (``L2`` the given
+  lambda2; with the default 10 this is the paper's MNIST pair (1e-3, 10) scaled as a whole),
+  so every tensor's step scales with the trial whichever of the two binds. The sign is
+  chosen on margins (``sign_rule="margin"``): the sign whose codes meet the forget side; if
+  both do, the one whose retained codes keep the larger median margin (not merely their
+  argmax, which can stay right while the model is wrecked); if neither, the one that forgets
+  deeper. ``forget`` then applies the calibration's sign. Where the smallest step meeting the
+  forget side breaks the retain side (on conv nets the codes can need a step 10x larger than
+  the real class does), the choice falls back to the *balanced* step and sign: the trial of
+  either sign maximising ``min(forget depth, median retained margin ratio)`` among those that
+  misclassify every forget code, over the scan (taken one decade further) and ``steps``
+  halvings of a local search around the best (``feasible`` is then False and
+  ``diagnostics["balanced"]`` True).
+- ``"lambda1"``: the first calibration: ``lambda1`` searched with ``lambda2`` fixed, the sign by
+  the code accuracy A_R + E_F (the rule of :func:`mnemo_fast.forget`), which ``forget`` re-picks.
+
+Either way the value is the smallest ``lambda1`` meeting the forget side, found on a log scale:
+one trial per decade from ``lambda1_range[0]`` up, then ``steps`` bisections in log space
+inside the first decade that meets it. Each trial applies the shift with both signs to the
+live parameters of a :class:`mnemo_fast.session.CandidateSession` (the one
+:func:`mnemo_fast.forget` then uses: the Fisher pair is computed once), scores them on the
+codes (at most ``chunk_size`` per forward) and undoes it: no copy of the model is made. If the
+retain side fails at that lambda1, ``feasible`` is False (the codes say the classes cannot be
+forgotten cleanly there); if no trial meets the forget side, lambda1 is the top of the range,
+``feasible`` is False and a :class:`CalibrationWarning` says so. With several lambda2
+candidates, each gets its search and the feasible one whose remaining codes keep the largest
+median margin wins (ties: the smaller lambda2).
 """
 
 from __future__ import annotations
@@ -61,6 +82,7 @@ class Trial:
     retain_margin_ratio: float    # median remaining-code margin after / before
     forget_ok: bool = False
     retain_ok: bool = False
+    score: float = 0.0            # A_R + E_F on the codes (argmax), the sign rule of forget()
 
 
 @dataclass
@@ -71,12 +93,16 @@ class Calibration:
     trial met the forget side (False: lambda1 is the top of the range, with a
     :class:`CalibrationWarning`); ``chosen``: that trial (None when not reached); ``trials``:
     every trial in order; ``per_lambda2``: (lambda2, lambda1, trial) per lambda2 candidate;
-    ``seconds``: the time taken. ``diagnostics`` holds the same as a dict (and the criterion
-    and the forget codes' margins before).
+    ``seconds``: the time taken; ``sign``: the sign :func:`mnemo_fast.forget` applies with
+    this calibration (``search="scale"``), None where it re-picks it by code accuracy
+    (``search="lambda1"``); ``search``: what was searched. ``diagnostics`` holds the same as a
+    dict (and the criterion and the forget codes' margins before).
     """
 
     lambda1: float
     lambda2: float
+    sign: int | None = None
+    search: str = "scale"
     feasible: bool = False
     forget_reached: bool = False
     chosen: Trial | None = None
@@ -103,38 +129,54 @@ def _margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return true - other.max(1).values, prob
 
 
-class _Prober:
-    """Trials on a :class:`CandidateSession`: shift with both signs, score the margins, undo."""
+SEARCHES = ("scale", "lambda1")
+#: search="scale": a trial at lambda1 uses lambda2 = lambda1 * L2 / PAIRED_LAMBDA1 (the paper's
+#: MNIST pair (1e-3, 10) scaled as a whole when L2 = 10).
+PAIRED_LAMBDA1 = 1e-3
 
-    def __init__(self, session: CandidateSession):
-        self.session = session
+
+class _Prober:
+    """Trials on a :class:`CandidateSession`: shift with both signs, score the margins, undo.
+    ``sign_rule``: "accuracy" (A_R + E_F on the codes, +1 only if strictly better: the rule
+    of :func:`mnemo_fast.forget`) or "margin" (see the module docstring)."""
+
+    def __init__(self, session: CandidateSession, judge, sign_rule: str = "accuracy"):
+        self.session, self.judge, self.sign_rule = session, judge, sign_rule
+        self.both: list[Trial] = []   # every trial of either sign, in order
         self.labels, self.is_forget = session.labels, session.is_forget
         self.margin0, self.prob0 = _margins(session.before_logits(), self.labels)
 
-    @torch.no_grad()
-    def probe(self, lambda1: float, lambda2: float) -> Trial:
-        results = []
-        for sign in (1, -1):  # each written from the originals: no undo in between
-            self.session.set_shift(lambda1, lambda2, sign)
-            margin, prob = _margins(self.session.logits(), self.labels)
-            correct = margin > 0
-            # ties count as wrong, as argmax would pick the first index; close enough here
-            a_r = correct[~self.is_forget].float().mean().item() if (~self.is_forget).any() else 1.0
-            e_f = 1.0 - correct[self.is_forget].float().mean().item()
-            results.append((a_r + e_f, sign, margin, prob))
-        best = results[0] if better_sign(results[0][0], results[1][0]) == 1 else results[1]
-        _, sign, margin, prob = best
+    def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
+        """The trial of one sign, judged (written from the originals: no undo needed)."""
+        self.session.set_shift(lambda1, lambda2, sign)
+        margin, prob = _margins(self.session.logits(), self.labels)
+        correct = margin > 0
         f, r = self.is_forget, ~self.is_forget
-        m0f = self.margin0[f].clamp_min(1e-6)
-        depth = (-margin[f] / m0f).min().item()
+        # ties count as wrong, as argmax would pick the first index; close enough here
+        a_r = correct[r].float().mean().item() if r.any() else 1.0
+        e_f = 1.0 - correct[f].float().mean().item()
+        depth = (-margin[f] / self.margin0[f].clamp_min(1e-6)).min().item()
         if r.any():
-            m0r = self.margin0[r].clamp_min(1e-6)
-            ratio = (margin[r] / m0r).median().item()
+            ratio = (margin[r] / self.margin0[r].clamp_min(1e-6)).median().item()
             retain_correct = bool((margin[r] > 0).all())
         else:
             ratio, retain_correct = 1.0, True
-        return Trial(lambda1, lambda2, sign, margin[f].max().item(), prob[f].max().item(),
-                     depth, retain_correct, ratio)
+        trial = Trial(lambda1, lambda2, sign, margin[f].max().item(), prob[f].max().item(),
+                      depth, retain_correct, ratio, score=a_r + e_f)
+        self.both.append(trial)
+        return self.judge(trial)
+
+    @torch.no_grad()
+    def probe(self, lambda1: float, lambda2: float) -> Trial:
+        plus, minus = self._one(lambda1, lambda2, 1), self._one(lambda1, lambda2, -1)
+        if self.sign_rule == "accuracy":
+            return plus if better_sign(plus.score, minus.score) == 1 else minus
+
+        def key(t: Trial):
+            if t.forget_ok:
+                return (1, int(t.retain_ok), t.retain_margin_ratio)
+            return (0, 0, _balance(t))
+        return plus if key(plus) > key(minus) else minus  # ties: -1, as in forget()
 
 
 def _judge(trial: Trial, depth: float, max_forget_prob: float, min_retain_margin: float) -> Trial:
@@ -143,18 +185,65 @@ def _judge(trial: Trial, depth: float, max_forget_prob: float, min_retain_margin
     return trial
 
 
-def _search_lambda1(prober, lambda2, lo, hi, steps, judge, trials) -> tuple[float, Trial | None]:
+def _balance(t: Trial) -> float:
+    """How far a trial is along both sides at once: min(forget depth, retained margin ratio)."""
+    return min(t.forget_depth, t.retain_margin_ratio)
+
+
+def _balanced(prober, pair, first: int, steps: int, trials: list[Trial], lo: float, hi: float) -> Trial | None:
+    """Where the forget side is met only at steps that break the retain side: the (step, sign)
+    that maximises min(depth, retained margin ratio) among the trials of either sign that
+    misclassify every forget code. The scan goes one decade past the first one meeting the
+    forget side, then ``steps`` halvings of a local search around the best (one sign)."""
+    for x in (0.5, 1.0):  # one decade past the first decade that met the forget side
+        l1 = min(hi, 10 ** (math.log10(prober.first_met) + x))
+        trials.append(prober.probe(l1, pair(l1)))
+    candidates = [t for t in prober.both[first:] if t.forget_max_margin < 0]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda t: (_balance(t), -t.lambda1))
+    width = 0.25
+    for _ in range(steps):
+        for x in (-width, width):
+            l1 = min(hi, max(lo, 10 ** (math.log10(best.lambda1) + x)))
+            t = prober._one(l1, pair(l1), best.sign)
+            trials.append(t)
+            if t.forget_max_margin < 0 and _balance(t) > _balance(best):
+                best = t
+        width /= 2
+    return best
+
+
+def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) -> tuple[float, Trial | None]:
+    """Smallest lambda1 in [lo, hi] meeting the forget side; ``pair(lambda1)`` is its lambda2.
+    With ``balance``, where that trial breaks the retain side, the balanced trial of
+    :func:`_balanced` instead (when some trial misclassifies every forget code)."""
+    first = len(prober.both)
+
     def run(l1: float) -> Trial:
-        t = judge(prober.probe(l1, lambda2))
+        t = prober.probe(l1, pair(l1))
         trials.append(t)
         return t
 
+    l1, chosen = _smallest(run, lo, hi, steps, prober)
+    if balance and chosen is not None and not chosen.retain_ok:
+        fallback = _balanced(prober, pair, first, steps, trials, lo, hi)
+        if fallback is not None:
+            return fallback.lambda1, fallback
+    return l1, chosen
+
+
+def _smallest(run, lo, hi, steps, prober=None) -> tuple[float, Trial | None]:
+    """One trial per decade from ``lo``, then ``steps`` log-bisections in the first decade
+    meeting the forget side: (lambda1, its trial), or (hi, None)."""
     decades = max(1, int(round(math.log10(hi / lo))))
     previous = math.log10(lo)
     for k in range(decades + 1):
         x = math.log10(lo) + k
         t = run(10**x)
         if t.forget_ok:
+            if prober is not None:
+                prober.first_met = 10**x
             if k == 0:
                 return 10**x, t
             a, b, best = previous, x, t          # a fails, b meets the forget side
@@ -184,6 +273,7 @@ def calibrate_session(
     min_retain_margin: float = 0.5,
     lambda1_range: tuple[float, float] = (1e-7, 10.0),
     steps: int = 6,
+    search: str = "scale",
 ) -> Calibration:
     """The search of :func:`calibrate` on an open session (its Fisher pair, its live
     parameters, left as they were). Cost: 2 forwards of the codes per trial, each after one
@@ -193,28 +283,31 @@ def calibrate_session(
     lo, hi = lambda1_range
     if not 0 < lo < hi:
         raise ValueError(f"lambda1_range must satisfy 0 < lo < hi, got {lambda1_range}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
 
     def judge(t: Trial) -> Trial:
         return _judge(t, criterion.depth, criterion.max_forget_prob, criterion.min_retain_margin)
 
-    prober = _Prober(session)
+    prober = _Prober(session, judge, "margin" if search == "scale" else "accuracy")
     trials: list[Trial] = []
     choices = []
     try:
         for l2 in lambda2s:
-            l1, t = _search_lambda1(prober, l2, lo, hi, steps, judge, trials)
-            choices.append((l1, l2, t))
+            pair = (lambda l1, l2=l2: l1 * l2 / PAIRED_LAMBDA1) if search == "scale" else (lambda l1, l2=l2: l2)
+            l1, t = _search_lambda1(prober, pair, lo, hi, steps, trials, balance=search == "scale")
+            choices.append((l1, pair(l1), t, l2))
     finally:
         session.restore()
 
     def rank(choice):
-        l1, l2, t = choice
+        l1, _, t, l2 = choice  # ties: the smaller given lambda2
         if t is None:
             return (0, 0, -math.inf, -l2)
         return (1, int(t.retain_ok), t.retain_margin_ratio, -l2)
 
-    l1, l2, chosen = max(choices, key=rank)
-    feasible = bool(chosen is not None and chosen.retain_ok)
+    l1, l2, chosen, _ = max(choices, key=rank)
+    feasible = bool(chosen is not None and chosen.retain_ok and chosen.forget_ok)
     if chosen is None:
         warnings.warn(
             f"lambda1 calibration: no trial in {lambda1_range} reached the forgetting criterion "
@@ -225,9 +318,13 @@ def calibrate_session(
         )
     seconds = time.perf_counter() - start
     per_lambda2 = [(c[1], c[0], c[2]) for c in choices]
+    sign = chosen.sign if chosen is not None and search == "scale" else None
     diagnostics = {
+        "search": search,
+        "sign": sign,
         "feasible": feasible,
         "forget_reached": chosen is not None,
+        "balanced": chosen is not None and not chosen.forget_ok,
         "chosen": chosen,
         "per_lambda2": per_lambda2,
         "trials": trials,
@@ -236,8 +333,8 @@ def calibrate_session(
         "forget_margin_before": prober.margin0[prober.is_forget].tolist(),
         "seconds": seconds,
     }
-    return Calibration(lambda1=l1, lambda2=l2, feasible=feasible, forget_reached=chosen is not None,
-                       chosen=chosen, trials=trials, per_lambda2=per_lambda2, seconds=seconds,
+    return Calibration(lambda1=l1, lambda2=l2, sign=sign, search=search, feasible=feasible,
+                       forget_reached=chosen is not None, chosen=chosen, trials=trials, per_lambda2=per_lambda2, seconds=seconds,
                        diagnostics=diagnostics)
 
 
@@ -252,15 +349,18 @@ def calibrate(
     min_retain_margin: float = 0.5,
     lambda1_range: tuple[float, float] = (1e-7, 10.0),
     steps: int = 6,
+    search: str = "scale",
     eps: float = 1e-16,
     chunk_size: int | None = None,
     output_fn: Callable = logits_of,
     params=None,
     engine=None,
 ) -> Calibration:
-    """lambda1 (and lambda2 if a sequence is given) for :func:`mnemo_fast.forget`, codes only.
+    """lambda1 and lambda2 (and the sign, with ``search="scale"``) for :func:`mnemo_fast.forget`,
+    from the codes only.
 
-    See the module docstring for the criterion. Cost: one Fisher pair from the codes, then
+    See the module docstring for the criterion and the two searches (``search="lambda1"``:
+    the first calibration, lambda2 fixed). Cost: one Fisher pair from the codes, then
     2 forward passes of the codes per trial, at most ``chunk_size`` codes each (about
     ``log10(range) + steps`` trials per lambda2). The model's parameters are left exactly as
     they were. ``forget(lambda1="auto")`` runs the same search on its own session, so it
@@ -283,6 +383,7 @@ def calibrate(
         session = CandidateSession(model, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params)
         result = calibrate_session(session, lambda2s, depth=depth, max_forget_prob=max_forget_prob,
-                                   min_retain_margin=min_retain_margin, lambda1_range=lambda1_range, steps=steps)
+                                   min_retain_margin=min_retain_margin, lambda1_range=lambda1_range, steps=steps,
+                                   search=search)
     result.seconds = result.diagnostics["seconds"] = time.perf_counter() - start
     return result

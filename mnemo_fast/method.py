@@ -311,8 +311,9 @@ def forget(
                 if generator is None:
                     generator = default_generator(session.live[0].device)
                 generator_state = generator.get_state()  # given back if anything below fails
-            best, candidates, accuracies = session.choose(mode, lambda1, lambda2, tau=tau, draws=draws,
-                                                          generator=generator)
+            best, candidates, accuracies = session.choose(
+                mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
+                sign=calibration.sign if calibration is not None and mode == "shift" else None)
             validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1, lambda2,
                                      mode, engine)
         except BaseException:

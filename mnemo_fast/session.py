@@ -341,16 +341,18 @@ class CandidateSession:
 
     # ---- the choice --------------------------------------------------------------------------
     def choose(self, mode: str, lambda1: float, lambda2: float, *, tau: float = 1.0, draws: int = 2,
-               generator: torch.Generator | None = None) -> tuple[int, list[int], list[CodeAccuracy]]:
+               generator: torch.Generator | None = None,
+               sign: int | None = None) -> tuple[int, list[int], list[CodeAccuracy]]:
         """Score every candidate and leave the best one applied: (best index, candidates, accuracies).
 
-        mode "shift": candidates +1, -1 (+1 kept only if strictly better); "gaussian": ``draws``
+        mode "shift": candidates +1, -1 (+1 kept only if strictly better), or only ``sign``
+        when one is given (chosen already, e.g. by the calibration); "gaussian": ``draws``
         draws from ``generator`` (ties: the first). Each candidate is applied, scored and
         undone, except the last, which stays applied: when it wins, no undo/redo or re-scoring
         is needed (the kernels are deterministic). Any failure restores the parameters.
         """
         if mode == "shift":
-            candidates = [1, -1]
+            candidates = [1, -1] if sign is None else [sign]
 
             def apply(sign: int) -> None:
                 self.shift(lambda1, lambda2, sign)
@@ -374,7 +376,7 @@ class CandidateSession:
                     self.restore()
             scores = [accuracy.score for accuracy in accuracies]
             if mode == "shift":
-                best = 0 if better_sign(*scores) == 1 else 1
+                best = 0 if len(scores) == 1 or better_sign(*scores) == 1 else 1
             else:
                 best = max(range(len(scores)), key=lambda k: (scores[k], -k))
             if best != len(candidates) - 1:

@@ -91,7 +91,7 @@ def forget_side_met(model, codes, cls, lambda1, lambda2=10.0, depth=1.0, max_pro
 
 def test_lambda2_search_returns_a_candidate(setup):
     model, codes, _ = setup
-    cal = calibrate(model, codes, [1], lambda2=[1.0, 10.0, 100.0])
+    cal = calibrate(model, codes, [1], lambda2=[1.0, 10.0, 100.0], search="lambda1")  # lambda2 fixed per candidate
     assert cal.lambda2 in (1.0, 10.0, 100.0)
     assert len(cal.diagnostics["per_lambda2"]) == 3
     # the documented choice, re-derived: among the feasible candidates the largest median
@@ -121,3 +121,104 @@ def test_bad_input(setup):
         calibrate(model, codes, [0], lambda2=-1.0)
     with pytest.raises(ValueError):
         calibrate(model, codes, [0], lambda1_range=(1.0, 0.1))
+
+
+# ---- the search over the effective step (search="scale", the default) ---------------------------
+
+from mnemo_fast.calibration import PAIRED_LAMBDA1, calibrate_session  # noqa: E402
+
+
+class _Scripted:
+    """A stand-in for CandidateSession: one code per class (class 0 forgotten); the logits
+    [C, C] are a scripted function of the step s = lambda1 / 1e-3 and the sign."""
+
+    def __init__(self, logits_of):
+        classes = logits_of(0.0, -1).shape[0]
+        self.labels = torch.arange(classes)
+        self.is_forget = self.labels == 0
+        self.logits_of, self.state = logits_of, (0.0, -1)
+
+    def before_logits(self):
+        return self.logits_of(0.0, -1)
+
+    def set_shift(self, lambda1, lambda2, sign):
+        self.state = (lambda1 / PAIRED_LAMBDA1, sign)
+
+    def logits(self):
+        return self.logits_of(*self.state)
+
+    def restore(self):
+        self.state = (0.0, -1)
+
+
+def _codes_forget_late(s, sign):
+    """Sign -1: the forget code's margin 4 - 8s (wrong from s = 0.5, probability <= 1e-3 from
+    s ~ 1.28) while the retained codes' margins fall as 4 (1 - s): the forget side is met only
+    where the retained codes are wrong. Sign +1 moves nothing toward forgetting."""
+    if sign == 1:
+        return torch.tensor([[4 + s, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
+    r = 4 * (1 - s)
+    return torch.tensor([[4 - 8 * s, 0, 0], [0, r, 0], [0, 0, r]])
+
+
+def test_scale_search_moves_lambda2_with_lambda1(setup):
+    model, codes, _ = setup
+    cal = calibrate(model, codes, [3])
+    assert cal.search == "scale" and cal.sign in (1, -1)
+    assert cal.trials and all(t.lambda2 == pytest.approx(t.lambda1 * 10.0 / PAIRED_LAMBDA1) for t in cal.trials)
+    assert cal.lambda2 == pytest.approx(cal.lambda1 * 10.0 / PAIRED_LAMBDA1)
+
+
+def test_lambda1_search_is_one_option_away(setup):
+    """search="lambda1": lambda2 fixed, the sign re-picked by forget (the first calibration)."""
+    model, codes, _ = setup
+    cal = calibrate(model, codes, [3], search="lambda1")
+    assert cal.search == "lambda1" and cal.sign is None
+    assert all(t.lambda2 == 10.0 for t in cal.trials) and cal.lambda2 == 10.0
+    result = mf.forget(model, codes, [3], lambda1="auto", lambda2=10.0, calibration={"search": "lambda1"})
+    assert result.lambda1 == cal.lambda1 and len(result.candidate_scores) == 2
+    with pytest.raises(ValueError, match="search"):
+        calibrate(model, codes, [3], search="grid")
+
+
+def test_forget_applies_the_calibrations_sign(setup):
+    model, codes, test = setup
+    result = mf.forget(model, codes, [6], lambda1="auto", lambda2=10.0)
+    cal = result.calibration
+    assert result.sign == cal.sign == cal.chosen.sign and len(result.candidate_scores) == 1
+    assert (result.lambda1, result.lambda2) == (cal.lambda1, cal.lambda2)
+    assert result.code_accuracy_after.forget == 0.0
+    after = mf.evaluate(result.model, test, [6])
+    assert after.forget_accuracy <= 0.02
+    assert after.retain_accuracy >= mf.evaluate(model, test, [6]).retain_accuracy - 0.02
+
+
+def test_margin_sign_rule_does_not_take_the_sign_whose_retained_codes_only_look_right():
+    """Sign +1 keeps every retained code right by argmax but at 5% of its margin; sign -1 loses
+    one retained code but keeps the median margin at 80%. Both forget. The accuracy rule (A_R +
+    E_F) takes +1; the margin rule takes -1."""
+    def logits_of(s, sign):
+        if s == 0:
+            return torch.diag(torch.full((4,), 4.0))
+        if sign == 1:
+            return torch.diag(torch.tensor([-20.0, 0.2, 0.2, 0.2]))
+        return torch.diag(torch.tensor([-20.0, 3.2, 3.2, -1.0]))
+
+    accuracy = calibrate_session(_Scripted(logits_of), [10.0], search="lambda1", lambda1_range=(1e-4, 1e-2))
+    margin = calibrate_session(_Scripted(logits_of), [10.0], search="scale", lambda1_range=(1e-4, 1e-2))
+    assert accuracy.chosen.sign == 1
+    assert margin.chosen.sign == -1 and margin.sign == -1
+    assert margin.chosen.retain_margin_ratio == pytest.approx(0.8)
+
+
+def test_balanced_step_where_the_forget_side_breaks_the_retain_side():
+    session = _Scripted(_codes_forget_late)
+    cal = calibrate_session(session, [10.0], lambda1_range=(1e-5, 1e-1))
+    assert cal.forget_reached and not cal.feasible and cal.diagnostics["balanced"]
+    # depth 2s - 1 meets the retained ratio 1 - s at s = 2/3, where the forget code is wrong
+    assert cal.lambda1 / PAIRED_LAMBDA1 == pytest.approx(2 / 3, rel=0.05)
+    assert cal.chosen.forget_max_margin < 0 and cal.chosen.retain_margin_ratio > 0.25
+    assert cal.sign == -1 and session.state == (0.0, -1)  # restored
+    # the first calibration takes the smallest step meeting the forget side, retained codes wrong
+    first = calibrate_session(_Scripted(_codes_forget_late), [10.0], search="lambda1", lambda1_range=(1e-5, 1e-1))
+    assert first.lambda1 / PAIRED_LAMBDA1 > 1.2 and not first.chosen.retain_all_correct

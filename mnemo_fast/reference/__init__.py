@@ -16,6 +16,7 @@ __all__ = [
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
     "explain", "Explanation",
+    "diagnose", "Diagnosis", "ClassDiagnosis",
 ]
 
 _PLAIN = {
@@ -23,6 +24,7 @@ _PLAIN = {
     "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
     "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
     "TrainHistory": "..train", "UnlearningError": "..validation", "Explanation": "..explain",
+    "Diagnosis": "..diagnose", "ClassDiagnosis": "..diagnose",
 }
 
 

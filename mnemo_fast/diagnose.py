@@ -1,0 +1,225 @@
+"""Do the codes stand for the class in this model? (docs/METHOD.md, "Checking the codes against real data").
+
+The method shifts the parameters whose forget/remain Fisher ratio is high *on the codes*. That
+forgets the class only if the same parameters carry the class on real data. This module
+compares the two, per forget class ``c``, each against all the other classes:
+
+    eta_codes = f_F / f_R from the codes           (the formula of docs/METHOD.md)
+    eta_data  = f_F / f_R from real samples        (same formula, samples in place of codes)
+
+- ``rank_correlation``: Spearman correlation of log eta_codes and log eta_data over every
+  selected parameter element (average ranks for ties: elements at the epsilon floor tie);
+- ``top_overlap``: the share of the top ``top`` fraction (default 1%) of elements by
+  eta_data that are also in the top fraction by eta_codes (0: the shift misses the
+  parameters that carry the class; a random choice gives about ``top``).
+
+These two say *whether* codes and data agree on which parameters carry the class; measured on
+small conv nets and MLPs they do not predict on their own whether forgetting will hold
+(benchmarks/UNLEARNING.md, "Does the diagnostic predict the failures?"). The verdict therefore
+rests on the effect itself, on the same real samples:
+
+- ``forget_accuracy`` / ``retain_accuracy``: accuracy of the samples of the class and of the
+  other classes before and after :func:`mnemo_fast.forget` of that class alone, with the
+  given lambdas (default ``lambda1="auto"``, the codes-only calibration).
+
+Verdict per class: ``"ok"`` (sample accuracy of the class <= ``max_forget_accuracy`` and the
+other classes' accuracy within ``max_retain_drop``), ``"not forgotten"`` (the codes' shift does
+not reach the class on real data) or ``"costly"`` (it forgets, but the parameters the codes
+pick also carry other classes). Needs a few labelled *training* samples per class (``data``);
+never the test set. Cost: per-sample Fisher passes over the codes and over at most
+``per_class`` samples of every class, then one ``forget`` and one forward of the samples per
+forget class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from . import engines, validation
+from .codes import MnemonicCodes
+from .reference.fisher import eval_mode, logits_of
+from .session import code_inputs, only_parameters
+
+Tensor = torch.Tensor
+VERDICTS = ("ok", "not forgotten", "costly")
+
+
+@dataclass(frozen=True)
+class ClassDiagnosis:
+    """One forget class: how well the codes' Fisher ratio matches the data's."""
+
+    cls: int
+    rank_correlation: float   # Spearman, log eta_codes vs log eta_data, over all elements
+    top_overlap: float        # |top(codes) & top(data)| / |top(data)|
+    top_size: int             # elements in the top fraction
+    forget_accuracy: tuple[float, float]   # (before, after) on the class's samples
+    retain_accuracy: tuple[float, float]   # (before, after) on the other classes' samples
+    lambdas: tuple[float, float]           # the (lambda1, lambda2) forget used
+    verdict: str              # "ok", "not forgotten" or "costly"
+
+
+@dataclass
+class Diagnosis:
+    """Per-class results of :func:`diagnose` and a one-line verdict (``str(diagnosis)``)."""
+
+    classes: list[ClassDiagnosis]
+    max_forget_accuracy: float
+    max_retain_drop: float
+    samples_per_class: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Every forget class is "ok"."""
+        return all(c.verdict == "ok" for c in self.classes)
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return "the codes stand for every forget class in this model (forgotten on real samples, rest kept)"
+        bad = "; ".join(
+            f"class {c.cls}: {c.verdict} (sample accuracy {100 * c.forget_accuracy[1]:.0f}%, others "
+            f"{100 * (c.retain_accuracy[1] - c.retain_accuracy[0]):+.1f} pts; Fisher rank correlation "
+            f"{c.rank_correlation:.2f}, top overlap {c.top_overlap:.2f})"
+            for c in self.classes if c.verdict != "ok")
+        return f"the codes do not stand for every forget class in this model: {bad}"
+
+    def __str__(self) -> str:
+        return self.verdict
+
+
+def _ranks(values: Tensor) -> Tensor:
+    """[M] average ranks (ties share the mean of their ranks), float64."""
+    unique, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two [M] tensors (0 when either is constant)."""
+    ra, rb = _ranks(a.flatten()), _ranks(b.flatten())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+def top_overlap(codes_ratio: Tensor, data_ratio: Tensor, fraction: float) -> tuple[float, int]:
+    """(share of the top ``fraction`` elements by data_ratio also in the top by codes_ratio, k)."""
+    k = max(1, int(round(fraction * data_ratio.numel())))
+    top_data = torch.topk(data_ratio, k).indices
+    mask = torch.zeros(codes_ratio.numel(), dtype=torch.bool)
+    mask[torch.topk(codes_ratio, k).indices] = True
+    return mask[top_data].float().mean().item(), k
+
+
+def _per_class_fishers(engine, model, groups: Sequence[tuple[Tensor, Tensor]], chunk_size, output_fn) -> list[Tensor]:
+    """[C] flat mean per-sample Fisher of each group (inputs, labels); model in eval mode."""
+    out = []
+    for x, y in groups:
+        sums = engine.sum_squared_grads(model, x, y, chunk_size, output_fn)
+        out.append(torch.cat([s.flatten().double() for s in sums.values()]) / x.shape[0])
+    return out
+
+
+def _log_ratio(per_class: list[Tensor], c: int, eps: float) -> Tensor:
+    """log(f_F / f_R) with f_F = eps + F_c, f_R = (eps + sum_{c' != c} F_c') / (C - 1)."""
+    rest = sum(f for k, f in enumerate(per_class) if k != c)
+    return torch.log(per_class[c] + eps) - torch.log((rest + eps) / (len(per_class) - 1))
+
+
+def _data_groups(data, num_classes: int, per_class: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        x, y = data.tensors[0], data.tensors[1]
+    else:
+        x, y = data
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) == 0:
+            raise validation.UnlearningError(f"diagnose: the data hold no sample of class {c}")
+        idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        groups.append((x[idx], y[idx]))
+    return groups
+
+
+def diagnose(
+    model: torch.nn.Module,
+    codes: MnemonicCodes,
+    forget_classes: Iterable[int] | int,
+    *,
+    data,
+    per_class: int = 64,
+    top: float = 0.01,
+    lambda1: float | str = "auto",
+    lambda2: float = 10.0,
+    max_forget_accuracy: float = 0.05,
+    max_retain_drop: float = 0.02,
+    eps: float = 1e-16,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    output_fn: Callable = logits_of,
+    params=None,
+    engine=None,
+) -> Diagnosis:
+    """Compare the codes' forget/remain Fisher ratio with real data's, per forget class.
+
+    ``data``: (inputs [N, *shape], labels [N]) or a TensorDataset of *training* samples with
+    every class present; at most ``per_class`` per class are used (seeded). ``lambda1``,
+    ``lambda2``: what :func:`mnemo_fast.forget` is run with for the check (default: the
+    codes-only calibration). See the module docstring for the measures and the verdicts. The
+    model's parameters are not changed.
+    """
+    from .method import forget  # here: method imports the session, which this module also uses
+
+    wanted = [forget_classes] if isinstance(forget_classes, int) else list(forget_classes)
+    classes = sorted({validation.forget_classes(codes, [c])[0] for c in wanted})  # each is checked alone
+    if not classes:
+        raise validation.UnlearningError("diagnose: no forget class given")
+    engine = engines.resolve(engine)
+    validation.trainable_model(model)
+    if not 0 < top < 1:
+        raise ValueError(f"top must be a fraction in (0, 1), got {top}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    groups = _data_groups(data, codes.num_classes, per_class, seed)
+    with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
+        code_groups = [code_inputs(model, codes, [c]) for c in range(codes.num_classes)]
+        device = code_groups[0][0].device
+        dtype = code_groups[0][0].dtype
+        groups = [(x.to(device, dtype), y.to(device)) for x, y in groups]
+        from_codes = _per_class_fishers(engine, model, code_groups, chunk_size, output_fn)
+        from_data = _per_class_fishers(engine, model, groups, chunk_size, output_fn)
+    x = torch.cat([g[0] for g in groups])
+    y = torch.cat([g[1] for g in groups])
+    hits_before = _hits(model, x, y, chunk_size, output_fn)
+    results = []
+    for c in classes:
+        rc, rd = _log_ratio(from_codes, c, eps).cpu(), _log_ratio(from_data, c, eps).cpu()
+        rho = spearman(rc, rd)
+        overlap, k = top_overlap(rc, rd, top)
+        result = forget(model, codes, [c], lambda1=lambda1, lambda2=lambda2, eps=eps, chunk_size=chunk_size,
+                        output_fn=output_fn, params=params, engine=engine)
+        hits_after = _hits(result.model, x, y, chunk_size, output_fn)
+        mine = y == c
+        f = (hits_before[mine].mean().item(), hits_after[mine].mean().item())
+        r = (hits_before[~mine].mean().item(), hits_after[~mine].mean().item())
+        if f[1] > max_forget_accuracy:
+            verdict = "not forgotten"
+        elif r[1] < r[0] - max_retain_drop:
+            verdict = "costly"
+        else:
+            verdict = "ok"
+        results.append(ClassDiagnosis(c, rho, overlap, k, f, r, (result.lambda1, result.lambda2), verdict))
+    return Diagnosis(results, max_forget_accuracy, max_retain_drop, {c: len(g[1]) for c, g in enumerate(groups)})
+
+
+@torch.no_grad()
+def _hits(model, x, y, chunk_size, output_fn) -> Tensor:
+    """[N] float: 1 where the model (eval mode) classifies x[n] as y[n]."""
+    step = chunk_size or 1024
+    with eval_mode(model):
+        pred = torch.cat([output_fn(model(x[i:i + step])).argmax(-1) for i in range(0, len(x), step)])
+    return (pred == y).float().cpu()

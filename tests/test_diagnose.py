@@ -1,0 +1,106 @@
+"""mnemo_fast.diagnose: do the codes stand for the class in this model? (tiny models, fast)."""
+
+import pytest
+import torch
+
+import mnemo_fast as mf
+import mnemo_fast.reference as ref
+from mnemo_fast.diagnose import Diagnosis, spearman, top_overlap
+from mnemo_fast.evaluation import models
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 4-class MLP on 4x4 images (class k: a bright quadrant k plus noise), trained with
+    codes for a few epochs: the codes and the data both teach it the classes."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(60)
+    x = 0.3 * torch.rand(len(y), 1, 4, 4, generator=g)
+    for k in range(4):
+        r, c = divmod(k, 2)
+        x[y == k, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] += 0.7
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = models.MLP((1, 4, 4), 4, hidden=32)
+    codes = mf.MnemonicCodes.generate(4, (1, 4, 4), seed=0)
+    mf.train_with_codes(model, data, codes, t_mix=0.2, epochs=30, seed=0, progress=False)
+    return model.eval(), codes, data
+
+
+def test_spearman_and_overlap_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # ties share their average rank: [1, 1, 2, 3] ranks as [1.5, 1.5, 3, 4]
+    b = torch.tensor([1.0, 1.0, 2.0, 3.0])
+    ra = torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5
+    rb = torch.tensor([1.5, 1.5, 3.0, 4.0]) - 2.5
+    assert spearman(a, b) == pytest.approx(float((ra * rb).sum() / (ra.norm() * rb.norm())))
+    assert spearman(a, torch.ones(4)) == 0.0
+    assert top_overlap(a, a, 0.5) == (1.0, 2)
+    assert top_overlap(a, -a, 0.5) == (0.0, 2)
+
+
+def _rule(c) -> str:
+    if c.forget_accuracy[1] > 0.05:
+        return "not forgotten"
+    return "costly" if c.retain_accuracy[1] < c.retain_accuracy[0] - 0.02 else "ok"
+
+
+def test_diagnosis_of_a_model_trained_with_codes(tiny):
+    model, codes, data = tiny
+    before = [p.detach().clone() for p in model.parameters()]
+    # each class alone, so all may be named; fixed lambdas that forget most classes of this model
+    d = mf.diagnose(model, codes, [3, 2, 1, 0], data=data, per_class=40, lambda1=1e-2, lambda2=10.0)
+    assert isinstance(d, Diagnosis) and [c.cls for c in d.classes] == [0, 1, 2, 3]
+    assert d.samples_per_class == {0: 40, 1: 40, 2: 40, 3: 40}
+    for c in d.classes:
+        assert -1.0 <= c.rank_correlation <= 1.0 and 0.0 <= c.top_overlap <= 1.0
+        assert c.top_size == max(1, round(0.01 * sum(p.numel() for p in model.parameters())))
+        assert c.forget_accuracy[0] >= 0.9 and c.retain_accuracy[0] >= 0.9  # the model knew the class
+        assert c.verdict == _rule(c)
+    assert any(c.verdict == "ok" for c in d.classes)
+    assert d.ok == all(c.verdict == "ok" for c in d.classes)
+    for c in d.classes:
+        assert (f"class {c.cls}: {c.verdict}" in str(d)) == (c.verdict != "ok")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    single = mf.diagnose(model, codes, 2, data=data, per_class=40, lambda1=1e-2, lambda2=10.0)
+    assert single.classes == [d.classes[2]]
+    auto = mf.diagnose(model, codes, 2, data=data, per_class=40)   # default: lambda1="auto"
+    assert auto.classes[0].verdict == _rule(auto.classes[0]) and auto.classes[0].lambdas[0] > 0
+
+
+def test_verdicts_follow_the_effect_on_the_samples(tiny):
+    model, codes, data = tiny
+    x, y = data.tensors
+    # a step too small to change anything: the class is not forgotten
+    none = mf.diagnose(model, codes, [0], data=(x, y), per_class=16, lambda1=1e-12, lambda2=1e-12)
+    assert none.classes[0].verdict == "not forgotten" and not none.ok
+    assert none.classes[0].forget_accuracy[1] == none.classes[0].forget_accuracy[0]
+    assert "class 0: not forgotten" in str(none)
+    # a huge step wrecks the model: never "ok"
+    wreck = mf.diagnose(model, codes, [0], data=(x, y), per_class=16, lambda1=1e3, lambda2=1e3)
+    c = wreck.classes[0]
+    assert c.verdict in ("not forgotten", "costly") and c.verdict != "ok"
+    if c.forget_accuracy[1] <= 0.05:
+        assert c.verdict == "costly" and c.retain_accuracy[1] < c.retain_accuracy[0] - 0.02
+
+
+def test_both_namespaces_agree(tiny):
+    model, codes, data = tiny
+    fast = mf.diagnose(model, codes, [3], data=data, per_class=8, lambda1=1e-2, lambda2=10.0)
+    slow = ref.diagnose(model, codes, [3], data=data, per_class=8, lambda1=1e-2, lambda2=10.0)
+    a, b = fast.classes[0], slow.classes[0]
+    assert a.rank_correlation == pytest.approx(b.rank_correlation, abs=1e-3)
+    assert a.verdict == b.verdict and a.forget_accuracy == b.forget_accuracy
+
+
+def test_bad_input(tiny):
+    model, codes, data = tiny
+    x, y = data.tensors
+    with pytest.raises(mf.UnlearningError):
+        mf.diagnose(model, codes, [0], data=(x[y != 2], y[y != 2]))   # a class without samples
+    with pytest.raises(mf.UnlearningError):
+        mf.diagnose(model, codes, [7], data=data)                     # unknown class
+    with pytest.raises(ValueError):
+        mf.diagnose(model, codes, [0], data=data, top=1.5)

@@ -328,9 +328,12 @@ def test_an_interrupted_gaussian_forget_leaves_the_generator_as_it_was(api, setu
             assert torch.equal(generator.get_state(), state), at
             assert_unchanged(model, weights)
             interrupted += 1
-    # the reference's vmap forwards (forget, remain) fall back to a batch-1 loop on a RuntimeError
+    # a RuntimeError is absorbed where the engine has a documented fallback for it: the
+    # reference's vmap forwards (forget, remain) fall back to a batch-1 loop; the fast planner's
+    # probe of batch 2 sends what it cannot prove to the generic path (with a warning)
     on_reference = api is ref or mf.backend("cpu") == "reference"  # MNEMO_FAST_DISABLE_EXT=1: mf too
-    assert interrupted >= counting.calls - (2 if error is RuntimeError and on_reference else 0)
+    absorbed = (2 if on_reference else 1) if error is RuntimeError else 0
+    assert interrupted >= counting.calls - absorbed
 
 
 # ---- 9. lambda1="auto" on a model never trained with codes -----------------------------------

@@ -16,6 +16,11 @@ import mnemo_fast as mf
 import mnemo_fast.reference as ref
 from mnemo_fast.codes import MnemonicCodes
 from mnemo_fast.explain import GenericPathWarning
+from mnemo_fast.fast import _ext
+from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+
+#: the fast engine: compiled kernels, or their pure-PyTorch twins when the extension is off
+FAST = EXTENSION if _ext.available() else HOOKS_ATEN
 
 pytest.importorskip("transformers")
 from mnemo_fast.evaluation.hf_models import FAMILIES, TEXT_FAMILIES, build  # noqa: E402
@@ -51,14 +56,14 @@ def test_fast_fisher_equals_reference(family, dtype, rtol):
     model, x, y = _problem(family, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GenericPathWarning)
-        fast = mf.fisher_diagonal(model, x, y)
+        fast = mf.fisher_diagonal(model, x, y, engine=FAST)
     _assert_close(fast, ref.fisher_diagonal(model, x, y), rtol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_explain_shows_no_generic_parameter(family):
     model, x, y = _problem(family, torch.float32)
-    explanation = mf.explain(model, x, y)
+    explanation = mf.explain(model, x, y, engine=FAST)
     assert [r.name for r in explanation.routes] == [n for n, p in model.named_parameters() if p.requires_grad]
     assert explanation.generic == [], str(explanation)
     assert {r.path for r in explanation.routes} <= {"rule", "broadcast", "operation"}

@@ -12,6 +12,11 @@ from torch import nn
 import mnemo_fast as mf
 import mnemo_fast.reference as ref
 from mnemo_fast.explain import GenericPathWarning
+from mnemo_fast.fast import _ext
+from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+
+#: the fast engine: compiled kernels, or their pure-PyTorch twins when the extension is off
+FAST = EXTENSION if _ext.available() else HOOKS_ATEN
 
 
 class Conv1D(nn.Module):
@@ -146,13 +151,13 @@ def test_operation_level_fisher_equals_reference(name, dtype, rtol, chunk_size):
     model, x, y = _problem(name, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GenericPathWarning)  # nothing may go generic here
-        fast = mf.fisher_diagonal(model, x, y, chunk_size=chunk_size)
+        fast = mf.fisher_diagonal(model, x, y, chunk_size=chunk_size, engine=FAST)
     _assert_close(fast, ref.fisher_diagonal(model, x, y), rtol)
 
 
 def test_explain_names_the_operation_of_each_parameter():
     model, x, y = _problem("text", torch.float64)
-    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
     assert not [r for r in routes.values() if r.path == "generic"]
     assert routes["proj.weight"].path == "operation" and routes["proj.weight"].detail == "addmm"
     assert routes["norm.weight"].detail == "mul" and routes["gamma"].detail == "mul"
@@ -160,25 +165,25 @@ def test_explain_names_the_operation_of_each_parameter():
     assert routes["norm2.weight"].path == "operation"  # (1 + w) * x: through its chain
     assert routes["head.weight"].path == "rule"
     model, x, y = _problem("windows", torch.float64)
-    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
     assert routes["qkv.weight"].path == "operation"  # windows folded into the rows
     assert routes["table"].path == "operation" and routes["norm.weight"].detail == "layer_norm"
 
 
 def test_mixed_samples_go_generic_with_a_reason_and_a_warning():
     model, x, y = _problem("mixes", torch.float64)
-    explanation = mf.explain(model, x, y)
+    explanation = mf.explain(model, x, y, engine=FAST)
     generic = {r.name: r.detail for r in explanation.generic}
     assert set(generic) == {"scale"} and "not grouped by sample" in generic["scale"]
     with pytest.warns(GenericPathWarning, match="scale"):
-        fast = mf.fisher_diagonal(model, x, y)
+        fast = mf.fisher_diagonal(model, x, y, engine=FAST)
     # (only ``scale`` is compared: a forward that mixes samples has no per-sample layout, and
     # the reference's per-sample loss sees each sample alone)
     exact = ref.fisher_diagonal(model, x, y)
     assert torch.allclose(fast["scale"], exact["scale"], rtol=1e-10, atol=1e-300)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GenericPathWarning)  # once per model
-        mf.fisher_diagonal(model, x, y)
+        mf.fisher_diagonal(model, x, y, engine=FAST)
 
 
 def test_reference_explain_lists_every_parameter_on_the_reference():
@@ -217,10 +222,10 @@ def test_in_place_use_goes_generic_and_stays_exact():
     torch.manual_seed(0)
     model = InPlace().double().eval()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
-    generic = {r.name: r.detail for r in mf.explain(model, x, y).generic}
+    generic = {r.name: r.detail for r in mf.explain(model, x, y, engine=FAST).generic}
     assert set(generic) == {"gain"} and "in-place operation mul_" in generic["gain"]
     with pytest.warns(GenericPathWarning):
-        _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)
+        _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
 
 
 def test_a_parameter_expanded_to_the_batch_before_its_use_is_refused_not_guessed():
@@ -237,10 +242,10 @@ def test_a_parameter_expanded_to_the_batch_before_its_use_is_refused_not_guessed
     torch.manual_seed(0)
     model = ClassToken().double().eval()
     x, y = torch.randn(4, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
-    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
     assert routes["cls"].path == "generic" and "changes shape with the batch" in routes["cls"].detail
     with pytest.warns(GenericPathWarning):
-        _assert_close(mf.fisher_diagonal(model, x, y), ref.fisher_diagonal(model, x, y), 1e-10)
+        _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
 
 
 class SharedPositions(nn.Module):
@@ -264,12 +269,12 @@ def test_an_embedding_of_ids_shared_by_the_batch_is_not_a_layer_rule(n):
     model = SharedPositions().double().eval()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, 12, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
-    routes = {r.name: r for r in mf.explain(model, x, y).routes}
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
     assert routes["tokens.weight"].path == "rule"
     assert routes["positions.weight"].path == "operation"  # a constant lookup, added to the samples
     with warnings.catch_warnings():
         warnings.simplefilter("error", GenericPathWarning)  # the pass must not fail over silently
-        fast = mf.fisher_diagonal(model, x, y)
+        fast = mf.fisher_diagonal(model, x, y, engine=FAST)
     _assert_close(fast, ref.fisher_diagonal(model, x, y), 1e-10)
 
 
@@ -288,5 +293,5 @@ def test_a_batched_pass_that_contradicts_the_plan_warns(monkeypatch):
 
     monkeypatch.setattr(capture.Capture, "_hook", mismatch)
     with pytest.warns(GenericPathWarning, match="the batched pass failed"):
-        fast = mf.fisher_diagonal(model, x, y)
+        fast = mf.fisher_diagonal(model, x, y, engine=FAST)
     _assert_close(fast, ref.fisher_diagonal(model, x, y), 1e-10)

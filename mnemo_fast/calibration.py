@@ -378,7 +378,6 @@ def calibrate(
     validation.trainable_model(model)
     lambda2s = lambda2_candidates(lambda2)
     validation.representable({"lambda2": lambda2s}, model.parameters())
-    lo, hi = lambda1_range
     with engines.forwards(engine, model):
         session = CandidateSession(model, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params)

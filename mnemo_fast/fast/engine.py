@@ -37,6 +37,11 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
         )
 
 
+def _plan(model, params, inputs: Tensor, targets: Tensor, output_fn) -> Plan:
+    """The plan of a call on ``inputs`` [N, ...]: probes of its first sample and first two."""
+    return make_plan(model, params, inputs[:1], targets[:1], output_fn, inputs[:2] if inputs.shape[0] >= 2 else None)
+
+
 def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
     """(inputs, targets) of each block of consecutive rows (views)."""
     start = 0
@@ -109,8 +114,7 @@ class FastEngine:
                 return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)
             return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
-        plan = make_plan(model, params, inputs[:1], targets[:1], output_fn,
-                         inputs[:2] if inputs.shape[0] >= 2 else None)
+        plan = _plan(model, params, inputs, targets, output_fn)
         _refuse_sharded_generic(plan, params)
         warn_generic(model, plan)
         return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
@@ -124,8 +128,7 @@ class FastEngine:
         params = ref_fisher.trainable_parameters(model)
         if not params:
             return {}
-        return make_plan(model, params, inputs[:1], targets[:1], output_fn,
-                         inputs[:2] if inputs.shape[0] >= 2 else None).routes()
+        return _plan(model, params, inputs, targets, output_fn).routes()
 
     def _sums(self, model, params, plan: Plan, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         """{name: sum} over ``inputs`` on ``plan``: the rule pass, then the generic path for

@@ -155,7 +155,8 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
-    _keep_growing_dims(model, rules, batch_dims, torch.cat([x1, x1]) if x2 is None else x2, output_fn)
+    x2 = torch.cat([x1, x1]) if x2 is None else x2
+    _keep_growing_dims(model, rules, batch_dims, x2, output_fn)
     used = {id(p): live.get(id(p), id(p)) for p in params.values()}
     parents = parent_nodes(loss, set(used.values())) if loss.grad_fn is not None else {}
     parents = {key: parents[used_id] for key, used_id in used.items() if used_id in parents}
@@ -188,7 +189,7 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
         _plan_broadcast(plan, model, {name: params[name] for name in candidates}, parents, x1, y1, output_fn)
     left = {name: params[name] for name in params if name in plan.reasons and not is_sharded(params[name])}
     if left:
-        _plan_operations(plan, model, left, x1, torch.cat([x1, x1]) if x2 is None else x2, output_fn)
+        _plan_operations(plan, model, left, x1, x2, output_fn)
     plan.generic = [name for name in params if name in plan.reasons]  # the parameters' order
     return plan
 

@@ -44,9 +44,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...dtypes import accumulation_dtype
+from .embedding import embedding_sums
 
 Tensor = torch.Tensor
 
@@ -178,7 +179,8 @@ class Recorder(TorchFunctionMode):
         if name in _IGNORED:
             return out
         leaves, spec = tree_flatten((args, kwargs))
-        params = {i: self.origins.get(t) for i, t in enumerate(leaves) if isinstance(t, Tensor) and t in self.origins}
+        found = {i: self.origins.get(t) for i, t in enumerate(leaves) if isinstance(t, Tensor)}
+        params = {i: origin for i, origin in found.items() if origin is not None}
         batch = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t in self.batched]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if batch:
@@ -206,23 +208,15 @@ class Recorder(TorchFunctionMode):
         """Record how each output of a parameter-only operation is recomputed from the parameter."""
         name = next(iter(params.values())).name
         fns = {i: origin.fn for i, origin in params.items()}
-        frozen_leaves = list(leaves)
 
         def whole(p: Tensor):
-            new = [fns[i](p) if i in fns else leaf for i, leaf in enumerate(frozen_leaves)]
-            a, k = _unflatten(new, spec)
+            new = [fns[i](p) if i in fns else leaf for i, leaf in enumerate(leaves)]
+            a, k = tree_unflatten(new, spec)
             return func(*a, **k)
 
-        flat_out, out_spec = tree_flatten(out)
-        for position, t in enumerate(flat_out):
+        for position, t in enumerate(tree_flatten(out)[0]):
             if isinstance(t, Tensor) and t.is_floating_point():
                 self.origins[t] = Origin(name, (lambda p, position=position: tree_flatten(whole(p))[0][position]), False)
-
-
-def _unflatten(leaves, spec):
-    from torch.utils._pytree import tree_unflatten
-
-    return tree_unflatten(leaves, spec)
 
 
 def _layout(small: Tensor, large: Tensor) -> Layout | None:
@@ -339,7 +333,7 @@ def _per_sample_vjp(use: Use, plan: UsePlan, grad: Tensor, n: int) -> Tensor:
             new[plan.param_leaf] = q
             for position, x in zip(batch_positions, xs):
                 new[position] = x
-            a, k = _unflatten(new, use.spec)
+            a, k = tree_unflatten(new, use.spec)
             return use.func(*a, **k)
 
         _, vjp = torch.func.vjp(f, operand)
@@ -451,14 +445,13 @@ class OperationsCapture:
                 g = _samples_first(grad, plan.output, n).reshape(n, -1, grad.shape[-1])
                 self.sums[name] = embedding_sums(ids.reshape(n, -1), g.to(dtype), p.shape[0], _arg(use, 2, "padding_idx"))
                 return
-        per_sample = self._per_sample(use, plan, grad)
-        per_sample = per_sample.to(dtype)
+        per_sample = self._per_sample(use, plan, grad).to(dtype)
         if name in self.samples:
             self.samples[name] = self.samples[name] + per_sample
         else:
             self.samples[name] = per_sample
 
-    def _per_sample(self, use: Use, plan: UsePlan, grad: Tensor) -> Tensor | None:
+    def _per_sample(self, use: Use, plan: UsePlan, grad: Tensor) -> Tensor:
         """[N, *p.shape] per-sample gradients of the parameter from this use."""
         n, p = self.n, self.params[plan.name]
         operand = use.leaves[plan.param_leaf]
@@ -481,24 +474,6 @@ class OperationsCapture:
             on_operand = _per_sample_vjp(use, plan, grad, n)
         if plan.direct:
             return on_operand.reshape(n, *p.shape)
-        chain = self.recorder_origin_fn(use, plan)
-        _, vjp = torch.func.vjp(chain, p.detach())
+        _, vjp = torch.func.vjp(use.param_leaves[plan.param_leaf].fn, p.detach())  # back through the chain
         return torch.func.vmap(lambda g_n: vjp(g_n)[0])(on_operand)
 
-    def recorder_origin_fn(self, use: Use, plan: UsePlan):
-        return use.param_leaves[plan.param_leaf].fn
-
-
-def embedding_sums(ids: Tensor, g: Tensor, vocab: int, padding_idx=None) -> Tensor:
-    """D[v] = sum_n (sum_{t: ids[n,t]=v} g[n,t])^2 from ids [N, T] and g [N, T, d]: rows of one
-    sample that share an id are summed before squaring (unique (sample, id) pairs)."""
-    n = ids.shape[0]
-    if padding_idx is not None:
-        g = g.masked_fill((ids == padding_idx).unsqueeze(-1), 0)
-    sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
-    keys, slot = torch.unique(sample * vocab + ids, return_inverse=True)
-    rows = torch.zeros(keys.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
-    rows.index_add_(0, slot.reshape(-1), g.reshape(-1, g.shape[-1]))
-    out = torch.zeros(vocab, g.shape[-1], dtype=g.dtype, device=g.device)
-    out.index_add_(0, keys % vocab, rows.square_())
-    return out

@@ -295,3 +295,24 @@ def test_a_batched_pass_that_contradicts_the_plan_warns(monkeypatch):
     with pytest.warns(GenericPathWarning, match="the batched pass failed"):
         fast = mf.fisher_diagonal(model, x, y, engine=FAST)
     _assert_close(fast, ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_functional_embedding_with_and_without_frequency_scaling(scale_grad_by_freq):
+    """F.embedding on a raw table: the unique-rows sum, or (frequency-scaled gradients, counted
+    within each sample as the reference's per-sample loss counts them) the operation's vjp."""
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(7, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, ids):
+            rows = F.embedding(ids, self.table, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq)
+            return self.head(torch.tanh(rows).mean(1))
+
+    torch.manual_seed(0)
+    model = Table().double().eval()
+    x, y = torch.tensor([[1, 1, 2, 0], [3, 3, 3, 1], [0, 6, 6, 5]]), torch.tensor([0, 1, 1])
+    assert {r.name: r.path for r in mf.explain(model, x, y, engine=FAST).routes}["table"] == "operation"
+    _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)

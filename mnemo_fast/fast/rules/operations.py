@@ -441,7 +441,8 @@ class OperationsCapture:
                 return
             position, keyword = _role(use, plan)
             ids = _batched_arg(use, plan, 0, "input", n) if plan.op == "embedding" else None
-            if ids is not None and (position == 1 or keyword == "weight") and _arg(use, 3, "max_norm") is None:
+            plain = _arg(use, 3, "max_norm") is None and not _arg(use, 5, "scale_grad_by_freq")
+            if ids is not None and (position == 1 or keyword == "weight") and plain:
                 g = _samples_first(grad, plan.output, n).reshape(n, -1, grad.shape[-1])
                 self.sums[name] = embedding_sums(ids.reshape(n, -1), g.to(dtype), p.shape[0], _arg(use, 2, "padding_idx"))
                 return

@@ -22,7 +22,7 @@ from .session import ParamSelector, only_parameters
 Tensor = torch.Tensor
 
 #: The paths a parameter can take.
-PATHS = ("rule", "broadcast", "operation", "generic", "reference")
+PATHS = ("rule", "broadcast", "operation", "joined", "generic", "reference")
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Explanation:
 
     @property
     def generic(self) -> list[Route]:
-        """The parameters on the generic per-sample path."""
+        """The parameters no rule takes (the generic per-sample path); those that join
+        their pass (path "joined") are not counted: they are not its cause."""
         return [r for r in self.routes if r.path == "generic"]
 
     def counts(self) -> dict[str, int]:

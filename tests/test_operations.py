@@ -316,3 +316,113 @@ def test_functional_embedding_with_and_without_frequency_scaling(scale_grad_by_f
     x, y = torch.tensor([[1, 1, 2, 0], [3, 3, 3, 1], [0, 6, 6, 5]]), torch.tensor([0, 1, 1])
     assert {r.name: r.path for r in mf.explain(model, x, y, engine=FAST).routes}["table"] == "operation"
     _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+def _in_place_model():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.mul_(self.gain)
+            return self.head(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = InPlace().double().eval()
+    return model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+
+
+def test_rule_parameters_join_the_generic_pass_when_one_pass_is_cheaper(monkeypatch):
+    """One generic parameter costs a whole per-sample pass: the others join it (path
+    "joined", exact) instead of adding a batched pass on top (never slower than the reference)."""
+    model, x, y = _in_place_model()
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
+    assert routes["gain"].path == "generic"
+    assert {routes[n].path for n in ("lin.weight", "lin.bias", "head.weight", "head.bias")} == {"joined"}
+    assert "per-sample pass of the 1 generic parameter" in routes["lin.weight"].detail
+
+    def no_batched_pass(*args, **kwargs):
+        raise AssertionError("the batched rule pass ran")
+
+    monkeypatch.setattr(type(FAST), "_rule_pass", no_batched_pass)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericPathWarning)
+        _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
+
+
+def test_rule_parameters_keep_the_batched_pass_when_the_generic_ones_fit_larger_chunks(monkeypatch):
+    """When every parameter's per-sample gradients need more chunks than the generic
+    parameters' alone, two passes cost less: the rules keep theirs."""
+    from mnemo_fast.reference import fisher as ref_fisher
+
+    model, x, y = _in_place_model()
+    monkeypatch.setattr(ref_fisher, "_VMAP_BYTES", 4 * 4 * 5)  # gain [4] x 5 samples: one chunk
+    routes = {r.name: r for r in mf.explain(model, x, y, engine=FAST).routes}
+    assert routes["gain"].path == "generic" and routes["lin.weight"].path == "rule"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericPathWarning)
+        _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
+    # a chunk size given by the caller is the same for both passes: one pass again
+    engine_routes = FAST.routes(model, x, y)
+    assert engine_routes["lin.weight"].path == "rule"
+
+
+class Elementwise(nn.Module):
+    """Parameters met by sums, differences and products in every operand position, with
+    constants and sample-holding operands, read off the output gradient (no vjp)."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.a = nn.Parameter(torch.randn(d))
+        self.b = nn.Parameter(torch.randn(1, d))
+        self.c = nn.Parameter(torch.randn(d))
+        self.e = nn.Parameter(torch.randn(3, 1))
+        self.f = nn.Parameter(torch.randn(d))
+        self.register_buffer("const", torch.randn(3, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x [N, 3, d]
+        h = self.lin(x)
+        h = self.a - h                      # parameter first in a difference
+        h = torch.sub(h, self.b, alpha=0.5)  # second, with alpha
+        h = h * self.c                      # product with a sample-holding operand
+        h = torch.tanh(h) + self.e * self.const  # parameter-only product, then a sum (chain)
+        h = self.f.__rmul__(h)              # reflected product
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sums_and_products_are_read_off_the_output_gradient(dtype, rtol, monkeypatch):
+    from mnemo_fast.fast.rules import operations
+
+    torch.manual_seed(0)
+    model = Elementwise().to(dtype).eval()
+    x = torch.randn(4, 3, 6, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 1])
+    routes = {r.name: r.path for r in mf.explain(model, x, y, engine=FAST).routes}
+    assert routes["c"] == routes["f"] == "operation", routes
+    assert {routes["a"], routes["b"]} <= {"operation", "broadcast"}, routes  # the broadcast rule may take sums
+    calls = []
+    real = operations._per_sample_vjp
+    monkeypatch.setattr(operations, "_per_sample_vjp", lambda *a: calls.append(a[1].name) or real(*a))
+    _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), rtol)
+    assert not set(calls) & set("abcf"), calls  # e goes through its chain's sum: any path is fine
+
+
+def test_conv1d_bias_is_read_off_the_output_gradient(monkeypatch):
+    """GPT-2's addmm bias: the output gradient summed over rows, not a vjp that reruns the
+    matrix product."""
+    from mnemo_fast.fast.rules import operations
+
+    model, x, y = _problem("text", torch.float64)
+    calls = []
+    real = operations._per_sample_vjp
+    monkeypatch.setattr(operations, "_per_sample_vjp", lambda *a: calls.append(a[1].name) or real(*a))
+    _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
+    assert "temperature" in calls  # the division still takes the vjp: the watch sees it
+    assert not [name for name in calls if name.endswith(".bias")], calls

@@ -42,6 +42,26 @@ def _plan(model, params, inputs: Tensor, targets: Tensor, output_fn) -> Plan:
     return make_plan(model, params, inputs[:1], targets[:1], output_fn, inputs[:2] if inputs.shape[0] >= 2 else None)
 
 
+def one_pass_if_cheaper(plan: Plan, params, num_samples: int, chunk_size: int | None = None) -> Plan:
+    """The plan itself, or, when some parameters go to the generic path and a per-sample pass
+    over every parameter takes no more chunks of samples than one over those alone, a plan
+    that sends every parameter there: the generic path runs a whole per-sample forward and
+    backward over the model whatever it is asked for, so the batched rule pass would only add
+    to it (with it, ``mnemo_fast`` would cost more than ``mnemo_fast.reference``). The
+    parameters the rules would have taken keep their exact sums (the reference's), and the
+    memory stays within the reference's per-chunk bound. docs/FAST_PATH.md, "The generic path costs a whole per-sample pass"."""
+    if not plan.generic or len(plan.generic) == len(params) or any(is_sharded(p) for p in params.values()):
+        return plan
+    if chunk_size is None:
+        chunks = lambda names: -(-num_samples // ref_fisher.auto_chunk({n: params[n] for n in names}, num_samples))  # noqa: E731
+        if chunks(params) > chunks(plan.generic):
+            return plan  # the generic parameters alone fit larger chunks: two passes cost less
+    why = (f"computed in the per-sample pass of the {len(plan.generic)} generic parameter(s): "
+           f"one pass costs less than a batched pass plus that one")
+    joined = [name for name in params if name not in plan.reasons]
+    return Plan(generic=list(params), joined=joined, reasons={**plan.reasons, **{name: why for name in joined}})
+
+
 def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
     """(inputs, targets) of each block of consecutive rows (views)."""
     start = 0
@@ -117,6 +137,7 @@ class FastEngine:
         plan = _plan(model, params, inputs, targets, output_fn)
         _refuse_sharded_generic(plan, params)
         warn_generic(model, plan)
+        plan = one_pass_if_cheaper(plan, params, max(sizes), chunk_size)
         return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
                 for x, y in _blocks(inputs, targets, sizes)]
 
@@ -128,7 +149,7 @@ class FastEngine:
         params = ref_fisher.trainable_parameters(model)
         if not params:
             return {}
-        return _plan(model, params, inputs, targets, output_fn).routes()
+        return one_pass_if_cheaper(_plan(model, params, inputs, targets, output_fn), params, inputs.shape[0]).routes()
 
     def _sums(self, model, params, plan: Plan, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         """{name: sum} over ``inputs`` on ``plan``: the rule pass, then the generic path for
@@ -174,7 +195,9 @@ class FastEngine:
             with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
                 with used.recorder if used else contextlib.nullcontext():
                     loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                wanted = capture.leaves + list(broadcast.values()) + list(op_params.values())
+                # The operation level's hooks fire on its uses' outputs: asking for those
+                # gradients (not the parameters') spares the parameters' own gradients.
+                wanted = capture.leaves + list(broadcast.values()) + (used.outputs if used else [])
                 wanted = wanted or ([x] if x.requires_grad else [])
                 if loss.requires_grad and wanted:
                     caught.attach(loss)

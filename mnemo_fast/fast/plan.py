@@ -43,6 +43,11 @@ class Plan:
     #: full name -> why it goes to the generic path, for each name of ``generic``
     reasons: dict[str, str] = field(default_factory=dict)
 
+    #: parameters a rule could take, computed on the generic path with the generic ones
+    #: (one per-sample pass costs less than a batched pass plus that pass), full names;
+    #: they are in ``generic`` too
+    joined: list[str] = field(default_factory=list)
+
     #: parameters taken at the operation level (:mod:`.rules.operations`), None if none
     operations: OperationsPlan | None = None
 
@@ -59,7 +64,8 @@ class Plan:
                 ops = [u.op for u in self.operations.uses if u.name == name]
                 out[name] = Route(name, "operation", ", ".join(ops) or "unused (zero)")
         for name in self.generic:
-            out[name] = Route(name, "generic", self.reasons.get(name, "no rule takes it"))
+            path = "joined" if name in self.joined else "generic"
+            out[name] = Route(name, path, self.reasons.get(name, "no rule takes it"))
         return out
 
     def send_generic(self, name: str, reason: str) -> None:
@@ -70,8 +76,9 @@ class Plan:
 @dataclass(frozen=True)
 class Route:
     """How one parameter's Fisher is computed. ``path``: "rule", "broadcast", "operation",
-    "generic" (or "reference" on the reference engine); ``detail``: the rule, the operations,
-    or why no rule takes it."""
+    "generic" (no rule takes it), "joined" (a rule could, but it shares the generic
+    parameters' per-sample pass, which costs less than two passes), or "reference" on the
+    reference engine; ``detail``: the rule, the operations, or why."""
 
     name: str
     path: str

@@ -55,7 +55,8 @@ def _zeros_like_accumulators(params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: zero_accumulator(p) for name, p in params.items()}
 
 
-def _auto_chunk(params: dict[str, Tensor], num_samples: int) -> int:
+def auto_chunk(params: dict[str, Tensor], num_samples: int) -> int:
+    """Samples per vmap chunk: per-sample gradients of ``params`` near :data:`_VMAP_BYTES`."""
     bytes_per_sample = sum(p.numel() * 4 for p in params.values())
     return max(1, min(num_samples, _VMAP_BYTES // max(bytes_per_sample, 1)))
 
@@ -142,7 +143,7 @@ def sum_squared_grads(
         return {}
     if method == "loop":
         return _loop_sum_sq(model, params, inputs, targets, output_fn)
-    chunk = chunk_size or _auto_chunk(params, inputs.shape[0])
+    chunk = chunk_size or auto_chunk(params, inputs.shape[0])
     try:
         return _vmap_sum_sq(model, params, inputs, targets, chunk, output_fn)
     except (RuntimeError, NotImplementedError, TypeError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Calls, Rule, Tensor, acc, has_bias, has_weight
@@ -57,24 +58,17 @@ def _trailing(module, x: Tensor, xhat: Tensor, g: Tensor):
 
 
 def layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor):
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, keepdim=True, unbiased=False)
-    return _trailing(module, x, (x - mean) * torch.rsqrt(var + module.eps), g)
+    """xhat by the fused op (one pass; mean and variance by hand cost several)."""
+    return _trailing(module, x, F.layer_norm(x, module.normalized_shape, None, None, module.eps), g)
 
 
 def rms_norm(module, x: Tensor, g: Tensor):
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-    return _trailing(module, x, x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps), g)
+    return _trailing(module, x, F.rms_norm(x, module.normalized_shape, None, module.eps), g)
 
 
 def group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor):
     n, c = x.shape[:2]
-    grouped = x.reshape(n, module.num_groups, -1)
-    mean = grouped.mean(-1, keepdim=True)
-    var = grouped.var(-1, keepdim=True, unbiased=False)
-    xhat = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(n, c, -1)
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(n, c, -1)
     return _channels_last(xhat), _channels_last(g.reshape(n, c, -1))
 
 

@@ -344,6 +344,52 @@ def _per_sample_vjp(use: Use, plan: UsePlan, grad: Tensor, n: int) -> Tensor:
     return torch.func.vmap(one)(g, *xs)
 
 
+#: add/sub-like operations: (sign of the first operand, sign of the second); ``alpha``
+#: scales the second (``torch.add(x, p, alpha=a)`` is ``x + a * p``).
+_SUMS = {"add": (1, 1), "__add__": (1, 1), "__radd__": (1, 1), "sub": (1, -1), "__sub__": (1, -1)}
+_PRODUCTS = {"mul", "__mul__", "__rmul__"}
+
+
+def _per_sample_elementwise(use: Use, plan: UsePlan, grad: Tensor, n: int) -> Tensor | None:
+    """[N, *operand.shape] per-sample gradients of the parameter operand of a sum, a product or
+    a linear-family bias, read off the output gradient without rerunning the operation (the
+    vectorised vjp would recompute its forward, a whole matrix product for ``addmm``'s bias);
+    None for any other operation. A broadcast operand's gradient is the output gradient summed
+    to its shape, sample by sample."""
+    position, keyword = _role(use, plan)
+    operand = use.leaves[plan.param_leaf]
+    if plan.op == "addmm" and (position == 0 or keyword == "input"):
+        scale, other = float(use.kwargs.get("beta", 1.0)), None
+    elif plan.op == "linear" and (position == 2 or keyword == "bias"):
+        scale, other = 1.0, None
+    elif plan.op in _SUMS and position in (0, 1) and not keyword and len(use.args) == 2:
+        scale = _SUMS[plan.op][position] * (float(use.kwargs.get("alpha", 1.0)) if position == 1 else 1.0)
+        if set(use.kwargs) - {"alpha"}:
+            return None
+        other = None
+    elif plan.op in _PRODUCTS and position in (0, 1) and not keyword and len(use.args) == 2 and not use.kwargs:
+        scale, other = 1.0, use.args[1 - position]
+        if isinstance(other, Tensor) and other.is_complex():
+            return None
+    else:
+        return None
+    g = _samples_first(grad, plan.output, n)
+    if isinstance(other, Tensor):
+        i = _leaf(use, other)
+        if i in plan.operands:  # sample-holding: each sample's own rows
+            other = _samples_first(other, plan.operands[i], n).detach()
+        else:  # a constant: broadcast against each sample's output slice, as in the forward
+            other = other.detach()
+            if other.dim() >= g.dim():
+                return None
+    product = g * other if other is not None else g
+    shape = (1,) * (g.dim() - 1 - operand.dim()) + tuple(operand.shape)
+    if len(shape) != g.dim() - 1:
+        return None
+    summed = product.sum_to_size((n,) + shape) if product.shape[1:] != shape else product
+    return summed.reshape(n, *operand.shape) * scale if scale != 1.0 else summed.reshape(n, *operand.shape)
+
+
 def _leaf(use: Use, value) -> int | None:
     """Position of ``value`` (by identity) among the use's flattened arguments."""
     return next((i for i, leaf in enumerate(use.leaves) if leaf is value), None)
@@ -407,6 +453,9 @@ class OperationsCapture:
         self.sums: dict[str, Tensor] = {}
         self.samples: dict[str, Tensor] = {}
         self.failed: str | None = None
+        #: the hooked uses' outputs: the backward asks for their gradients, not the
+        #: parameters' (a parameter's own gradient, e.g. a weight-gradient GEMM, is never needed)
+        self.outputs: list[Tensor] = []
         self._next = 0
 
     def _on_use(self, use: Use) -> None:
@@ -419,6 +468,7 @@ class OperationsCapture:
         if use.output is None or not use.output.requires_grad:
             return  # no gradient reaches it: zero contribution
         use.output.register_hook(lambda grad, use=use, plans=plans: self._gradient(use, plans, grad))
+        self.outputs.append(use.output)
 
     def _gradient(self, use: Use, plans: list[UsePlan], grad: Tensor) -> None:
         try:
@@ -472,7 +522,9 @@ class OperationsCapture:
             extra = g.dim() - 1 - operand.dim()
             on_operand = g.sum(tuple(range(1, 1 + extra))) if extra > 0 else g
         else:
-            on_operand = _per_sample_vjp(use, plan, grad, n)
+            on_operand = _per_sample_elementwise(use, plan, grad, n)
+            if on_operand is None:
+                on_operand = _per_sample_vjp(use, plan, grad, n)
         if plan.direct:
             return on_operand.reshape(n, *p.shape)
         _, vjp = torch.func.vjp(use.param_leaves[plan.param_leaf].fn, p.detach())  # back through the chain

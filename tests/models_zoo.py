@@ -201,3 +201,25 @@ def masked_transformer(num_classes: int = 4):
 
 def vit(num_classes: int = 4):
     return TinyViT(num_classes), (3, 8, 8)
+
+
+class Depthwise(nn.Module):
+    """Depthwise convolutions (groups = input channels): with a channel multiplier, stride,
+    dilation and padding; a Conv1d one with circular padding; MobileNet/ConvNeXt style."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 6, 3, stride=2, padding=2, groups=3)
+        self.pw = nn.Conv2d(6, 4, 1)
+        self.dw2 = nn.Conv2d(4, 4, (3, 2), padding=(2, 0), dilation=(2, 1), groups=4, bias=False)
+        self.dw1d = nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", groups=4)
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        h = self.dw2(torch.tanh(self.pw(torch.tanh(self.dw(x)))))
+        h = self.dw1d(h.flatten(2))
+        return self.head(torch.tanh(h).mean(2))
+
+
+def depthwise(num_classes: int = 4):
+    return Depthwise(num_classes), (3, 9, 8)

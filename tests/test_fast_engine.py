@@ -19,6 +19,7 @@ MODELS = {
     "mlp": zoo.mlp, "cnn": zoo.cnn, "resnet": zoo.resnet, "transformer": zoo.transformer,
     "transformer_seq_first_masked": zoo.masked_transformer, "vit": zoo.vit,
     "embedding": zoo.embedding_bag, "norms": zoo.norm_net, "tied_shared_custom": zoo.tied_and_shared,
+    "depthwise": zoo.depthwise,
 }
 
 
@@ -131,7 +132,8 @@ def test_forget_leaves_a_train_mode_batchnorm_model_untouched():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer", "transformer_seq_first_masked", "vit", "embedding", "norms"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer", "transformer_seq_first_masked", "vit", "embedding", "norms",
+                                  "depthwise"])
 def test_models_made_of_supported_layers_never_take_the_generic_path(engine, name, monkeypatch):
     model, x, y = problem(name)
     expected = ref.fisher_diagonal(model, x, y)

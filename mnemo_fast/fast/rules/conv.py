@@ -1,13 +1,16 @@
 """nn.Conv1d / nn.Conv2d through the conv2d op (Conv1d as an image of height 1); zero or
 other padding modes (the input is padded here first, the op then runs unpadded); the bias
-gets sum_n (sum over positions of g_n)^2. docs/FAST_PATH.md, "Conv1d / Conv2d via im2col blocks"."""
+gets sum_n (sum over positions of g_n)^2. Depthwise convolutions (one input channel per
+group) take a grouped convolution instead: docs/FAST_PATH.md, "Conv1d / Conv2d via im2col
+blocks" and "Depthwise convolutions"."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Calls, Rule, Tensor, has_bias, has_weight, square_sum
+from .base import Calls, Rule, Tensor, acc, has_bias, has_weight, square_sum
 
 
 class ConvRule(Rule):
@@ -36,8 +39,29 @@ class ConvRule(Rule):
         out = {}
         if has_weight(module):
             x, g, k, s, p, d = self._as_2d(module, inp, grad)
-            d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
+            if module.groups > 1 and module.in_channels == module.groups:
+                d2 = depthwise_sum_sq(acc(g), acc(x), k, s, p, d)
+            else:
+                d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
             out["weight"] = d2.view(module.weight.shape)
         if has_bias(module):
             out["bias"] = square_sum(grad.flatten(2).sum(2))
         return out
+
+
+def depthwise_sum_sq(g: Tensor, x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """sum_n (per-sample weight gradient)^2 [O, 1, kh, kw] of a depthwise conv2d (groups = C,
+    O = C * m) from its input x [N, C, H, W] and output gradient g [N, O, oh, ow].
+
+    Sample n's gradient of output channel o = c * m + j correlates x_n[c] with g_n[o]:
+    ``w[kh, kw] = sum_(i, j) g[i, j] * x_pad[i * s + kh * d, j * s + kw * d]``, a convolution
+    of x_pad with g as its kernel, stride and dilation swapped. One grouped convolution with
+    N * C groups (one per sample and channel) computes all of them: [N * O, kh', kw'], where
+    kh' >= kh (the forward drops rows the stride does not reach), cropped to the kernel. The
+    im2col kernel would copy each input k*k times for matrix products of one row."""
+    n, c, h, w = x.shape
+    o = g.shape[1]
+    per_sample = F.conv2d(x.reshape(1, n * c, h, w), g.reshape(n * o, 1, *g.shape[2:]),
+                          stride=tuple(dilation), padding=tuple(padding), dilation=tuple(stride), groups=n * c)
+    per_sample = per_sample[0, :, : kernel_size[0], : kernel_size[1]].reshape(n, o, 1, *kernel_size)
+    return torch.square(per_sample).sum(0)

@@ -14,100 +14,10 @@ import mnemo_fast.reference as ref
 from mnemo_fast.explain import GenericPathWarning
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+from models_zoo import TextBlock, WindowBlock
 
 #: the fast engine: compiled kernels, or their pure-PyTorch twins when the extension is off
 FAST = EXTENSION if _ext.available() else HOOKS_ATEN
-
-
-class Conv1D(nn.Module):
-    """GPT-2's linear layer: a raw [in, out] weight through addmm on rows [N * T, in]."""
-
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.weight = nn.Parameter(0.3 * torch.randn(d_in, d_out))
-        self.bias = nn.Parameter(0.1 * torch.randn(d_out))
-
-    def forward(self, x):
-        shape = x.shape[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d, offset=False):
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
-        self.offset = offset
-
-    def forward(self, x):
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return ((1 + self.weight) if self.offset else self.weight) * x  # Gemma-style: (1 + w)
-
-
-class ChannelsFirstNorm(nn.Module):
-    """ConvNeXt's norm on [N, C, H, W]: F.layer_norm on the permuted tensor."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.1 * torch.randn(c))
-        self.bias = nn.Parameter(0.1 * torch.randn(c))
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
-
-
-class TextBlock(nn.Module):
-    """Token ids [N, T] -> logits: Conv1D projections, RMSNorm (plain and offset), a layer
-    scale, a hand-added bias with alpha, a division by a raw parameter, a tied weight."""
-
-    def __init__(self, vocab=20, d=8, classes=3):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.proj = Conv1D(d, 2 * d)
-        self.back = Conv1D(2 * d, d)
-        self.norm = RMSNorm(d)
-        self.norm2 = RMSNorm(d, offset=True)
-        self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(d))
-        self.shift = nn.Parameter(0.1 * torch.randn(d))
-        self.temperature = nn.Parameter(1 + 0.1 * torch.rand(1))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, ids):
-        h = self.norm(self.embed(ids))
-        h = h + self.gamma[None, None, :] * self.back(torch.tanh(self.proj(h)))
-        h = torch.add(self.norm2(h), self.shift, alpha=3.0) / self.temperature
-        return self.head(h.mean(1))
-
-
-class WindowBlock(nn.Module):
-    """Images [N, C, H, W] -> logits, Swin-like: windows folded into the leading dimension
-    ([N * windows, T, d]), attention projections on the folded rows, and a relative-position
-    bias table indexed by a buffer and added to the folded scores; a channels-first norm."""
-
-    def __init__(self, c=3, d=8, window=2, heads=2, classes=3):
-        super().__init__()
-        self.window, self.heads = window, heads
-        self.norm = ChannelsFirstNorm(c)
-        self.embed = nn.Conv2d(c, d, 1)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.table = nn.Parameter(0.1 * torch.randn((2 * window - 1) ** 2, heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
-        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1])
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(self.norm(x))  # [N, d, H, W]
-        n, d, hh, ww = h.shape
-        w = self.window
-        windows = h.view(n, d, hh // w, w, ww // w, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, d)
-        q, k, v = self.qkv(windows).chunk(3, dim=-1)
-        split = lambda t: t.view(t.shape[0], w * w, self.heads, -1).transpose(1, 2)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
-        bias = self.table[self.index.view(-1)].view(w * w, w * w, self.heads).permute(2, 0, 1)
-        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + bias
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(-1, w * w, d)
-        return self.head(out.reshape(n, -1, d).mean(1))
 
 
 class MixesSamples(nn.Module):

@@ -33,7 +33,8 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
         raise NotImplementedError(
             f"sharded (DTensor) parameters {sharded[:5]}: {why}, and the generic per-sample "
             f"path cannot run on shards. Supported under FSDP2: Linear, Conv1d/2d, Embedding, "
-            f"the norm layers and nn.MultiheadAttention, each called once per forward"
+            f"the norm layers and nn.MultiheadAttention, each called once per forward, and "
+            f"parameters taken at the operation level (mnemo_fast.explain shows each path)"
         )
 
 
@@ -190,7 +191,7 @@ class FastEngine:
             capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()},
                               keep=tuple(op_params.values()) + tuple(broadcast.values()))
             caught = BroadcastCapture(broadcast)
-            used = OperationsCapture(operations, params, x, self.kernels) if operations else None
+            used = OperationsCapture(operations, params, x, self.kernels, model) if operations else None
             rest = [p for name, p in params.items() if name not in broadcast and name not in op_params]
             with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
                 with used.recorder if used else contextlib.nullcontext():

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.sharding import is_sharded
 from .rules import rule_for
 from .rules.broadcast import BROADCAST_NODES, BroadcastUse, parent_nodes, plan_use
 from .rules.operations import OperationsPlan, plan_operations
@@ -194,7 +193,7 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
             candidates.append(name)
     if candidates:
         _plan_broadcast(plan, model, {name: params[name] for name in candidates}, parents, x1, y1, output_fn)
-    left = {name: params[name] for name in params if name in plan.reasons and not is_sharded(params[name])}
+    left = {name: params[name] for name in params if name in plan.reasons}
     if left:
         _plan_operations(plan, model, left, x1, x2, output_fn)
     plan.generic = [name for name in params if name in plan.reasons]  # the parameters' order

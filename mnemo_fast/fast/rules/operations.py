@@ -160,7 +160,7 @@ class Recorder(TorchFunctionMode):
     with ``inputs``); records every operation that takes both (:class:`Use`).
     ``on_use(use)`` is called as each use is recorded (to hook its output)."""
 
-    def __init__(self, params: dict[str, Tensor], inputs: list[Tensor], on_use=None):
+    def __init__(self, params: dict[str, Tensor], inputs: list[Tensor], on_use=None, model=None):
         super().__init__()
         self.origins = _IdMap()  # tensor -> Origin
         self.batched = _IdMap()  # tensor -> True
@@ -171,6 +171,30 @@ class Recorder(TorchFunctionMode):
         self.uses: list[Use] = []
         self.mixed: dict[str, str] = {}  # parameter -> why it cannot be followed
         self.on_use = on_use
+        #: name -> the tensor the forward used for it: the parameter itself, or under FSDP2
+        #: the gathered (unsharded) tensor its owner holds while it runs
+        self.live: dict[str, Tensor] = dict(params)
+        self._owners = _owners(model, params) if model is not None else {}
+        self._handles: list = []
+
+    def __enter__(self):
+        # FSDP2 swaps each sharded parameter for its gathered tensor in the owner's (or an
+        # ancestor unit's) pre-forward hook, registered before this one: follow that tensor.
+        self._handles = [module.register_forward_pre_hook(self._seed) for module in self._owners]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return super().__exit__(*exc)
+
+    def _seed(self, module, args) -> None:
+        for local, name in self._owners[module]:
+            now = module._parameters.get(local)
+            if now is not None and now is not self.live[name]:
+                self.live[name] = now
+                self.origins[now] = Origin(name, lambda q: q, True)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -219,6 +243,15 @@ class Recorder(TorchFunctionMode):
                 self.origins[t] = Origin(name, (lambda p, position=position: tree_flatten(whole(p))[0][position]), False)
 
 
+def _owners(model: torch.nn.Module, params: dict[str, Tensor]) -> dict[torch.nn.Module, list[tuple[str, str]]]:
+    """module -> [(local name, full name)] of the parameters of ``params`` it registers."""
+    owners: dict[torch.nn.Module, list[tuple[str, str]]] = {}
+    for name in params:
+        prefix, _, local = name.rpartition(".")
+        owners.setdefault(model.get_submodule(prefix), []).append((local, name))
+    return owners
+
+
 def _layout(small: Tensor, large: Tensor) -> Layout | None:
     """The one dimension whose size goes from k (one sample) to 2k (two samples)."""
     if small.dim() != large.dim():
@@ -249,7 +282,7 @@ def plan_operations(model: torch.nn.Module, params: dict[str, Tensor], x1: Tenso
     plan = OperationsPlan()
     probes = []
     for x in (x1, x2):
-        recorder = Recorder(params, [x])
+        recorder = Recorder(params, [x], model=model)
         with torch.no_grad(), recorder:
             output_fn(model(x))
         probes.append(recorder)
@@ -443,12 +476,12 @@ class OperationsCapture:
     """Hooks every planned use during one batched forward; :attr:`sums` (direct single uses
     through a kernel) and :attr:`samples` (per-sample gradients of the others) after the backward."""
 
-    def __init__(self, plan: OperationsPlan, params: dict[str, Tensor], inputs: Tensor, kernels):
+    def __init__(self, plan: OperationsPlan, params: dict[str, Tensor], inputs: Tensor, kernels, model=None):
         self.plan = plan
         self.params = {name: params[name] for name in plan.names}
         self.kernels = kernels
         self.n = inputs.shape[0]
-        self.recorder = Recorder(self.params, [inputs], on_use=self._on_use)
+        self.recorder = Recorder(self.params, [inputs], on_use=self._on_use, model=model)
         self.single = {name for name in plan.names if sum(u.name == name for u in plan.uses) == 1}
         self.sums: dict[str, Tensor] = {}
         self.samples: dict[str, Tensor] = {}
@@ -527,6 +560,7 @@ class OperationsCapture:
                 on_operand = _per_sample_vjp(use, plan, grad, n)
         if plan.direct:
             return on_operand.reshape(n, *p.shape)
-        _, vjp = torch.func.vjp(use.param_leaves[plan.param_leaf].fn, p.detach())  # back through the chain
+        live = self.recorder.live[plan.name].detach()  # the gathered tensor under FSDP2
+        _, vjp = torch.func.vjp(use.param_leaves[plan.param_leaf].fn, live)  # back through the chain
         return torch.func.vmap(lambda g_n: vjp(g_n)[0])(on_operand)
 

@@ -1,18 +1,22 @@
 """The Fisher diagonal on Hugging Face ``transformers`` classifiers: fast path vs reference vs floor.
 
-Run: python benchmarks/bench_hf.py [--layers 4 --width 256 --seq-len 128 --n 32] [--out benchmarks/HF.md]
+Run: python benchmarks/bench_hf.py [--layers 4 --width 256 --seq-len 128 --n 32 --threads 1] [--out benchmarks/HF.md]
 Each family is built from a config (:mod:`mnemo_fast.evaluation.hf_models`, random weights,
 no download). Per family, one run, the same inputs for every method: a plain batched
-forward+backward (the floor), ``mnemo_fast.fisher_diagonal`` and
-``mnemo_fast.reference.fisher_diagonal``; the fast result is checked against the reference
-before anything is timed; how many parameters the fast path sends to the generic per-sample
-path (and which); the peak CPU memory of the fast Fisher at N and 2N (a Fisher whose memory does
-not depend on N holds the same peak at both).
+forward+backward (the floor), ``mnemo_fast.fisher_diagonal``, ``mnemo_fast.reference.fisher_diagonal``
+and, where installed (``make bench``) and where they run, Opacus (``GradSampleModule``,
+per-sample gradients squared and summed) and BackPACK (``SumGradSquared``). Every result is
+checked against the reference before anything is timed; the methods are timed in interleaved
+rounds (plain, fast, reference, ... then again), so load on a shared machine hits them alike.
+Also: how many parameters the fast path sends to the generic per-sample path (and which); the
+peak CPU memory of the fast Fisher at N and 2N (a Fisher whose memory does not depend on N
+holds the same peak at both) and of the reference and Opacus at N.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -31,14 +35,18 @@ from mnemo_fast.fast.plan import make_plan
 from mnemo_fast.reference import fisher as ref_fisher
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """name -> median seconds over ``rounds`` rounds, each round timing every fn once in turn
+    (after one warm-up call each): shared-machine load falls on all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def plain_step(model, x, y):
@@ -46,6 +54,65 @@ def plain_step(model, x, y):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x).logits, y, reduction="sum").backward()
     return run
+
+
+def opacus_fisher(model, x, y):
+    """Opacus: per-sample gradients (its hooks, its functorch fallback for other modules),
+    squared and summed. Raises where Opacus cannot take the model."""
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(_no_dropout(copy.deepcopy(model)).train(), batch_first=True, loss_reduction="sum", strict=False)
+    params = [(n.removeprefix("_module."), p) for n, p in gsm.named_parameters() if p.requires_grad]
+
+    def run():
+        for _, p in params:
+            p.grad, p.grad_sample = None, None
+        F.cross_entropy(ref_fisher.logits_of(gsm(x)), y, reduction="sum").backward()
+        missing = [n for n, p in params if p.grad_sample is None]
+        if missing:
+            raise NotImplementedError(f"no per-sample gradient for {missing[:2]}")
+        return {n: p.grad_sample.square().sum(0) / len(x) for n, p in params}  # the mean, as fisher_diagonal
+
+    return run
+
+
+def _no_dropout(model):
+    """Opacus records activations only in train mode: the same function as eval mode once every
+    dropout probability is 0 (modules, and the floats attention layers pass to SDPA)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout", "dropout_prob"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model
+
+
+def backpack_fisher(model, x, y):
+    """BackPACK's SumGradSquared. Raises where BackPACK cannot take the model."""
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    net = extend(copy.deepcopy(model).eval(), use_converter=False)
+    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+
+    def run():
+        for _, p in params:
+            p.grad = None
+        with backpack(SumGradSquared()):
+            loss_fn(ref_fisher.logits_of(net(x)), y).backward()
+        missing = [n for n, p in params if not hasattr(p, "sum_grad_squared")]
+        if missing:
+            raise NotImplementedError(f"no sum_grad_squared for {missing[:2]} (unsupported module)")
+        return {n: p.sum_grad_squared / len(x) for n, p in params}  # the mean, as fisher_diagonal
+
+    return run
+
+
+def _first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0]
+    return text[:90] + ("..." if len(text) > 90 else "")
 
 
 def max_relative_error(fast: dict, ref: dict) -> float:
@@ -67,46 +134,72 @@ def bench_family(family: str, args) -> dict:
     plan = make_plan(model, params, x[:1], y[:1], ref_fisher.logits_of)
     fast = lambda: mnemo_fast.fisher_diagonal(model, x, y)  # noqa: E731
     ref = lambda: mnemo_fast.reference.fisher_diagonal(model, x, y)  # noqa: E731
-    error = max_relative_error(fast(), ref())
+    expected = ref()
+    error = max_relative_error(fast(), expected)
+    fns = {"plain": plain_step(model, x, y), "fast": fast, "reference": ref}
+    others = {}
+    for label, build_fn in (("opacus", opacus_fisher), ("backpack", backpack_fisher)):
+        try:
+            run = build_fn(model, x, y)
+            others[label] = max_relative_error(run(), expected)
+            fns[label] = run
+        except ImportError:
+            others[label] = "not installed"
+        except Exception as exc:  # noqa: BLE001 - reported as "does not run: why"
+            others[label] = _first_line(exc)
+    times = interleaved_medians(fns, args.repeats)
     row = {
         "family": family,
         "params": sum(p.numel() for p in params.values()),
         "tensors": len(params),
         "generic": list(plan.generic),
         "error": error,
-        "plain": median_seconds(plain_step(model, x, y), args.repeats),
-        "fast": median_seconds(fast, args.repeats),
-        "reference": median_seconds(ref, max(1, args.repeats // 2)),
+        **times,
+        "others": others,
     }
     model.zero_grad(set_to_none=True)
     x2 = hf.inputs(2 * args.n, generator)
     y2 = torch.randint(0, hf.num_classes, (2 * args.n,), generator=generator)
     row["peak_n"] = peak_allocated_bytes(fast)[1]
     row["peak_2n"] = peak_allocated_bytes(lambda: mnemo_fast.fisher_diagonal(model, x2, y2))[1]
+    row["peak_ref"] = peak_allocated_bytes(ref)[1]
+    row["peak_opacus"] = peak_allocated_bytes(fns["opacus"])[1] if "opacus" in fns else None
     return row
+
+
+def _other(r: dict, label: str) -> str:
+    value = r["others"][label]
+    if isinstance(value, str):
+        return f"does not run ({value})" if value != "not installed" else "not installed"
+    return f"{r[label] * 1e3:.1f} ms ({r[label] / r['fast']:.2f}x fast; err {value:.0e})"
 
 
 def table(rows: list[dict], args) -> list[str]:
     lines = [
         f"N = {args.n} codes, {args.layers} layers, width {args.width}, heads {args.heads}, "
-        f"T = {args.seq_len} tokens (text) / {args.image}x{args.image} images, float32, median of "
-        f"{args.repeats} (reference: {max(1, args.repeats // 2)}) after one warm-up.",
+        f"T = {args.seq_len} tokens (text) / {args.image}x{args.image} images, float32; medians of "
+        f"{args.repeats} interleaved rounds after one warm-up call each.",
         "",
         "| model | parameters | plain fwd+bwd | mnemo_fast | reference | fast / plain | reference / fast | "
-        "generic tensors | max rel. err (a) | fast peak MiB at N / 2N (b) |",
+        "generic tensors | max rel. err (a) | peak MiB: fast at N / 2N, reference, Opacus (b) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        opacus = f"{r['peak_opacus'] / 2**20:.0f}" if r["peak_opacus"] is not None else "-"
         lines.append(
             f"| {r['family']} | {r['params'] / 1e6:.2f}M | {r['plain'] * 1e3:.1f} ms | {r['fast'] * 1e3:.1f} ms | "
             f"{r['reference'] * 1e3:.1f} ms | {r['fast'] / r['plain']:.2f}x | {r['reference'] / r['fast']:.2f}x | "
             f"{len(r['generic'])} of {r['tensors']} | {r['error']:.1e} | "
-            f"{r['peak_n'] / 2**20:.1f} / {r['peak_2n'] / 2**20:.1f} |"
+            f"{r['peak_n'] / 2**20:.0f} / {r['peak_2n'] / 2**20:.0f}, {r['peak_ref'] / 2**20:.0f}, {opacus} |"
         )
     lines += ["", "(a) per tensor, relative to its largest entry floored at 1e-6 of the model's largest "
               "(a tensor whose true Fisher is zero, like attention key biases, holds rounding noise only).",
               "(b) peak CPU allocation of the whole call without `chunk_size`: the batched pass's activations "
-              "grow with N, as a plain forward+backward's do; `chunk_size` bounds them (README, Large models)."]
+              "grow with N, as a plain forward+backward's do; `chunk_size` bounds them (README, Large models).",
+              "", "Side by side (same inputs, same rounds; error relative to the reference as in (a)):", "",
+              "| model | Opacus | BackPACK |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {_other(r, 'opacus')} | {_other(r, 'backpack')} |")
     generic = [r for r in rows if r["generic"]]
     if generic:
         lines += ["", "Parameters on the generic per-sample path:", ""]
@@ -127,9 +220,12 @@ def main(argv=None) -> None:
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rows = []
     for family in args.families:

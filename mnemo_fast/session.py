@@ -96,7 +96,11 @@ def code_logits(model: torch.nn.Module, inputs: Tensor, chunk_size: int | None =
                 output_fn: OutputFn = logits_of) -> Tensor:
     """[N, C] float32 logits of the model in eval mode, at most ``chunk_size`` inputs per forward."""
     step = chunk_size or max(inputs.shape[0], 1)
-    with eval_mode(model):
+    # a model already in eval mode (forget's scoring passes) skips the mode switch and restore
+    mode = eval_mode(model) if any(m.training for m in model.modules()) else contextlib.nullcontext()
+    with mode:
+        if 0 < inputs.shape[0] <= step:  # one chunk: no concatenation (a copy of the logits)
+            return output_fn(model(inputs)).float()
         return torch.cat([output_fn(model(inputs[start : start + step])).float()
                           for start in range(0, inputs.shape[0], step)])
 
@@ -117,7 +121,8 @@ def correct_predictions(
 def accuracy_of(correct: Tensor, is_forget: Tensor) -> CodeAccuracy:
     """CodeAccuracy from [N] hits and the [N] forget mask."""
     hits = correct.float()
-    return CodeAccuracy(forget=hits[is_forget].mean().item(), retain=hits[~is_forget].mean().item())
+    forget, retain = torch.stack([hits[is_forget].mean(), hits[~is_forget].mean()]).tolist()  # one transfer
+    return CodeAccuracy(forget=forget, retain=retain)
 
 
 def fisher_of(engine, model, inputs: Tensor, labels: Tensor, num_classes: int, per_class: int,

@@ -1,6 +1,7 @@
 """The Fisher pair on one plan: ``sum_squared_grads_groups`` of the fast engines equals, bit for
 bit, one ``sum_squared_grads`` per block of rows (and the reference's sums), plans once per call,
-and keeps no plan between calls (a changed model or input shape is planned afresh)."""
+and keeps the last plan only while nothing it reads changes (a changed model or input shape is
+planned afresh: fast/engine.py, PlanCache)."""
 
 import copy
 
@@ -108,8 +109,8 @@ def test_forget_plans_once(engine, monkeypatch):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_changed_model_is_planned_again(engine, monkeypatch):
-    """No plan outlives a call: after a layer is swapped for one no rule takes, or a weight is
-    tied, the next call plans the model as it is now and still equals the reference."""
+    """No plan outlives a change: after a layer is swapped for one no rule takes, the next call
+    plans the model as it is now and still equals the reference."""
     plans = count_plans(monkeypatch)
     model, x, y = problem("mlp", n=6)
     with eval_mode(model):

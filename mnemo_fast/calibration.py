@@ -145,24 +145,28 @@ class _Prober:
         self.both: list[Trial] = []   # every trial of either sign, in order
         self.labels, self.is_forget = session.labels, session.is_forget
         self.margin0, self.prob0 = _margins(session.before_logits(), self.labels)
+        # the codes of each side as row indices, and their margins before (floored), once
+        self._f = self.is_forget.nonzero().view(-1)
+        self._r = (~self.is_forget).nonzero().view(-1)
+        self._floor_f = self.margin0.index_select(0, self._f).clamp_min(1e-6)
+        self._floor_r = self.margin0.index_select(0, self._r).clamp_min(1e-6)
 
     def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
-        """The trial of one sign, judged (written from the originals: no undo needed)."""
+        """The trial of one sign, judged (written from the originals: no undo needed). Its
+        statistics are read in one host transfer."""
         self.session.set_shift(lambda1, lambda2, sign)
         margin, prob = _margins(self.session.logits(), self.labels)
-        correct = margin > 0
-        f, r = self.is_forget, ~self.is_forget
+        m_f, m_r = margin.index_select(0, self._f), margin.index_select(0, self._r)
         # ties count as wrong, as argmax would pick the first index; close enough here
-        a_r = correct[r].float().mean().item() if r.any() else 1.0
-        e_f = 1.0 - correct[f].float().mean().item()
-        depth = (-margin[f] / self.margin0[f].clamp_min(1e-6)).min().item()
-        if r.any():
-            ratio = (margin[r] / self.margin0[r].clamp_min(1e-6)).median().item()
-            retain_correct = bool((margin[r] > 0).all())
-        else:
-            ratio, retain_correct = 1.0, True
-        trial = Trial(lambda1, lambda2, sign, margin[f].max().item(), prob[f].max().item(),
-                      depth, retain_correct, ratio, score=a_r + e_f)
+        stats = [(m_f > 0).float().mean(), (-m_f / self._floor_f).min(), m_f.max(), prob.index_select(0, self._f).max()]
+        if m_r.numel():
+            right = m_r > 0
+            stats += [right.float().mean(), (m_r / self._floor_r).median(), right.all().to(stats[0].dtype)]
+        stats = torch.stack([t.to(stats[0].dtype) for t in stats]).tolist()
+        forget_correct, depth, forget_max_margin, forget_max_prob = stats[:4]
+        a_r, ratio, retain_correct = (stats[4], stats[5], bool(stats[6])) if m_r.numel() else (1.0, 1.0, True)
+        trial = Trial(lambda1, lambda2, sign, forget_max_margin, forget_max_prob,
+                      depth, retain_correct, ratio, score=a_r + (1.0 - forget_correct))
         self.both.append(trial)
         return self.judge(trial)
 

@@ -96,7 +96,11 @@ def code_logits(model: torch.nn.Module, inputs: Tensor, chunk_size: int | None =
                 output_fn: OutputFn = logits_of) -> Tensor:
     """[N, C] float32 logits of the model in eval mode, at most ``chunk_size`` inputs per forward."""
     step = chunk_size or max(inputs.shape[0], 1)
-    with eval_mode(model):
+    # a model already in eval mode (forget's scoring passes) skips the mode switch and restore
+    mode = eval_mode(model) if any(m.training for m in model.modules()) else contextlib.nullcontext()
+    with mode:
+        if 0 < inputs.shape[0] <= step:  # one chunk: no concatenation (a copy of the logits)
+            return output_fn(model(inputs)).float()
         return torch.cat([output_fn(model(inputs[start : start + step])).float()
                           for start in range(0, inputs.shape[0], step)])
 
@@ -117,7 +121,8 @@ def correct_predictions(
 def accuracy_of(correct: Tensor, is_forget: Tensor) -> CodeAccuracy:
     """CodeAccuracy from [N] hits and the [N] forget mask."""
     hits = correct.float()
-    return CodeAccuracy(forget=hits[is_forget].mean().item(), retain=hits[~is_forget].mean().item())
+    forget, retain = torch.stack([hits[is_forget].mean(), hits[~is_forget].mean()]).tolist()  # one transfer
+    return CodeAccuracy(forget=forget, retain=retain)
 
 
 def fisher_of(engine, model, inputs: Tensor, labels: Tensor, num_classes: int, per_class: int,
@@ -180,6 +185,8 @@ class _OutputRecorder:
                 return torch.cat(found[::-1]).float()
         return None
 
+    _hook.mnemo_fast_passive = True  # observes only: the fast engine's plan cache ignores it
+
     def close(self) -> None:
         self.handle.remove()
         self.records = []
@@ -193,7 +200,8 @@ class CandidateSession:
     and ``remain_fisher`` (lists aligned with ``names``), ``max_ratio`` [L], the codes of all
     classes (``inputs`` [N, *shape], ``labels`` [N], ``is_forget`` [N]) and ``logits_before``
     [N, C] (float32). ``source``: the model ``model`` was copied from, left untouched, whose
-    parameters then serve as the originals (no clone). The caller enters the engine's
+    parameters then serve as the originals (no clone) and on which the Fisher's forwards run
+    (same values; hooks and flags restored). The caller enters the engine's
     ``forwards`` context around the session.
     """
 
@@ -228,11 +236,15 @@ class CandidateSession:
         self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
         self.num_forget = len(classes)
 
-        recorder = _OutputRecorder(model, output_fn)
+        # The Fisher's forwards run on ``source`` when given: the same values as the copy, and the
+        # caller's own model, whose plan the fast engine keeps between calls (a fresh copy per
+        # call would be planned afresh each time). Its flags and hooks are restored on exit.
+        fisher_model = model if source is None else source
+        recorder = _OutputRecorder(fisher_model, output_fn)
         try:
-            with eval_mode(model), only_parameters(model, keep):
+            with eval_mode(fisher_model), only_parameters(fisher_model, keep):
                 forget_fisher, remain_fisher, forget_logits, remain_logits = self._fisher_pair(
-                    recorder, len(classes), codes.num_classes - len(classes), codes.per_class, eps)
+                    fisher_model, recorder, len(classes), codes.num_classes - len(classes), codes.per_class, eps)
         finally:
             recorder.close()
         self.forget_fisher = [forget_fisher[n].contiguous() for n in self.names]
@@ -246,12 +258,12 @@ class CandidateSession:
             logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
             self.logits_before = logits
 
-    def _fisher_pair(self, recorder: "_OutputRecorder", num_forget: int, num_remain: int, per_class: int,
-                     eps: float):
-        """(f_F, f_R, forget codes' logits or None, retained codes' logits or None). An engine
-        with ``sum_squared_grads_groups`` takes both code sets as one batch (forget codes
-        first): one plan and one forward+backward per chunk for the pair; else two calls."""
-        model, engine, chunk_size, output_fn = self.model, self.engine, self.chunk_size, self.output_fn
+    def _fisher_pair(self, model: torch.nn.Module, recorder: "_OutputRecorder", num_forget: int, num_remain: int,
+                     per_class: int, eps: float):
+        """(f_F, f_R, forget codes' logits or None, retained codes' logits or None) of ``model``.
+        An engine with ``sum_squared_grads_groups`` takes both code sets as one batch (forget
+        codes first): one plan and one forward+backward per chunk for the pair; else two calls."""
+        engine, chunk_size, output_fn = self.engine, self.chunk_size, self.output_fn
         groups = getattr(engine, "sum_squared_grads_groups", None)
         if groups is not None:
             order = torch.cat([self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)])

@@ -1,6 +1,7 @@
 """The Fisher pair on one plan: ``sum_squared_grads_groups`` of the fast engines equals, bit for
 bit, one ``sum_squared_grads`` per block of rows (and the reference's sums), plans once per call,
-and keeps no plan between calls (a changed model or input shape is planned afresh)."""
+and keeps the last plan only while nothing it reads changes (a changed model or input shape is
+planned afresh: fast/engine.py, PlanCache)."""
 
 import copy
 
@@ -108,8 +109,8 @@ def test_forget_plans_once(engine, monkeypatch):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_changed_model_is_planned_again(engine, monkeypatch):
-    """No plan outlives a call: after a layer is swapped for one no rule takes, or a weight is
-    tied, the next call plans the model as it is now and still equals the reference."""
+    """No plan outlives a change: after a layer is swapped for one no rule takes, the next call
+    plans the model as it is now and still equals the reference."""
     plans = count_plans(monkeypatch)
     model, x, y = problem("mlp", n=6)
     with eval_mode(model):
@@ -170,3 +171,141 @@ def test_session_hands_the_pair_at_once(monkeypatch):
     assert seen == [([2, 0, 1, 3], [1, 3])]
     assert session.logits_before is not None
     torch.testing.assert_close(session.logits_before, code_logits(model, session.inputs))
+
+
+# ---- the plan cache: kept while nothing the plan reads changes -------------------------------
+
+def fresh_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5)).double()
+
+
+def mlp_data(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_repeated_forget_plans_once(engine, monkeypatch):
+    """forget on the same model again (a new copy each call, inplace=False) reuses the plan;
+    the results are the same as with the plan made afresh."""
+    plans = count_plans(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+    codes = MnemonicCodes.generate(5, (1, 4, 4), per_class=2)
+    first = mf.forget(model, codes, [1, 3], lambda1=1e-3, lambda2=10.0, engine=engine)
+    second = mf.forget(model, codes, [1, 3], lambda1=1e-3, lambda2=10.0, engine=engine)
+    assert len(plans) == 1
+    fast_engine.PLANS.clear()
+    third = mf.forget(model, codes, [1, 3], lambda1=1e-3, lambda2=10.0, engine=engine)
+    assert len(plans) == 2
+    for name, p in first.model.named_parameters():
+        assert torch.equal(p, dict(second.model.named_parameters())[name]), name
+        assert torch.equal(p, dict(third.model.named_parameters())[name]), name
+    assert first.sign == second.sign == third.sign
+
+
+def _hook_scaling_output(module, args, output):
+    return output * 2.0
+
+
+CHANGES = {
+    "forward hook": lambda m: m[2].register_forward_hook(_hook_scaling_output),
+    "forward pre-hook": lambda m: m[3].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,)),
+    "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: out if mod is not m[3] else out + 1.0),
+    "module swapped": lambda m: m.__setitem__(2, nn.Sigmoid()),
+    "parameter replaced": lambda m: setattr(m[3], "bias", nn.Parameter(torch.ones(5, dtype=torch.float64))),
+    "weight tied": lambda m: setattr(m[3], "weight", nn.Parameter(m[1].weight[:5, :12].clone())),
+    "requires_grad off": lambda m: m[1].bias.requires_grad_(False),
+    "plain attribute": lambda m: setattr(m[0], "start_dim", 1) or setattr(m[0], "end_dim", 2),
+    "instance forward": lambda m: setattr(m[2], "forward", lambda x: torch.tanh(x) * 3.0),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_changed_model_is_planned_again_with_the_cache(engine, change, monkeypatch):
+    """The same call twice plans once; after a change the plan depends on (hooks, modules,
+    parameters, requires_grad, a module's attributes or forward), the next call plans afresh
+    and equals the reference on the model as it is now."""
+    plans = count_plans(monkeypatch)
+    model, (x, y) = fresh_mlp(), mlp_data()
+    handles = []
+    try:
+        with eval_mode(model):
+            engine.sum_squared_grads_groups(model, x, y, [2, 4])
+            engine.sum_squared_grads_groups(model, x, y, [3, 3])  # other block sizes: the same plan
+            assert len(plans) == 1
+            handle = CHANGES[change](model)
+            handles.append(handle)
+            if change == "plain attribute":  # Flatten(1, 2) leaves [N, 4, 4]: Linear(16) no longer fits it
+                model[0].end_dim = -1
+                model[0].start_dim = 1
+                model[0].extra = 3  # a new plain attribute alone changes the signature
+            got = engine.sum_squared_grads_groups(model, x, y, [2, 4])
+            assert len(plans) == 2
+            for g, e in zip(got, expected_blocks(model, x, y, [2, 4])):
+                assert_fisher_close(g, e, rtol=1e-10)
+            engine.sum_squared_grads_groups(model, x, y, [2, 4])
+            assert len(plans) == 2  # and that plan is kept in turn
+    finally:
+        for handle in handles:
+            if hasattr(handle, "remove"):
+                handle.remove()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_other_inputs_output_fn_or_batch_of_one_are_planned_again(engine, monkeypatch):
+    plans = count_plans(monkeypatch)
+    model, (x, y) = fresh_mlp(), mlp_data()
+    with eval_mode(model):
+        engine.sum_squared_grads(model, x, y)
+        engine.sum_squared_grads(model, x[:4], y[:4])  # another N >= 2: the same plan
+        assert len(plans) == 1
+        engine.sum_squared_grads(model, x[:1], y[:1])  # N = 1: its probe differs
+        assert len(plans) == 2
+        engine.sum_squared_grads(model, x.reshape(6, 16), y)  # another per-sample shape
+        assert len(plans) == 3
+        got = engine.sum_squared_grads(model, x, y, output_fn=lambda out: out * 1.0)
+        assert len(plans) == 4
+        assert_fisher_close(got, REFERENCE.sum_squared_grads(model, x, y), rtol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_cache_holds_its_model_weakly(engine):
+    """The entry goes with its model; a model that is itself a layer with a rule is not kept
+    (its plan would keep it alive)."""
+    import gc
+    import weakref
+
+    model, (x, y) = fresh_mlp(), mlp_data()
+    with eval_mode(model):
+        engine.sum_squared_grads(model, x, y)
+    assert fast_engine.PLANS._entry is not None
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None and fast_engine.PLANS._entry is None
+    layer = nn.Linear(3, 2).double()
+    with eval_mode(layer):
+        engine.sum_squared_grads(layer, torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    assert fast_engine.PLANS._entry is None
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_pass_that_contradicts_its_plan_drops_it(engine, monkeypatch):
+    """A cached plan whose pass fails its checks is not used again: the next call plans afresh."""
+    plans = count_plans(monkeypatch)
+    model, (x, y) = fresh_mlp(), mlp_data()
+    with eval_mode(model):
+        engine.sum_squared_grads(model, x, y)
+        monkeypatch.setattr(engine, "_rule_pass", lambda *a, **k: "forced contradiction")
+        with pytest.warns(mf.GenericPathWarning if hasattr(mf, "GenericPathWarning") else UserWarning):
+            got = engine.sum_squared_grads(model, x, y)
+        assert fast_engine.PLANS._entry is None
+        assert_fisher_close(got, REFERENCE.sum_squared_grads(model, x, y), rtol=1e-10)
+        monkeypatch.undo()
+        plans = count_plans(monkeypatch)
+        engine.sum_squared_grads(model, x, y)
+        assert len(plans) == 1

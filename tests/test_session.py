@@ -162,3 +162,72 @@ def test_select_is_the_one_place():
     assert engines.select(EXTENSION, sharded=True) is EXTENSION
     for engine in (REFERENCE, HOOKS_ATEN, EXTENSION):
         assert isinstance(engine, engines.Engine)
+
+
+@pytest.mark.parametrize("engine", [pytest.param(REFERENCE, id="reference"), pytest.param(HOOKS_ATEN, id="hooks-aten")])
+def test_a_copy_session_takes_the_fisher_on_its_source(engine):
+    """With ``source`` (forget, inplace=False) the Fisher's forwards run on the source model:
+    the same Fisher pair and before-logits as on the copy, the source left as it was (values,
+    requires_grad flags, modes, no hooks left), the candidates applied to the copy only."""
+    import copy
+
+    model, codes = _tiny()
+    model.train()
+    model[1].bias.requires_grad_(False)
+    target = copy.deepcopy(model)
+    before = [(p.detach().clone(), p.requires_grad) for p in model.parameters()]
+    on_copy = CandidateSession(copy.deepcopy(model), codes, [2], engine=engine)
+    session = CandidateSession(target, codes, [2], engine=engine, source=model)
+    for a, b in zip(session.forget_fisher + session.remain_fisher, on_copy.forget_fisher + on_copy.remain_fisher):
+        assert torch.equal(a, b)
+    assert (session.logits_before is None) == (on_copy.logits_before is None)
+    if session.logits_before is not None:
+        assert torch.equal(session.logits_before, on_copy.logits_before)
+    session.shift(1e-1, 10.0, -1)
+    assert all(torch.equal(p, b) and p.requires_grad == g for p, (b, g) in zip(model.parameters(), before))
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert any(not torch.equal(p, b) for p, (b, _) in zip(target.parameters(), before))
+
+
+def test_code_logits_in_eval_mode_whatever_the_mode_and_chunks():
+    """code_logits scores in eval mode (dropout off) and restores the modes; one chunk or
+    several give the same logits."""
+    from mnemo_fast.session import code_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Dropout(0.9), torch.nn.Linear(7, 3)).train()
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    got = code_logits(model, x)
+    assert torch.equal(got, expected) and all(m.training for m in model.modules())
+    model.eval()
+    for chunk in (None, 6, 10):
+        assert torch.equal(code_logits(model, x, chunk), expected), chunk
+    for chunk in (4, 1):  # other batch sizes: the GEMMs may round differently
+        torch.testing.assert_close(code_logits(model, x, chunk), expected)
+    assert not any(m.training for m in model.modules())
+
+
+def test_calibration_trial_statistics_are_the_masks():
+    """A trial's statistics, read in one transfer, equal the same quantities taken with the
+    forget/retain masks one at a time."""
+    from mnemo_fast.calibration import _margins, _Prober
+
+    model, codes = _tiny()
+    session = CandidateSession(model, codes, [1, 2], engine=REFERENCE)
+    prober = _Prober(session, lambda t: t, "margin")
+    for lambda1, sign in ((1e-3, 1), (1e-1, -1), (3.0, 1)):
+        trial = prober._one(lambda1, 10.0 * lambda1 / 1e-3, sign)
+        margin, prob = _margins(session.logits(), session.labels)
+        f, r = session.is_forget, ~session.is_forget
+        correct = margin > 0
+        assert trial.forget_max_margin == margin[f].max().item()
+        assert trial.forget_max_prob == prob[f].max().item()
+        assert trial.forget_depth == (-margin[f] / prober.margin0[f].clamp_min(1e-6)).min().item()
+        assert trial.retain_margin_ratio == (margin[r] / prober.margin0[r].clamp_min(1e-6)).median().item()
+        assert trial.retain_all_correct == bool((margin[r] > 0).all())
+        assert trial.score == correct[r].float().mean().item() + (1.0 - correct[f].float().mean().item())
+    session.restore()

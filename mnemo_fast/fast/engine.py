@@ -9,6 +9,7 @@ compiled kernels were not built for, the Fisher runs on the hooks engine with AT
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -39,8 +40,106 @@ def _refuse_sharded_generic(plan: Plan, params, why: str = "not taken by any lay
 
 
 def _plan(model, params, inputs: Tensor, targets: Tensor, output_fn) -> Plan:
-    """The plan of a call on ``inputs`` [N, ...]: probes of its first sample and first two."""
-    return make_plan(model, params, inputs[:1], targets[:1], output_fn, inputs[:2] if inputs.shape[0] >= 2 else None)
+    """The plan of a call on ``inputs`` [N, ...]: probes of its first sample and first two,
+    or the last plan made when nothing it depends on has changed (:class:`PlanCache`)."""
+    key = PLANS.signature(model, params, inputs, targets, output_fn)
+    plan = PLANS.get(model, key)
+    if plan is None:
+        plan = make_plan(model, params, inputs[:1], targets[:1], output_fn, inputs[:2] if inputs.shape[0] >= 2 else None)
+        PLANS.put(model, key, plan)
+    return plan
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _hook_ids(hooks) -> tuple:
+    """Handle ids of ``hooks`` (a module's hook dict), leaving out this package's passive
+    observers (a hook marked ``mnemo_fast_passive``: it records, it changes nothing)."""
+    return tuple(k for k, hook in hooks.items() if not getattr(hook, "mnemo_fast_passive", False))
+
+
+def _plain_attributes(module: torch.nn.Module) -> tuple:
+    """(name, value) of the module's plain attributes (numbers, strings, dtypes, devices and
+    tuples of them: its configuration, such as stride or padding_mode), and the identity of
+    an instance-level ``forward``."""
+    out = []
+    for name, value in vars(module).items():
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+            out.append((name, value))
+        elif name == "forward":
+            out.append((name, id(value)))
+    return tuple(out)
+
+
+class PlanCache:
+    """The last plan the fast engine made, kept while nothing it depends on changes, so that
+    calling ``forget`` (or the Fisher) again on the same model does not plan it again.
+
+    One entry: the model (held weakly: the entry goes with the model) and the signature of
+    what a plan reads (:meth:`signature`): every module (identity, class, training flag,
+    plain attributes, instance-level ``forward``, hook ids), torch's global module hooks,
+    every parameter and buffer (name, identity, shape, dtype, device, requires_grad), the
+    shapes of one input and one target, their dtypes and devices, whether the call has >= 2
+    samples (the probe of two), and
+    ``output_fn``. Any difference plans afresh. A model with sharded (FSDP2) parameters, whose
+    forwards swap tensors, and a plan that holds the model itself (the root is a layer with a
+    rule) are not kept; a pass that contradicts its plan drops it (:meth:`discard`). Not
+    seen: a change a forward reads from outside these (a global flag, a tensor's values
+    steering control flow); :meth:`clear` forgets the plan.
+    """
+
+    def __init__(self):
+        self._entry: tuple[weakref.ref, tuple, Plan] | None = None
+
+    @staticmethod
+    def signature(model, params, inputs: Tensor, targets: Tensor, output_fn) -> tuple | None:
+        """What the plan of ``model`` for these inputs depends on; None: not cacheable."""
+        if any(is_sharded(p) for p in params.values()):
+            return None
+        modules = tuple(
+            (name, id(m), type(m), m.training, _plain_attributes(m), tuple(_hook_ids(getattr(m, h, {})) for h in _HOOKS))
+            for name, m in model.named_modules(remove_duplicate=False)
+        )
+        tensors = tuple(
+            (name, id(t), t.shape, t.dtype, t.device, t.requires_grad)
+            for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+            for name, t in named
+        )
+        glob = torch.nn.modules.module
+        hooks = tuple(_hook_ids(getattr(glob, h, {})) for h in (
+            "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+        data = tuple((t.shape[1:], t.dtype, t.device) for t in (inputs, targets))  # any N >= 2 alike
+        return (modules, tensors, hooks, tuple(params), data, inputs.shape[0] >= 2, output_fn)
+
+    def get(self, model, key) -> Plan | None:
+        entry = self._entry
+        if key is None or entry is None or entry[0]() is not model or entry[1] != key:
+            return None
+        return entry[2]
+
+    def put(self, model, key, plan: Plan) -> None:
+        if key is None or model in plan.rule_modules or model in plan.batch_dims:
+            self._entry = None  # the plan would keep its own model alive
+            return
+        self._entry = (weakref.ref(model, self._dropped), key, plan)
+
+    def _dropped(self, ref) -> None:
+        if self._entry is not None and self._entry[0] is ref:
+            self._entry = None
+
+    def discard(self, model) -> None:
+        """Forget the plan of ``model`` (its pass contradicted it)."""
+        if self._entry is not None and self._entry[0]() is model:
+            self._entry = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+
+#: The fast engines' plan cache (shared: both engines plan the same way).
+PLANS = PlanCache()
 
 
 def one_pass_if_cheaper(plan: Plan, params, num_samples: int, chunk_size: int | None = None) -> Plan:
@@ -122,7 +221,8 @@ class FastEngine:
         (``sizes``: the blocks' row counts, summing to N), on one plan: the Fisher pair of the
         forget and retained codes plans the model once, not twice. Each block still runs its
         own forward+backward, so each sum is bit for bit what :meth:`sum_squared_grads` gives
-        for that block (one joined batch would round differently). No plan outlives the call."""
+        for that block (one joined batch would round differently). The plan is kept for the
+        next call while the model and the inputs' shapes stay the same (:class:`PlanCache`)."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
@@ -159,6 +259,7 @@ class FastEngine:
         if plan.rule_modules or plan.broadcast or plan.operations:
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
             if isinstance(taken, str):  # the pass contradicted the plan: no rule is safe
+                PLANS.discard(model)
                 plan = all_generic(params, f"the batched pass failed: {taken}")
                 _refuse_sharded_generic(plan, params, f"the batched pass failed ({taken})")
                 warn_generic(model, plan)

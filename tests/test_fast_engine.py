@@ -211,3 +211,14 @@ def test_fast_path_modules_import_alone():
         out, err = run.communicate(timeout=120)
         assert run.returncode == 0, (module, err[-2000:])
         assert out.strip() == "False", module
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_callers_hook_that_replaces_a_layers_output_keeps_the_fisher_exact(engine):
+    """The rules need the gradient of the layer's own output: the capture's hook runs before
+    any hook of the caller's, which may replace that output (here 2 * out + 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    model[0].register_forward_hook(lambda module, args, out: out * 2 + 1)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert_fisher_close(mf.fisher_diagonal(model, x, y, engine=engine), ref.fisher_diagonal(model, x, y), 1e-10)

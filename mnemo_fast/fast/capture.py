@@ -81,7 +81,9 @@ class Capture:
     def recording(self, batch_size: int) -> Iterator["Capture"]:
         self._batch = batch_size
         self._thawed: list[nn.Parameter] = []
-        handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layouts]
+        # prepend: before any hook of the caller's, which may replace the output (the rules
+        # need the gradient of the layer's own output, not of what a hook made of it)
+        handles = [m.register_forward_hook(self._hook, with_kwargs=True, prepend=True) for m in self.layouts]
         handles += [m.register_forward_pre_hook(self._freeze) for m in self.layouts]
         try:
             yield self

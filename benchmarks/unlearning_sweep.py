@@ -187,16 +187,13 @@ def parse_variant(name: str) -> dict:
     if name == PAPER_VARIANT:
         return settings
     for token in name.split("-"):
-        for prefix, key, kind in (("shift", "shift", int), ("s", "smooth", int), ("k", "per_class", int),
-                                  ("t", "t_mix", float)):
-            if token.startswith(prefix):
-                try:
-                    settings[key] = kind(token[len(prefix):])
-                except ValueError:
-                    break
-                break
-        else:
-            raise ValueError(f"unknown code variant setting {token!r} in {name!r} (s<N>, k<N>, t<X>, shift<N>)")
+        prefix = next((p for p in ("shift", "s", "k", "t") if token.startswith(p)), None)
+        key = {"shift": "shift", "s": "smooth", "k": "per_class", "t": "t_mix"}.get(prefix)
+        try:
+            settings[key] = (float if key == "t_mix" else int)(token[len(prefix):])
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown code variant setting {token!r} in {name!r} "
+                             f"(s<N>, k<N>, t<X>, shift<N>)") from None
     return settings
 
 

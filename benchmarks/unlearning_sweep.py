@@ -14,9 +14,25 @@ Methods:
                data (max A_R among points with forget accuracy <= 1%, else max A_R + E_F);
                an upper bound for what the codes could choose, never a method
   ssd          Selective Synaptic Dampening (per-sample estimator, training data)
+  auto-heldout (K >= 2 codes per class only; a measurement, not a package option) the Fisher
+               from the first K/2 codes of each class, ``auto``'s search scored on the other
+               K/2 (codes that were not in the Fisher), the chosen shift applied
 
     python benchmarks/unlearning_sweep.py --data fashion-mnist digits --models cnn
     python benchmarks/unlearning_sweep.py --report        # markdown tables from the rows
+
+Code variants (``--variants``, a dimension of the rows and of the model cache): how the model
+was trained with its codes. ``paper`` is the package's paper setting (i.i.d. uniform pixels,
+one code per class, t_mix 0.1); any other name is '-'-joined settings changed from it:
+``s<N>`` smooth codes (``MnemonicCodes.generate(smooth=N)``), ``k<N>`` N codes per class,
+``t<X>`` t_mix X, ``shift<N>`` codes rolled by up to N pixels in training
+(``train_with_codes(code_shift=N)``); e.g. ``s4-k4``. A variant's rows carry
+``"variant": name`` and are keyed (and reported) as model "<model> codes=<name>";
+rows without the field are ``paper``.
+
+    python benchmarks/unlearning_sweep.py --data fashion-mnist --methods original auto \
+        --variants paper s4 k4 --rows benchmarks/unlearning-codes-rows.jsonl
+    python benchmarks/unlearning_sweep.py --rows benchmarks/unlearning-codes-rows.jsonl --codes-report
 
 Measured only on the test set; the method sees the codes, SSD the training set.
 """
@@ -37,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from mnemo_fast import engines  # noqa: E402
+from mnemo_fast.codes import MnemonicCodes  # noqa: E402
+from mnemo_fast.train import train_with_codes  # noqa: E402
 from mnemo_fast.diagnose import diagnose  # noqa: E402
 from mnemo_fast.method import forget  # noqa: E402
 from mnemo_fast.session import CandidateSession  # noqa: E402
@@ -104,6 +122,32 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1):
     return l1, l2, sign, a_r, f, grid
 
 
+def heldout(net, codes, c, x, y) -> dict:
+    """``auto`` with the Fisher from the first K/2 codes of each class and the search scored
+    on the other K/2: the session's scoring codes are swapped for the held-out ones after its
+    Fisher pair is computed. Returns the test A_R, F and the chosen lambdas and sign."""
+    from mnemo_fast.calibration import calibrate_session
+    from mnemo_fast.session import code_inputs
+    half = codes.per_class // 2
+    if half < 1:
+        raise ValueError("auto-heldout needs at least 2 codes per class")
+    fisher_codes = MnemonicCodes(codes.tensor[:, :half].contiguous())
+    scoring_codes = MnemonicCodes(codes.tensor[:, half:].contiguous())
+    model = copy.deepcopy(net)
+    engine = engines.resolve(None)
+    with engines.forwards(engine, model):
+        s = CandidateSession(model, fisher_codes, [c], engine=engine)
+        s.inputs, s.labels = code_inputs(model, scoring_codes, range(codes.num_classes))
+        s.is_forget, s.logits_before = s.labels == c, None
+        cal = calibrate_session(s, [10.0])
+        sign = cal.sign if cal.sign is not None else -1
+        s.set_shift(cal.lambda1, cal.lambda2, sign)
+        a_r, f = scores(predict(model, x), y, c)
+        s.restore()
+    return {"A_R": a_r, "F": f, "lambda1": cal.lambda1, "lambda2": cal.lambda2, "sign": sign,
+            "feasible": cal.feasible, "forget_reached": cal.forget_reached}
+
+
 _SSD_SUMS: dict = {}
 
 
@@ -147,6 +191,8 @@ def run_case(case, c, method, x, y) -> dict:
                                             l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1)
         return {"lambda1": l1, "lambda2": l2, "sign": sign, "A_R": a_r, "F": f,
                 "seconds": time.perf_counter() - start, "grid": grid}
+    elif method == "auto-heldout":
+        return {**heldout(net, codes, c, x, y), "seconds": time.perf_counter() - start}
     elif method == "diagnose":
         d = diagnose(net, codes, [c], data=case.train, per_class=DIAGNOSE_PER_CLASS)
         k = d.classes[0]
@@ -162,14 +208,64 @@ def run_case(case, c, method, x, y) -> dict:
     return {"A_R": a_r, "F": f, "seconds": seconds, **info}
 
 
+PAPER_VARIANT = "paper"
+
+
+def parse_variant(name: str) -> dict:
+    """The training settings of a code variant name (module docstring): smooth, per_class,
+    t_mix, shift. ``paper`` -> smooth 1, K 1, t_mix 0.1, shift 0."""
+    settings = {"smooth": 1, "per_class": 1, "t_mix": 0.1, "shift": 0}
+    if name == PAPER_VARIANT:
+        return settings
+    for token in name.split("-"):
+        prefix = next((p for p in ("shift", "s", "k", "t") if token.startswith(p)), None)
+        key = {"shift": "shift", "s": "smooth", "k": "per_class", "t": "t_mix"}.get(prefix)
+        try:
+            settings[key] = (float if key == "t_mix" else int)(token[len(prefix):])
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown code variant setting {token!r} in {name!r} "
+                             f"(s<N>, k<N>, t<X>, shift<N>)") from None
+    return settings
+
+
+def model_key(model: str, variant: str) -> str:
+    """The model field of a row key: the model name, with the code variant unless ``paper``."""
+    return model if variant == PAPER_VARIANT else f"{model} codes={variant}"
+
+
 def load_rows(path: Path) -> dict:
     if not path.exists():
         return {}
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["data"], r["model"], r["seed"], r["forget"], r["method"])] = r
+        model = model_key(r["model"], r.get("variant", PAPER_VARIANT))
+        rows[(r["data"], model, r["seed"], r["forget"], r["method"])] = r
     return rows
+
+
+def trained(cache: Path, data: str, model_name: str, seed: int, train, test, variant: str) -> X.Case:
+    """The model trained with the codes of ``variant`` (cached; ``paper`` is X.trained's model,
+    same cache file as before variants existed)."""
+    v = parse_variant(variant)
+    if variant == PAPER_VARIANT:
+        return X.trained(cache, data, model_name, seed, train, test, EPOCHS[data], v["t_mix"])
+    from safetensors.torch import load_file, save_file
+    shape, classes = tuple(train.tensors[0].shape[1:]), int(train.tensors[1].max()) + 1
+    codes = MnemonicCodes.generate(classes, shape, per_class=v["per_class"], seed=seed, smooth=v["smooth"])
+    case = X.Case(data, model_name, seed, EPOCHS[data], v["t_mix"], cache, None, codes, train, test)
+    path = case.path(f"-codes-{variant}")
+    net = X.build_model(model_name, shape, classes)
+    if path.exists():
+        net.load_state_dict(load_file(str(path)))
+    else:
+        torch.manual_seed(seed)
+        net = X.build_model(model_name, shape, classes)
+        train_with_codes(net, train, codes, v["t_mix"], EPOCHS[data], seed=seed, progress=True,
+                         code_shift=v["shift"])
+        save_file({k: t.detach().contiguous().cpu() for k, t in net.state_dict().items()}, str(path))
+    case.net = net.eval()
+    return case
 
 
 def sweep(args) -> None:
@@ -179,26 +275,28 @@ def sweep(args) -> None:
     for data in args.data:
         train, test = X.load_data(data, args.limit if data == "fashion-mnist" else None)
         x, y = test.tensors
-        for model_name in args.models:
+        for model_name, variant in [(m, v) for v in args.variants for m in args.models]:
             for seed in args.seeds:
-                case = X.trained(args.cache, data, model_name, seed, train, test, EPOCHS[data], 0.1)
+                case = trained(args.cache, data, model_name, seed, train, test, variant)
                 classes = args.classes if args.classes else range(int(y.max()) + 1)
                 for c in classes:
                     for method in args.methods:
-                        key = (data, model_name, seed, c, method)
+                        key = (data, model_key(model_name, variant), seed, c, method)
                         if key in done and not (args.fresh and method in args.fresh):
                             continue
                         torch.manual_seed(seed)
                         row = {"data": data, "model": model_name, "seed": seed, "forget": c,
                                "method": method, **run_case(case, c, method, x, y)}
+                        if variant != PAPER_VARIANT:
+                            row["variant"] = variant
                         with args.rows.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
                         done[key] = row
                         if method == "diagnose":
-                            print(f"{data} {model_name} s{seed} c{c} diagnose rho {row['rho']:.2f} "
+                            print(f"{data} {key[1]} s{seed} c{c} diagnose rho {row['rho']:.2f} "
                                   f"overlap {row['overlap']:.2f} {row['verdict']}", flush=True)
                             continue
-                        print(f"{data} {model_name} s{seed} c{c} {method:12s} A_R {100 * row['A_R']:.1f} "
+                        print(f"{data} {key[1]} s{seed} c{c} {method:12s} A_R {100 * row['A_R']:.1f} "
                               f"F {100 * row['F']:.1f} {row['seconds']:.2f}s "
                               f"l=({row.get('lambda1', '-')}, {row.get('lambda2', '-')}) sign {row.get('sign', '-')}",
                               flush=True)
@@ -253,6 +351,34 @@ def report(rows: dict, methods=METHODS) -> str:
     return "\n".join(out)
 
 
+def codes_report(rows: dict, methods=("auto", "auto-heldout")) -> str:
+    """Markdown: one line per (data, model, code variant, method in ``methods``): cases meeting
+    the target, forget <= 1%, A_R drops > 10 points, mean A_R change, mean forget accuracy,
+    and the model's mean test accuracy before forgetting (all classes, balanced test set)."""
+    out = ["| data / model | codes | cases | forget <= 1% & A_R within 2 pts | forget <= 1% | A_R drop > 10 pts | "
+           "mean A_R change (pts) | mean forget acc % | accuracy before % |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for data, model in sorted({(k[0], k[1]) for k in rows}):
+        base, _, variant = model.partition(" codes=")
+        for method in methods:
+            pairs = [(r, rows[(data, model, s, c, "original")]) for (d, m, s, c, meth), r in sorted(rows.items())
+                     if (d, m, meth) == (data, model, method) and (data, model, s, c, "original") in rows]
+            if not pairs:
+                continue
+            n = len(pairs)
+            good = sum(ok(r, b) for r, b in pairs)
+            forgot = sum(r["F"] <= 0.01 for r, _ in pairs)
+            wreck = sum(r["A_R"] < b["A_R"] - 0.10 for r, b in pairs)
+            dA = sum(100 * (r["A_R"] - b["A_R"]) for r, b in pairs) / n
+            fa = sum(100 * r["F"] for r, _ in pairs) / n
+            classes = len({c for (d, m, s, c, meth) in rows if (d, m) == (data, model)})
+            acc = sum(100 * (b["A_R"] * (classes - 1) + b["F"]) / classes for _, b in pairs) / n
+            label = (variant or PAPER_VARIANT) + ("" if method == "auto" else f", `{method}`")
+            out.append(f"| {data} / {base} | {label} | {n} | **{good}/{n}** | {forgot}/{n} | "
+                       f"{wreck}/{n} | {dA:+.1f} | {fa:.1f} | {acc:.1f} |")
+    return "\n".join(out)
+
+
 def diagnose_report(rows: dict) -> str:
     """Does diagnose's verdict (training samples) predict whether ``auto`` meets the target on
     the test set? Confusion counts per (data, model), and the Fisher measures by outcome."""
@@ -288,13 +414,22 @@ def diagnose_report(rows: dict) -> str:
     return "\n".join(out)
 
 
+def _write_between(path: Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` of the file by ``text``."""
+    md = path.read_text()
+    head, rest = md.split(begin)
+    path.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end)[1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["fashion-mnist", "digits"], choices=("digits", "fashion-mnist"))
     p.add_argument("--models", nargs="+", default=["cnn"], choices=("mlp", "cnn", "resnet"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default: every class")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("diagnose",))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("diagnose", "auto-heldout"))
+    p.add_argument("--variants", nargs="+", default=[PAPER_VARIANT],
+                   help="code variants to train and sweep (module docstring), default: paper")
     p.add_argument("--fresh", nargs="*", default=None, help="recompute these methods' rows")
     p.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST training subset")
     p.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -303,16 +438,24 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the markdown tables, compute nothing")
     p.add_argument("--write-md", type=Path, default=None,
                    help="also put the tables between the sweep markers of this markdown file")
+    p.add_argument("--codes-report", action="store_true",
+                   help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
+    for variant in args.variants:
+        parse_variant(variant)
+    if args.codes_report:
+        rows = load_rows(args.rows)
+        text = codes_report(rows) + "\n\n" + report(rows, ("original", "auto", "auto-heldout"))
+        print(text)
+        if args.write_md:
+            _write_between(args.write_md, "<!-- codes:begin -->", "<!-- codes:end -->", text)
+        return 0
     if args.report:
         rows = load_rows(args.rows)
         text = report(rows) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         print(text)
         if args.write_md:
-            md = args.write_md.read_text()
-            begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
-            head, rest = md.split(begin)
-            args.write_md.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end)[1])
+            _write_between(args.write_md, "<!-- sweep:begin -->", "<!-- sweep:end -->", text)
         return 0
     sweep(args)
     return 0

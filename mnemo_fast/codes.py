@@ -38,6 +38,8 @@ class MnemonicCodes:
     seed: int | None = None
     distribution: str | None = None
     vocab: tuple[int, int] | None = None
+    #: spatial smoothing factor of :meth:`generate` (1: i.i.d. values, the paper's codes)
+    smooth: int = 1
 
     def __post_init__(self) -> None:
         if self.tensor.dim() < 3:
@@ -58,6 +60,10 @@ class MnemonicCodes:
             )
         if self.num_classes < 1 or self.per_class < 1:
             raise ValueError("codes need at least one class and one code per class")
+        if isinstance(self.smooth, bool) or not isinstance(self.smooth, int) or not 1 <= self.smooth <= MAX_SMOOTH:
+            raise ValueError(f"smooth must be an integer in [1, {MAX_SMOOTH}], got {self.smooth!r}")
+        if self.smooth > 1 and self.vocab is not None:
+            raise ValueError("token codes cannot be smooth (smooth=1)")
 
     @classmethod
     def generate(
@@ -67,15 +73,25 @@ class MnemonicCodes:
         per_class: int = 1,
         seed: int = 0,
         distribution: str = "uniform",
+        smooth: int = 1,
     ) -> "MnemonicCodes":
         """Draw K=``per_class`` codes of ``shape`` for each of ``num_classes`` classes.
 
         ``distribution``: "uniform" (U[0, 1), the authors' code, default) or "normal"
         (N(0, 1), the paper's text). Drawn on the CPU in float32 from ``torch.Generator``
         seeded with ``seed``, so the same arguments always give the same codes.
+
+        ``smooth`` = s > 1 gives low-frequency codes (not in the paper; docs/METHOD.md,
+        "Mnemonic codes"): the values are drawn on a grid s times coarser along the spatial
+        dims (the last two of a shape of 2 or more dims, e.g. H, W of [C, H, W]; the only dim
+        of a 1-d shape), ceil(H / s) x ceil(W / s), and upsampled to ``shape`` by bilinear
+        (linear) interpolation. Interpolated uniform values stay in [0, 1). s = 1 (default)
+        is the paper's i.i.d. value per element.
         """
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if isinstance(smooth, bool) or not isinstance(smooth, int) or not 1 <= smooth <= MAX_SMOOTH:
+            raise ValueError(f"smooth must be an integer in [1, {MAX_SMOOTH}], got {smooth!r}")
         if num_classes < 1 or per_class < 1:
             raise ValueError(
                 f"num_classes and per_class must be >= 1, got {num_classes} and {per_class}"
@@ -85,8 +101,11 @@ class MnemonicCodes:
             raise ValueError(f"code shape must be non-empty and positive, got {shape}")
         generator = torch.Generator().manual_seed(seed)
         draw = torch.rand if distribution == "uniform" else torch.randn
-        tensor = draw((num_classes, per_class, *shape), generator=generator)
-        return cls(tensor, seed=seed, distribution=distribution)
+        if smooth == 1:
+            tensor = draw((num_classes, per_class, *shape), generator=generator)
+        else:
+            tensor = _smooth_draw(draw, (num_classes, per_class, *shape), smooth, generator)
+        return cls(tensor, seed=seed, distribution=distribution, smooth=smooth)
 
     @classmethod
     def generate_tokens(
@@ -157,10 +176,11 @@ class MnemonicCodes:
         if self.is_tokens:  # token ids stay int64 whatever dtype is asked: only the device moves
             moved = self.tensor.to(*args, **kwargs).to(torch.int64)
             return MnemonicCodes(moved, self.seed, self.distribution, self.vocab)
-        return MnemonicCodes(self.tensor.to(*args, **kwargs), self.seed, self.distribution)
+        return MnemonicCodes(self.tensor.to(*args, **kwargs), self.seed, self.distribution, smooth=self.smooth)
 
     def fingerprint(self) -> str:
-        """sha256 (hex) of what identifies these codes: tensor bytes, dtype, shape, seed, distribution.
+        """sha256 (hex) of what identifies these codes: tensor bytes, dtype, shape, seed,
+        distribution (and ``smooth`` when > 1, so the paper's codes keep their fingerprint).
 
         Equal codes give equal fingerprints on any device; :meth:`save` records it and
         :meth:`load` checks it, ``adapt_with_codes`` records it in its checkpoints.
@@ -170,6 +190,8 @@ class MnemonicCodes:
         header = [_FORMAT, str(tensor.dtype), list(tensor.shape), self.seed, self.distribution]
         if self.vocab is not None:
             header.append(list(self.vocab))
+        if self.smooth != 1:
+            header.append({"smooth": self.smooth})
         digest.update(json.dumps(header).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -183,6 +205,7 @@ class MnemonicCodes:
             "seed": "" if self.seed is None else str(self.seed),
             "distribution": self.distribution or "",
             "vocab": "" if self.vocab is None else json.dumps(list(self.vocab)),
+            "smooth": str(self.smooth),
             "fingerprint": self.fingerprint(),
         }
 
@@ -200,12 +223,14 @@ class MnemonicCodes:
         metadata that is not valid (bad JSON, a non-integer or out-of-range seed, an unknown
         ``distribution``: only "uniform", "normal" or none are known, so no file skips the
         checks below); a tensor that is not floating point, holds NaN or inf, or whose shape
-        contradicts ``num_classes``, ``per_class`` and ``shape``.
+        contradicts ``num_classes``, ``per_class`` and ``shape``; a ``smooth`` that is not an
+        integer in [1, MAX_SMOOTH] (absent: 1, files written before it existed).
 
         With ``verify`` the file's integrity is checked too: its recorded ``fingerprint``
         (tensor bytes, dtype, shape, seed, distribution; files written before it existed have
         none) must match the stored tensor, and codes with a seed and a distribution are
-        regenerated and must equal the stored tensor exactly (an altered file raises).
+        regenerated (with their ``smooth``) and must equal the stored tensor exactly (an
+        altered file raises).
         """
         meta, tensor = _read_codes_file(path)
         shape = _metadata_shape(path, meta)
@@ -221,6 +246,9 @@ class MnemonicCodes:
                 f"(known: {', '.join(DISTRIBUTIONS + (TOKENS,))}, or none)"
             )
         vocab = _metadata_vocab(path, meta)
+        smooth = _metadata_int(path, meta, "smooth", low=1, high=MAX_SMOOTH) if meta.get("smooth") else 1
+        if smooth != 1 and vocab is not None:
+            raise CodesFileError(f"{path}: token codes cannot have smooth={smooth} (only 1)")
         expected_shape = (num_classes, per_class, *shape)
         if tuple(tensor.shape) != expected_shape:
             raise CodesFileError(
@@ -233,7 +261,7 @@ class MnemonicCodes:
         if vocab is None and not bool(torch.isfinite(tensor).all()):
             raise CodesFileError(f"{path}: the codes tensor contains NaN or inf")
         try:
-            codes = cls(tensor, seed=seed, distribution=distribution, vocab=vocab)
+            codes = cls(tensor, seed=seed, distribution=distribution, vocab=vocab, smooth=smooth)
         except ValueError as error:  # token ids: dtype or range
             raise CodesFileError(f"{path}: {error}") from None
         if not verify:
@@ -250,11 +278,11 @@ class MnemonicCodes:
                     raise CodesFileError(f"{path}: token codes need distribution 'tokens' and one length")
                 expected = cls.generate_tokens(num_classes, shape[0], vocab[1], per_class, seed, low=vocab[0])
             else:
-                expected = cls.generate(num_classes, shape, per_class, seed, distribution)
+                expected = cls.generate(num_classes, shape, per_class, seed, distribution, smooth=smooth)
             if not torch.equal(expected.tensor.to(tensor.dtype), tensor):  # codes saved after .to(dtype)
                 raise CodesFileError(
                     f"{path}: codes do not match their metadata (seed={seed}, "
-                    f"distribution={distribution}); the file was altered"
+                    f"distribution={distribution}, smooth={smooth}); the file was altered"
                 )
         return codes
 
@@ -264,6 +292,23 @@ class CodesFileError(ValueError):
 
     The message names the file and what is wrong with it.
     """
+
+
+#: Largest ``smooth`` of :meth:`MnemonicCodes.generate` (a bound for files: a coarser grid than
+#: one value per spatial dim changes nothing, so no real code needs more).
+MAX_SMOOTH = 1 << 16
+
+
+def _smooth_draw(draw, full: tuple[int, ...], smooth: int, generator: torch.Generator) -> torch.Tensor:
+    """[*full] values drawn on a grid ``smooth`` times coarser along the spatial dims (the last
+    two when full[2:] has 2 or more dims, else the last) and upsampled (bi)linearly."""
+    spatial = full[-2:] if len(full) >= 4 else full[-1:]
+    coarse = tuple(-(-n // smooth) for n in spatial)
+    low = draw((*full[:-len(spatial)], *coarse), generator=generator)
+    flat = low.reshape(-1, 1, *coarse)
+    mode = "bilinear" if len(spatial) == 2 else "linear"
+    up = torch.nn.functional.interpolate(flat, size=spatial, mode=mode, align_corners=False)
+    return up.reshape(full).contiguous()
 
 
 #: Seeds ``torch.Generator.manual_seed`` accepts (and so :meth:`MnemonicCodes.generate`).
@@ -346,11 +391,20 @@ class MnemonicMix(torch.utils.data.Dataset):
     DataLoader worker and every run. Call :meth:`set_epoch` to draw new replacements each
     epoch (as the paper's per-iteration replacement does); with K codes per class one of the
     class's codes is picked the same way.
+
+    ``shift`` = s > 0 (not in the paper; docs/METHOD.md, "Training with codes") augments the
+    codes: a replacing code is rolled (circularly) by an offset drawn uniformly from [-s, s]
+    along each spatial dim (the last two of a code of 2 or more dims, else the last), drawn
+    the same way. 0 (default): the code as it is.
     """
 
-    def __init__(self, dataset: Any, codes: MnemonicCodes, t_mix: float, seed: int = 0):
+    def __init__(self, dataset: Any, codes: MnemonicCodes, t_mix: float, seed: int = 0, shift: int = 0):
         if not 0.0 <= float(t_mix) <= 1.0:
             raise ValueError(f"t_mix must be in [0, 1], got {t_mix}")
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"shift must be an integer >= 0, got {shift!r}")
+        if shift and codes.is_tokens:
+            raise ValueError("token codes cannot be shifted (shift=0)")
         if len(dataset) == 0:
             raise ValueError("MnemonicMix needs a non-empty dataset")
         x, _ = dataset[0]
@@ -363,6 +417,8 @@ class MnemonicMix(torch.utils.data.Dataset):
         self.codes = codes
         self.t_mix = float(t_mix)
         self.seed = int(seed)
+        self.shift = shift
+        self.dims = tuple(range(-min(2, len(codes.shape)), 0))  # the spatial dims of one code
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -373,14 +429,24 @@ class MnemonicMix(torch.utils.data.Dataset):
 
     def is_replaced(self, index: int) -> tuple[bool, int]:
         """Whether sample ``index`` is replaced this epoch, and which of its class's codes."""
+        replaced, k, _ = self._draw(index)
+        return replaced, k
+
+    def _draw(self, index: int) -> tuple[bool, int, tuple[int, ...]]:
+        """(replaced, code index, roll offsets per spatial dim) of sample ``index`` this epoch;
+        the first two draws are those of the codes without ``shift``."""
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-        return bool(rng.random() < self.t_mix), int(rng.integers(self.codes.per_class))
+        replaced, k = bool(rng.random() < self.t_mix), int(rng.integers(self.codes.per_class))
+        offsets = tuple(int(o) for o in rng.integers(-self.shift, self.shift + 1, len(self.dims))) if self.shift else ()
+        return replaced, k, offsets
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         x, y = self.dataset[index]
-        replaced, k = self.is_replaced(index)
+        replaced, k, offsets = self._draw(index)
         if replaced:
             code = self.codes.tensor[int(y), k]
+            if offsets:
+                code = torch.roll(code, offsets, self.dims)
             x = code.to(torch.as_tensor(x).dtype) if torch.is_tensor(x) else code
         return x, y
 

@@ -96,17 +96,20 @@ def train_with_codes(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    code_shift: int = 0,
 ) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` with each sample replaced by its class's code
     with probability ``t_mix`` (:class:`MnemonicMix`), cross-entropy, a cosine learning-rate
     schedule over all steps, and a seeded shuffle (docs/METHOD.md, "Training with codes").
-    Returns the per-epoch history.
+    ``code_shift`` > 0 rolls each replacing code by up to that many elements per spatial dim
+    (``MnemonicMix(shift=...)``; 0, the paper's training, by default). Returns the per-epoch
+    history.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    mixed = MnemonicMix(dataset, codes, t_mix, seed=seed)
+    mixed = MnemonicMix(dataset, codes, t_mix, seed=seed, shift=code_shift)
     loader = torch.utils.data.DataLoader(
         mixed, batch_size=batch_size, shuffle=True, num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),

@@ -219,3 +219,124 @@ def test_fingerprint_identifies_the_codes():
     assert a.fingerprint() != mf.MnemonicCodes(a.tensor.clone(), seed=None).fingerprint()
     assert a.fingerprint() != a.to(torch.float64).fingerprint()
     assert len(a.fingerprint()) == 64
+
+
+# --- smooth codes (generate(smooth=s)) and shifted codes in training (MnemonicMix(shift=s)) ---
+
+
+def _roughness(t):
+    """Mean absolute difference of neighbours along the last dim."""
+    return (t[..., 1:] - t[..., :-1]).abs().mean().item()
+
+
+def test_smooth_codes_are_seeded_low_frequency_and_in_range():
+    paper = mf.MnemonicCodes.generate(4, (1, 12, 12), per_class=2, seed=3)
+    assert torch.equal(mf.MnemonicCodes.generate(4, (1, 12, 12), per_class=2, seed=3, smooth=1).tensor, paper.tensor)
+    smooth = mf.MnemonicCodes.generate(4, (1, 12, 12), per_class=2, seed=3, smooth=4)
+    assert smooth.tensor.shape == (4, 2, 1, 12, 12) and smooth.smooth == 4 and paper.smooth == 1
+    assert torch.equal(smooth.tensor, mf.MnemonicCodes.generate(4, (1, 12, 12), per_class=2, seed=3, smooth=4).tensor)
+    assert not torch.equal(smooth.tensor, mf.MnemonicCodes.generate(4, (1, 12, 12), per_class=2, seed=4, smooth=4).tensor)
+    assert 0 <= smooth.tensor.min() and smooth.tensor.max() < 1
+    assert _roughness(smooth.tensor) < 0.5 * _roughness(paper.tensor)
+    # smooth along both spatial dims, not across channels or codes
+    assert _roughness(smooth.tensor.transpose(-1, -2)) < 0.5 * _roughness(paper.tensor)
+    # 1-d and 2-d shapes, sizes that the factor does not divide, a factor larger than the size
+    assert mf.MnemonicCodes.generate(3, (10,), smooth=3).tensor.shape == (3, 1, 10)
+    assert mf.MnemonicCodes.generate(3, (5, 7), smooth=2, distribution="normal").tensor.shape == (3, 1, 5, 7)
+    flat = mf.MnemonicCodes.generate(2, (1, 3, 3), smooth=100).tensor
+    assert torch.allclose(flat, flat[..., :1, :1].expand_as(flat))  # one value per code
+
+
+@pytest.mark.parametrize("smooth", [0, -1, 1.5, True, "2", (1 << 16) + 1])
+def test_smooth_rejects_bad_values(smooth):
+    with pytest.raises(ValueError, match="smooth"):
+        mf.MnemonicCodes.generate(3, (1, 4, 4), smooth=smooth)
+    with pytest.raises(ValueError, match="smooth"):
+        mf.MnemonicCodes(torch.rand(3, 1, 4), smooth=smooth)
+    with pytest.raises(ValueError, match="token codes cannot be smooth"):
+        mf.MnemonicCodes(torch.zeros(2, 1, 3, dtype=torch.int64), vocab=(0, 5), smooth=2)
+
+
+def test_smooth_codes_round_trip_with_their_fingerprint(tmp_path):
+    codes = mf.MnemonicCodes.generate(3, (1, 6, 6), per_class=2, seed=5, smooth=3)
+    assert codes.fingerprint() != mf.MnemonicCodes(codes.tensor.clone(), seed=5, distribution="uniform").fingerprint()
+    assert codes.to(torch.float64).smooth == 3
+    path = tmp_path / "codes.safetensors"
+    codes.save(path)
+    loaded = mf.MnemonicCodes.load(path)
+    assert loaded.smooth == 3 and torch.equal(loaded.tensor, codes.tensor)
+    assert loaded.fingerprint() == codes.fingerprint()
+    # another smooth in the metadata: the fingerprint, or without it the regeneration, refuses it
+    _rewrite(path, smooth="2")
+    with pytest.raises(CodesFileError, match="recorded fingerprint"):
+        mf.MnemonicCodes.load(path)
+    _rewrite(path, fingerprint=None)
+    with pytest.raises(CodesFileError, match="smooth=2\\); the file was altered"):
+        mf.MnemonicCodes.load(path)
+    # no smooth key at all (a file from before smooth codes) means smooth=1: regenerated, refused
+    _rewrite(path, smooth=None)
+    with pytest.raises(CodesFileError, match="smooth=1\\); the file was altered"):
+        mf.MnemonicCodes.load(path)
+
+
+def test_paper_codes_files_without_smooth_still_load(saved):
+    codes, path = saved
+    _rewrite(path, smooth=None)  # written before smooth existed: same fingerprint, smooth 1
+    loaded = mf.MnemonicCodes.load(path)
+    assert loaded.smooth == 1 and loaded.fingerprint() == codes.fingerprint()
+
+
+@pytest.mark.parametrize("value, message", [("two", "smooth='two' is not an integer"),
+                                            ("0", "smooth=0 is out of range"),
+                                            (str(1 << 17), "smooth=131072 is out of range")])
+def test_load_refuses_bad_smooth_metadata(saved, value, message):
+    _, path = saved
+    _rewrite(path, smooth=value)
+    with pytest.raises(CodesFileError, match=message):
+        mf.MnemonicCodes.load(path, verify=False)
+
+
+def test_mix_shift_rolls_the_code_within_the_range_deterministically():
+    codes = mf.MnemonicCodes.generate(3, (1, 5, 5), per_class=2, seed=2)
+    data = TensorDataset(torch.zeros(300, 1, 5, 5) - 1, torch.arange(300) % 3)
+    plain = mf.MnemonicMix(data, codes, t_mix=0.5, seed=1)
+    shifted = mf.MnemonicMix(data, codes, t_mix=0.5, seed=1, shift=2)
+    rolls = set()
+    for i in range(300):
+        assert plain.is_replaced(i) == shifted.is_replaced(i)  # shift=0 draws exactly as before
+        replaced, k = shifted.is_replaced(i)
+        x, y = shifted[i]
+        assert torch.equal(x, shifted[i][0])
+        if not replaced:
+            assert torch.equal(x, data[i][0])
+            continue
+        assert torch.equal(plain[i][0], codes.tensor[y, k])
+        match = [(a, b) for a in range(-2, 3) for b in range(-2, 3)
+                 if torch.equal(x, torch.roll(codes.tensor[y, k], (a, b), (-2, -1)))]
+        assert match
+        rolls.add(match[0])
+    assert len(rolls) > 10  # the offsets vary over samples
+    one_d = mf.MnemonicMix(TensorDataset(torch.zeros(50, 6), torch.arange(50) % 3),
+                           mf.MnemonicCodes.generate(3, (6,)), t_mix=1.0, shift=1)
+    assert all(any(torch.equal(one_d[i][0], torch.roll(one_d.codes.tensor[one_d[i][1], 0], a, -1)) for a in (-1, 0, 1))
+               for i in range(50))
+
+
+def test_mix_rejects_bad_shift():
+    codes = mf.MnemonicCodes.generate(3, (1, 2, 2))
+    for shift in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="shift"):
+            mf.MnemonicMix(_dataset(), codes, 0.1, shift=shift)
+    tokens = mf.MnemonicCodes.generate_tokens(3, length=4, vocab_size=9)
+    words = TensorDataset(torch.zeros(6, 4, dtype=torch.int64), torch.arange(6) % 3)
+    with pytest.raises(ValueError, match="token codes cannot be shifted"):
+        mf.MnemonicMix(words, tokens, 0.1, shift=1)
+
+
+def test_train_with_code_shift_trains():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32, 3))
+    codes = mf.MnemonicCodes.generate(3, (1, 4, 4), smooth=2)
+    data = TensorDataset(torch.rand(24, 1, 4, 4), torch.arange(24) % 3)
+    history = mf.train_with_codes(model, data, codes, t_mix=0.5, epochs=2, batch_size=8, progress=False, code_shift=1)
+    assert len(history.loss) == 2

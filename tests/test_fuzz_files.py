@@ -113,7 +113,8 @@ def test_flipped_bytes(files, which, position, value, header):
 
 @FUZZ
 @given(changes=st.dictionaries(
-    st.sampled_from(["format", "num_classes", "per_class", "shape", "seed", "distribution", "fingerprint"]),
+    st.sampled_from(["format", "num_classes", "per_class", "shape", "seed", "distribution", "smooth",
+                     "fingerprint"]),
     st.one_of(st.none(), VALUES), min_size=1, max_size=3))
 def test_wrong_codes_metadata(files, changes):
     codes = files["codes_object"]

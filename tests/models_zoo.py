@@ -206,7 +206,8 @@ def vit(num_classes: int = 4):
 
 class Depthwise(nn.Module):
     """Depthwise convolutions (groups = input channels): with a channel multiplier, stride,
-    dilation and padding; a Conv1d one with circular padding; MobileNet/ConvNeXt style."""
+    dilation and padding; a Conv1d one with circular padding; one on a 2x2 map (the few
+    output positions path); MobileNet/ConvNeXt style."""
 
     def __init__(self, num_classes: int = 4):
         super().__init__()
@@ -214,12 +215,14 @@ class Depthwise(nn.Module):
         self.pw = nn.Conv2d(6, 4, 1)
         self.dw2 = nn.Conv2d(4, 4, (3, 2), padding=(2, 0), dilation=(2, 1), groups=4, bias=False)
         self.dw1d = nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", groups=4)
-        self.head = nn.Linear(4, num_classes)
+        self.small = nn.Conv2d(4, 8, 3, stride=(1, 2), padding=2, dilation=(2, 1), groups=4)  # 2x2 map
+        self.head = nn.Linear(4 + 8, num_classes)
 
     def forward(self, x):
         h = self.dw2(torch.tanh(self.pw(torch.tanh(self.dw(x)))))
+        tiny = self.small(F.adaptive_avg_pool2d(h, 2))  # few output positions: a sum over them
         h = self.dw1d(h.flatten(2))
-        return self.head(torch.tanh(h).mean(2))
+        return self.head(torch.cat([torch.tanh(h).mean(2), torch.tanh(tiny).flatten(2).mean(2)], 1))
 
 
 def depthwise(num_classes: int = 4):

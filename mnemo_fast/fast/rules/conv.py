@@ -59,9 +59,33 @@ def depthwise_sum_sq(g: Tensor, x: Tensor, kernel_size, stride, padding, dilatio
     N * C groups (one per sample and channel) computes all of them: [N * O, kh', kw'], where
     kh' >= kh (the forward drops rows the stride does not reach), cropped to the kernel. The
     im2col kernel would copy each input k*k times for matrix products of one row."""
+    if g.shape[2] * g.shape[3] <= _FEW_POSITIONS:
+        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+        return _depthwise_by_positions(g, padded, kernel_size, stride, dilation)
     n, c, h, w = x.shape
     o = g.shape[1]
     per_sample = F.conv2d(x.reshape(1, n * c, h, w), g.reshape(n * o, 1, *g.shape[2:]),
                           stride=tuple(dilation), padding=tuple(padding), dilation=tuple(stride), groups=n * c)
     per_sample = per_sample[0, :, : kernel_size[0], : kernel_size[1]].reshape(n, o, 1, *kernel_size)
     return torch.square(per_sample).sum(0)
+
+
+#: Output maps this small (late stages of a network: 1x1, 2x2) take a sum over positions: the
+#: grouped convolution would have a kernel (g) smaller than its padding, a case oneDNN leaves to
+#: a slow per-group loop (80-100x slower at 1x1 maps, 32 x 1024 groups).
+_FEW_POSITIONS = 16
+
+
+def _depthwise_by_positions(g: Tensor, x: Tensor, kernel_size, stride, dilation) -> Tensor:
+    """:func:`depthwise_sum_sq` on a padded ``x`` [N, C, H, W] as a sum over the few output
+    positions (i, j) of g[n, o, i, j] times the input window that position sees."""
+    n, c = x.shape[:2]
+    o = g.shape[1]
+    x = x.repeat_interleave(o // c, dim=1) if o != c else x  # channel o reads input channel o // m
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    per_sample = torch.zeros(n, o, kh, kw, dtype=x.dtype, device=x.device)
+    for i in range(g.shape[2]):
+        for j in range(g.shape[3]):
+            window = x[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            per_sample += g[:, :, i, j, None, None] * window
+    return torch.square(per_sample).sum(0).unsqueeze(1)

@@ -207,7 +207,7 @@ def vit(num_classes: int = 4):
 class Depthwise(nn.Module):
     """Depthwise convolutions (groups = input channels): with a channel multiplier, stride,
     dilation and padding; a Conv1d one with circular padding; one on a 2x2 map (the few
-    output positions path); MobileNet/ConvNeXt style."""
+    output positions path); MobileNet/ConvNeXt style. Then a conv with one output position."""
 
     def __init__(self, num_classes: int = 4):
         super().__init__()
@@ -216,13 +216,15 @@ class Depthwise(nn.Module):
         self.dw2 = nn.Conv2d(4, 4, (3, 2), padding=(2, 0), dilation=(2, 1), groups=4, bias=False)
         self.dw1d = nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", groups=4)
         self.small = nn.Conv2d(4, 8, 3, stride=(1, 2), padding=2, dilation=(2, 1), groups=4)  # 2x2 map
-        self.head = nn.Linear(4 + 8, num_classes)
+        self.down = nn.Conv2d(8, 5, 2, stride=2)  # one output position: the linear kernel's T = 1 path
+        self.head = nn.Linear(4 + 5, num_classes)
 
     def forward(self, x):
         h = self.dw2(torch.tanh(self.pw(torch.tanh(self.dw(x)))))
         tiny = self.small(F.adaptive_avg_pool2d(h, 2))  # few output positions: a sum over them
+        one = self.down(torch.tanh(tiny[:, :, :2, :2]))  # [N, 5, 1, 1]
         h = self.dw1d(h.flatten(2))
-        return self.head(torch.cat([torch.tanh(h).mean(2), torch.tanh(tiny).flatten(2).mean(2)], 1))
+        return self.head(torch.cat([torch.tanh(h).mean(2), torch.tanh(one).flatten(1)], 1))
 
 
 def depthwise(num_classes: int = 4):

@@ -41,6 +41,12 @@ class ConvRule(Rule):
             x, g, k, s, p, d = self._as_2d(module, inp, grad)
             if module.groups > 1 and module.in_channels == module.groups:
                 d2 = depthwise_sum_sq(acc(g), acc(x), k, s, p, d)
+            elif module.groups == 1 and g[0, 0].numel() == 1:
+                # One output position (a late stage's downsampling, a conv as the head): each
+                # sample's gradient is the outer product g_n x_n^T of its one input window, so
+                # the linear kernel's T = 1 path (one GEMM on squared operands) takes it.
+                cols = F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [N, 1, C*kk]
+                d2 = kernels.sum_sq_grad_linear(g.reshape(g.shape[0], 1, -1).contiguous(), cols.contiguous())
             else:
                 d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
             out["weight"] = d2.view(module.weight.shape)

@@ -16,7 +16,6 @@ holds the same peak at both) and of the reference and Opacus at N.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -31,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import bench_models as bm
 import mnemo_fast
 import mnemo_fast.reference
 from mnemo_fast.evaluation.hf_models import FAMILIES, build
@@ -60,58 +60,9 @@ def plain_step(model, x, y):
     return run
 
 
-def opacus_fisher(model, x, y):
-    """Opacus: per-sample gradients (its hooks, its functorch fallback for other modules),
-    squared and summed. Raises where Opacus cannot take the model."""
-    from opacus import GradSampleModule
-
-    gsm = GradSampleModule(_no_dropout(copy.deepcopy(model)).train(), batch_first=True, loss_reduction="sum", strict=False)
-    params = [(n.removeprefix("_module."), p) for n, p in gsm.named_parameters() if p.requires_grad]
-
-    def run():
-        for _, p in params:
-            p.grad, p.grad_sample = None, None
-        F.cross_entropy(ref_fisher.logits_of(gsm(x)), y, reduction="sum").backward()
-        missing = [n for n, p in params if p.grad_sample is None]
-        if missing:
-            raise NotImplementedError(f"no per-sample gradient for {missing[:2]}")
-        return {n: p.grad_sample.square().sum(0) / len(x) for n, p in params}  # the mean, as fisher_diagonal
-
-    return run
-
-
-def _no_dropout(model):
-    """Opacus records activations only in train mode: the same function as eval mode once every
-    dropout probability is 0 (modules, and the floats attention layers pass to SDPA)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for attr in ("attention_dropout", "dropout", "attn_dropout", "dropout_prob"):
-            if isinstance(getattr(m, attr, None), float):
-                setattr(m, attr, 0.0)
-    return model
-
-
-def backpack_fisher(model, x, y):
-    """BackPACK's SumGradSquared. Raises where BackPACK cannot take the model."""
-    from backpack import backpack, extend
-    from backpack.extensions import SumGradSquared
-
-    net = extend(copy.deepcopy(model).eval(), use_converter=False)
-    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
-    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-
-    def run():
-        for _, p in params:
-            p.grad = None
-        with backpack(SumGradSquared()):
-            loss_fn(ref_fisher.logits_of(net(x)), y).backward()
-        missing = [n for n, p in params if not hasattr(p, "sum_grad_squared")]
-        if missing:
-            raise NotImplementedError(f"no sum_grad_squared for {missing[:2]} (unsupported module)")
-        return {n: p.sum_grad_squared / len(x) for n, p in params}  # the mean, as fisher_diagonal
-
-    return run
+def as_mean(sums_fn, n: int):
+    """A callable returning ``sums_fn()`` divided by ``n``: the mean, as ``fisher_diagonal``."""
+    return lambda: {name: value / n for name, value in sums_fn().items()}
 
 
 def _first_line(error: BaseException) -> str:
@@ -142,9 +93,9 @@ def bench_family(family: str, args) -> dict:
     error = max_relative_error(fast(), expected)
     fns = {"plain": plain_step(model, x, y), "fast": fast, "reference": ref}
     others, worst = {}, {}
-    for label, build_fn in (("opacus", opacus_fisher), ("backpack", backpack_fisher)):
+    for label, build_fn in (("opacus", bm.opacus_sums), ("backpack", bm.backpack_sums)):
         try:
-            run = build_fn(model, x, y)
+            run = as_mean(build_fn(model, x, y, ref_fisher.logits_of), len(x))
             got = run()
             others[label] = max_relative_error(got, expected)
             worst[label] = max(expected, key=lambda k: max_relative_error({k: got[k]}, {k: expected[k]}))

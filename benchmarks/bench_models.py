@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnemo_fast.evaluation.models import MLP, SmallCNN
+from mnemo_fast.reference.fisher import logits_of
 
 Tensor = torch.Tensor
 
@@ -160,6 +161,63 @@ def without_inplace(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.ReLU):
             m.inplace = False
     return model
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Opacus records activations only in train mode: the same function as eval mode once every
+    dropout probability is 0 (modules, and the floats attention layers pass to SDPA)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout", "dropout_prob"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model
+
+
+def opacus_sums(model: nn.Module, x: Tensor, y: Tensor, output_fn=logits_of) -> Callable[[], dict]:
+    """A zero-argument callable: Opacus's per-sample gradients (its hooks; its functorch
+    fallback for layers without one, e.g. BatchNorm: strict=False), squared and summed over the
+    samples. Raises where Opacus cannot take the model or leaves a parameter without them."""
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(_no_dropout(without_inplace(model)).train(), batch_first=True,
+                           loss_reduction="sum", strict=False)
+    params = [(n.removeprefix("_module."), p) for n, p in gsm.named_parameters() if p.requires_grad]
+
+    def run():
+        for _, p in params:
+            p.grad, p.grad_sample = None, None
+        F.cross_entropy(output_fn(gsm(x)), y, reduction="sum").backward()
+        missing = [n for n, p in params if p.grad_sample is None]
+        if missing:
+            raise NotImplementedError(f"no per-sample gradient for {missing[:2]}")
+        return {n: p.grad_sample.square().sum(0) for n, p in params}
+
+    return run
+
+
+def backpack_sums(model: nn.Module, x: Tensor, y: Tensor, output_fn=logits_of) -> Callable[[], dict]:
+    """A zero-argument callable: BackPACK's SumGradSquared. Raises where BackPACK cannot take
+    the model or leaves a parameter without it (an unsupported layer)."""
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    net = extend(without_inplace(model).eval())
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))  # sum: no 1/N scaling of g_n
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+
+    def run():
+        for _, p in params:
+            p.grad = None
+        with backpack(SumGradSquared()):
+            loss_fn(output_fn(net(x)), y).backward()
+        missing = [n for n, p in params if not hasattr(p, "sum_grad_squared")]
+        if missing:
+            raise NotImplementedError(f"no sum_grad_squared for {missing[:3]} (unsupported layer)")
+        return {n: p.sum_grad_squared for n, p in params}
+
+    return run
 
 
 def plain_forward_backward(model: nn.Module, x: Tensor, y: Tensor) -> None:

@@ -13,7 +13,6 @@ never extrapolated).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -26,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,49 +54,10 @@ def fisher_fn(method: str, model, x, y):
     if method in engines:
         return lambda: mnemo_fast.fisher_diagonal(model, x, y, reduction="sum", engine=engines[method])
     if method == "Opacus":
-        return _opacus(model, x, y)
+        return bm.opacus_sums(model, x, y)
     if method == "BackPACK":
-        return _backpack(model, x, y)
+        return bm.backpack_sums(model, x, y)
     raise ValueError(method)
-
-
-def _opacus(model, x, y):
-    from opacus import GradSampleModule
-
-    # strict=False: layers without an Opacus hook (BatchNorm) take its functorch fallback.
-    # Opacus records activations only in train mode; the models it accepts here (no BatchNorm,
-    # no dropout) compute the same function in both modes.
-    gsm = GradSampleModule(bm.without_inplace(model).train(), batch_first=True, loss_reduction="sum", strict=False)
-    params = [(n.removeprefix("_module."), p) for n, p in gsm.named_parameters() if p.requires_grad]
-
-    def run():
-        for _, p in params:
-            p.grad, p.grad_sample = None, None
-        F.cross_entropy(gsm(x), y, reduction="sum").backward()
-        return {n: p.grad_sample.square().sum(0) for n, p in params}
-
-    return run
-
-
-def _backpack(model, x, y):
-    from backpack import backpack, extend
-    from backpack.extensions import SumGradSquared
-
-    net = extend(bm.without_inplace(model).eval())
-    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="sum"))  # sum: no 1/N scaling of g_n
-    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-
-    def run():
-        for _, p in params:
-            p.grad = None
-        with backpack(SumGradSquared()):
-            loss_fn(net(x), y).backward()
-        missing = [n for n, p in params if not hasattr(p, "sum_grad_squared")]
-        if missing:
-            raise NotImplementedError(f"no sum_grad_squared for {missing[:3]} (unsupported layer)")
-        return {n: p.sum_grad_squared for n, p in params}
-
-    return run
 
 
 def max_rel_err(result: dict, ref: dict) -> tuple[float, bool]:

@@ -307,6 +307,18 @@ def ok(row, before) -> bool:
     return row["F"] <= 0.01 and row["A_R"] >= before["A_R"] - 0.02
 
 
+def counts(pairs) -> tuple[int, int, int, int, float, float]:
+    """Over (row, row before) pairs: cases, target met, forget <= 1%, A_R drops > 10 points,
+    mean A_R change (points), mean forget accuracy (%)."""
+    n = len(pairs)
+    good = sum(ok(r, b) for r, b in pairs)
+    forgot = sum(r["F"] <= 0.01 for r, _ in pairs)
+    wreck = sum(r["A_R"] < b["A_R"] - 0.10 for r, b in pairs)
+    dA = sum(100 * (r["A_R"] - b["A_R"]) for r, b in pairs) / n
+    fa = sum(100 * r["F"] for r, _ in pairs) / n
+    return n, good, forgot, wreck, dA, fa
+
+
 def report(rows: dict, methods=METHODS) -> str:
     """Markdown: counts per (data, model, method), then one line per class x seed."""
     out = []
@@ -323,12 +335,7 @@ def report(rows: dict, methods=METHODS) -> str:
                      if (data, model, s, c, m) in rows and (data, model, s, c, "original") in rows]
             if not pairs:
                 continue
-            n = len(pairs)
-            good = sum(ok(r, b) for r, b in pairs)
-            forgot = sum(r["F"] <= 0.01 for r, _ in pairs)
-            wreck = sum(r["A_R"] < b["A_R"] - 0.10 for r, b in pairs)
-            dA = sum(100 * (r["A_R"] - b["A_R"]) for r, b in pairs) / n
-            fa = sum(100 * r["F"] for r, _ in pairs) / n
+            n, good, forgot, wreck, dA, fa = counts(pairs)
             label = "oracle (TEST SET)" if m == "oracle" else m
             out.append(f"| {label} | {n} | **{good}/{n}** | {forgot}/{n} | {wreck}/{n} | {dA:+.1f} | {fa:.1f} |")
         out.append("")
@@ -365,12 +372,7 @@ def codes_report(rows: dict, methods=("auto", "auto-heldout")) -> str:
                      if (d, m, meth) == (data, model, method) and (data, model, s, c, "original") in rows]
             if not pairs:
                 continue
-            n = len(pairs)
-            good = sum(ok(r, b) for r, b in pairs)
-            forgot = sum(r["F"] <= 0.01 for r, _ in pairs)
-            wreck = sum(r["A_R"] < b["A_R"] - 0.10 for r, b in pairs)
-            dA = sum(100 * (r["A_R"] - b["A_R"]) for r, b in pairs) / n
-            fa = sum(100 * r["F"] for r, _ in pairs) / n
+            n, good, forgot, wreck, dA, fa = counts(pairs)
             classes = len({c for (d, m, s, c, meth) in rows if (d, m) == (data, model)})
             acc = sum(100 * (b["A_R"] * (classes - 1) + b["F"]) / classes for _, b in pairs) / n
             label = (variant or PAPER_VARIANT) + ("" if method == "auto" else f", `{method}`")

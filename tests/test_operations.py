@@ -116,7 +116,7 @@ def test_forget_on_operation_level_model_matches_reference():
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
 
 
-def test_in_place_use_goes_generic_and_stays_exact():
+def _in_place_model():
     class InPlace(nn.Module):
         def __init__(self):
             super().__init__()
@@ -131,7 +131,11 @@ def test_in_place_use_goes_generic_and_stays_exact():
 
     torch.manual_seed(0)
     model = InPlace().double().eval()
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+    return model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+
+
+def test_in_place_use_goes_generic_and_stays_exact():
+    model, x, y = _in_place_model()
     generic = {r.name: r.detail for r in mf.explain(model, x, y, engine=FAST).generic}
     assert set(generic) == {"gain"} and "in-place operation mul_" in generic["gain"]
     with pytest.warns(GenericPathWarning):
@@ -228,24 +232,6 @@ def test_functional_embedding_with_and_without_frequency_scaling(scale_grad_by_f
     _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
 
 
-def _in_place_model():
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-            self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            h = self.lin(x)
-            h.mul_(self.gain)
-            return self.head(torch.tanh(h))
-
-    torch.manual_seed(0)
-    model = InPlace().double().eval()
-    return model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
-
-
 def test_rule_parameters_join_the_generic_pass_when_one_pass_is_cheaper(monkeypatch):
     """One generic parameter costs a whole per-sample pass: the others join it (path
     "joined", exact) instead of adding a batched pass on top (never slower than the reference)."""
@@ -281,6 +267,16 @@ def test_rule_parameters_keep_the_batched_pass_when_the_generic_ones_fit_larger_
     assert engine_routes["lin.weight"].path == "rule"
 
 
+def _watch_vjp(monkeypatch) -> list[str]:
+    """The names of the parameters whose per-sample gradients go through the vectorised vjp."""
+    from mnemo_fast.fast.rules import operations
+
+    calls = []
+    real = operations._per_sample_vjp
+    monkeypatch.setattr(operations, "_per_sample_vjp", lambda *a: calls.append(a[1].name) or real(*a))
+    return calls
+
+
 class Elementwise(nn.Module):
     """Parameters met by sums, differences and products in every operand position, with
     constants and sample-holding operands, read off the output gradient (no vjp)."""
@@ -308,8 +304,6 @@ class Elementwise(nn.Module):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_sums_and_products_are_read_off_the_output_gradient(dtype, rtol, monkeypatch):
-    from mnemo_fast.fast.rules import operations
-
     torch.manual_seed(0)
     model = Elementwise().to(dtype).eval()
     x = torch.randn(4, 3, 6, dtype=dtype)
@@ -317,9 +311,7 @@ def test_sums_and_products_are_read_off_the_output_gradient(dtype, rtol, monkeyp
     routes = {r.name: r.path for r in mf.explain(model, x, y, engine=FAST).routes}
     assert routes["c"] == routes["f"] == "operation", routes
     assert {routes["a"], routes["b"]} <= {"operation", "broadcast"}, routes  # the broadcast rule may take sums
-    calls = []
-    real = operations._per_sample_vjp
-    monkeypatch.setattr(operations, "_per_sample_vjp", lambda *a: calls.append(a[1].name) or real(*a))
+    calls = _watch_vjp(monkeypatch)
     _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), rtol)
     assert not set(calls) & set("abcf"), calls  # e goes through its chain's sum: any path is fine
 
@@ -327,12 +319,8 @@ def test_sums_and_products_are_read_off_the_output_gradient(dtype, rtol, monkeyp
 def test_conv1d_bias_is_read_off_the_output_gradient(monkeypatch):
     """GPT-2's addmm bias: the output gradient summed over rows, not a vjp that reruns the
     matrix product."""
-    from mnemo_fast.fast.rules import operations
-
     model, x, y = _problem("text", torch.float64)
-    calls = []
-    real = operations._per_sample_vjp
-    monkeypatch.setattr(operations, "_per_sample_vjp", lambda *a: calls.append(a[1].name) or real(*a))
+    calls = _watch_vjp(monkeypatch)
     _assert_close(mf.fisher_diagonal(model, x, y, engine=FAST), ref.fisher_diagonal(model, x, y), 1e-10)
     assert "temperature" in calls  # the division still takes the vjp: the watch sees it
     assert not [name for name in calls if name.endswith(".bias")], calls

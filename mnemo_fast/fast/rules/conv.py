@@ -55,6 +55,12 @@ class ConvRule(Rule):
         return out
 
 
+#: Output maps this small (late stages of a network: 1x1, 2x2) take a sum over positions: the
+#: grouped convolution would have a kernel (g) smaller than its padding, a case oneDNN leaves to
+#: a slow per-group loop (80-100x slower at 1x1 maps, 32 x 1024 groups).
+_FEW_POSITIONS = 16
+
+
 def depthwise_sum_sq(g: Tensor, x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
     """sum_n (per-sample weight gradient)^2 [O, 1, kh, kw] of a depthwise conv2d (groups = C,
     O = C * m) from its input x [N, C, H, W] and output gradient g [N, O, oh, ow].
@@ -74,12 +80,6 @@ def depthwise_sum_sq(g: Tensor, x: Tensor, kernel_size, stride, padding, dilatio
                           stride=tuple(dilation), padding=tuple(padding), dilation=tuple(stride), groups=n * c)
     per_sample = per_sample[0, :, : kernel_size[0], : kernel_size[1]].reshape(n, o, 1, *kernel_size)
     return torch.square(per_sample).sum(0)
-
-
-#: Output maps this small (late stages of a network: 1x1, 2x2) take a sum over positions: the
-#: grouped convolution would have a kernel (g) smaller than its padding, a case oneDNN leaves to
-#: a slow per-group loop (80-100x slower at 1x1 maps, 32 x 1024 groups).
-_FEW_POSITIONS = 16
 
 
 def _depthwise_by_positions(g: Tensor, x: Tensor, kernel_size, stride, dilation) -> Tensor:

@@ -415,12 +415,18 @@ def _per_sample_elementwise(use: Use, plan: UsePlan, grad: Tensor, n: int) -> Te
             other = other.detach()
             if other.dim() >= g.dim():
                 return None
-    product = g * other if other is not None else g
-    shape = (1,) * (g.dim() - 1 - operand.dim()) + tuple(operand.shape)
-    if len(shape) != g.dim() - 1:
+    summed = _sum_to_operand(g * other if other is not None else g, operand.shape, n)
+    return summed * scale if summed is not None and scale != 1.0 else summed
+
+
+def _sum_to_operand(t: Tensor, shape: torch.Size, n: int) -> Tensor | None:
+    """``t`` [N, *out] summed, sample by sample, over the dimensions an operand of ``shape``
+    was broadcast along (broadcasting aligns shapes on the right): [N, *shape]; None when the
+    operand has more dimensions than a sample's slice of the output."""
+    padded = (1,) * (t.dim() - 1 - len(shape)) + tuple(shape)
+    if len(padded) != t.dim() - 1:
         return None
-    summed = product.sum_to_size((n,) + shape) if product.shape[1:] != shape else product
-    return summed.reshape(n, *operand.shape) * scale if scale != 1.0 else summed.reshape(n, *operand.shape)
+    return t.sum_to_size((n,) + padded).reshape(n, *shape)
 
 
 def _leaf(use: Use, value) -> int | None:
@@ -552,8 +558,7 @@ class OperationsCapture:
             g = _samples_first(grad, plan.output, n)
             if position == 2 or keyword == "weight":
                 g = g * F.layer_norm(x.detach(), operand.shape, None, None, _arg(use, 4, "eps") or 1e-5)
-            extra = g.dim() - 1 - operand.dim()
-            on_operand = g.sum(tuple(range(1, 1 + extra))) if extra > 0 else g
+            on_operand = _sum_to_operand(g, operand.shape, n)
         else:
             on_operand = _per_sample_elementwise(use, plan, grad, n)
             if on_operand is None:

@@ -262,15 +262,18 @@ class CandidateSession:
                      per_class: int, eps: float):
         """(f_F, f_R, forget codes' logits or None, retained codes' logits or None) of ``model``.
         An engine with ``sum_squared_grads_groups`` takes both code sets as one batch (forget
-        codes first): one plan and one forward+backward per chunk for the pair; else two calls."""
+        codes first): one plan, and with ``joins_groups`` one forward+backward per chunk for
+        the pair (else one per set); an engine without it: two calls."""
         engine, chunk_size, output_fn = self.engine, self.chunk_size, self.output_fn
         groups = getattr(engine, "sum_squared_grads_groups", None)
         if groups is not None:
             order = torch.cat([self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)])
             inputs, labels = self.inputs.index_select(0, order), self.labels.index_select(0, order)
             split = int(self.is_forget.sum())
+            # one forward+backward for both sets where the engine can cut its captures by rows
+            joined = [True] if getattr(engine, "joins_groups", False) else []
             forget_sums, remain_sums = groups(model, inputs, labels, [split, inputs.shape[0] - split],
-                                              chunk_size, output_fn)
+                                              chunk_size, output_fn, *joined)
             logits = recorder.logits_for(inputs)
             forget_logits, remain_logits = (None, None) if logits is None else (logits[:split], logits[split:])
             return (_scaled(forget_sums, num_forget, per_class, eps), _scaled(remain_sums, num_remain, per_class, eps),

@@ -10,6 +10,7 @@ applied and leave the rollback to the caller's session.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -481,7 +482,9 @@ def code_batch_fits(
     runs no backward; a sharded model's probe runs without grad (FSDP hooks expect a backward)."""
     connection = not any_sharded(model.parameters())
     try:
-        with torch.set_grad_enabled(connection), eval_mode(model):  # train-mode BatchNorm would update its statistics
+        # train-mode BatchNorm would update its statistics (a model in eval mode already: no switch)
+        mode = eval_mode(model) if any(m.training for m in model.modules()) else contextlib.nullcontext()
+        with torch.set_grad_enabled(connection), mode:
             logits = output_fn(model(inputs[:1]))
     except (RuntimeError, ValueError) as error:
         raise UnlearningError(

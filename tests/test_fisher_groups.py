@@ -311,18 +311,18 @@ def test_a_pass_that_contradicts_its_plan_drops_it(engine, monkeypatch):
         assert len(plans) == 1
 
 
-# ---- joined=True: one forward+backward per chunk for all blocks (forget's Fisher pair) -------
+# ---- one_pass=True: one forward+backward per chunk for all blocks (forget's Fisher pair) -------
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("sizes, chunk", [([1, 6], None), ([2, 5], 3), ([2, 2, 3], 4), ([0, 4, 3], None)])
-def test_joined_groups_equal_the_reference_per_block(engine, name, sizes, chunk):
+def test_one_pass_groups_equal_the_reference_per_block(engine, name, sizes, chunk):
     """One pass for all blocks (cut by rows, inside and across chunks; an empty block gives
     zeros); models whose captures cannot be cut by rows run one pass per block."""
     model, x, y = problem(name, n=sum(sizes))
     with eval_mode(model):
         expected = expected_blocks(model, x, y, sizes)
-        got = engine.sum_squared_grads_groups(model, x, y, sizes, chunk, joined=True)
+        got = engine.sum_squared_grads_groups(model, x, y, sizes, chunk, one_pass=True)
     assert len(got) == len(sizes)
     for g, e in zip(got, expected):
         assert list(g) == list(e)
@@ -331,7 +331,7 @@ def test_joined_groups_equal_the_reference_per_block(engine, name, sizes, chunk)
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("chunk, passes", [(None, 1), (4, 2)])
-def test_joined_groups_run_one_pass_per_chunk(engine, chunk, passes):
+def test_one_pass_groups_run_one_forward_per_chunk(engine, chunk, passes):
     """float32 MLP: one forward per chunk for the pair (not one per block), and the sums agree
     with the blocks' own passes up to float32 rounding."""
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_joined_groups_run_one_pass_per_chunk(engine, chunk, passes):
     with eval_mode(model):
         alone = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk)
         forwards.clear()
-        got = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk, joined=True)
+        got = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk, one_pass=True)
     handle.remove()
     assert len(forwards) == passes and sum(forwards) == 7
     for g, a in zip(got, alone):

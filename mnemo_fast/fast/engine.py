@@ -21,6 +21,7 @@ from ..reference.engine import REFERENCE
 from . import _ext, devices
 from .capture import Capture, frozen
 from .plan import Plan, Route, all_generic, make_plan, warn_generic
+from .rules.base import Rule
 from .rules.broadcast import BroadcastCapture, per_sample
 from .rules.operations import OperationsCapture
 from ..distributed.sharding import is_sharded
@@ -162,13 +163,11 @@ def one_pass_if_cheaper(plan: Plan, params, num_samples: int, chunk_size: int | 
     return Plan(generic=list(params), joined=joined, reasons={**plan.reasons, **{name: why for name in joined}})
 
 
-def _joinable(plan: Plan, params) -> bool:
+def _one_passable(plan: Plan, params) -> bool:
     """Whether one pass can serve several blocks of rows: every parameter goes to a layer rule
     that reads its module's first input and output gradient alone, [N, ...] both (cut by rows);
     none to the broadcast, operation-level or generic paths (their sums are not kept per row);
     no parameter sharded."""
-    from .rules.base import Rule
-
     return (not plan.generic and not plan.broadcast and not plan.operations and bool(plan.rule_modules)
             and all(type(rule).inputs is Rule.inputs for rule, _ in plan.rule_modules.values())
             and not any(is_sharded(p) for p in params.values()))
@@ -187,8 +186,8 @@ class FastEngine:
 
     #: the layer rules take sharded (FSDP2) layers' gathered inputs and output gradients
     takes_shards = True
-    #: ``sum_squared_grads_groups`` takes ``joined`` (one pass for all blocks)
-    joins_groups = True
+    #: ``sum_squared_grads_groups`` takes ``one_pass`` (one forward+backward for all blocks)
+    one_pass_groups = True
 
     def __init__(self, kernels, name: str, fused_perturbation: bool, compiled: bool = False, fallback=None):
         self.kernels = kernels
@@ -230,7 +229,7 @@ class FastEngine:
         sizes: Sequence[int],
         chunk_size: int | None = None,
         output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
-        joined: bool = False,
+        one_pass: bool = False,
     ) -> list[dict[str, Tensor]]:
         """:meth:`sum_squared_grads` of each block of consecutive rows of ``inputs`` [N, ...]
         (``sizes``: the blocks' row counts, summing to N), on one plan: the Fisher pair of the
@@ -239,13 +238,13 @@ class FastEngine:
         that block. The plan is kept for the next call while the model and the inputs' shapes
         stay the same (:class:`PlanCache`).
 
-        ``joined=True`` (what ``forget``'s session asks for): one forward+backward per chunk
+        ``one_pass=True`` (what ``forget``'s session asks for): one forward+backward per chunk
         for all the blocks together, each block's sums taken from its own rows of the captured
         layer inputs and output gradients. A batched forward of all rows may round differently
         from one per block (float32: ~1e-7 relative), so the sums then equal the blocks' own
         up to rounding, not bit for bit. Where the rows of a capture cannot simply be cut (a
         broadcast or an operation-level parameter, a rule with inputs of its own such as
-        attention, the generic path, sharded parameters; :func:`_joinable`) the blocks run
+        attention, the generic path, sharded parameters; :func:`_one_passable`) the blocks run
         their own passes as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
@@ -256,11 +255,11 @@ class FastEngine:
         if not self.runs_on(inputs.device):
             fallback = self.fallback
             if hasattr(fallback, "sum_squared_grads_groups"):
-                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn, joined)
+                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn, one_pass)
             return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
         plan = _plan(model, params, inputs, targets, output_fn)
-        if joined and len(sizes) > 1 and _joinable(plan, params):
+        if one_pass and len(sizes) > 1 and _one_passable(plan, params):
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn, sizes)
             if not isinstance(taken, str):  # else the pass contradicted the plan: the blocks' own passes decide
                 return [{name: sums[name] for name in params} for sums in taken]
@@ -302,7 +301,7 @@ class FastEngine:
     def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn, sizes: Sequence[int]):
         """[{name: sum}] of each block of ``sizes`` consecutive rows, over the rule-taken
         parameters, or a str saying how the pass contradicted the plan. Several blocks: the
-        rule modules' captures are cut by rows (only plans of :func:`_joinable`)."""
+        rule modules' captures are cut by rows (only plans of :func:`_one_passable`)."""
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
         names |= set(plan.broadcast)
         broadcast = {name: params[name] for name in plan.broadcast}

@@ -330,10 +330,11 @@ def test_one_pass_groups_equal_the_reference_per_block(engine, name, sizes, chun
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("chunk, passes", [(None, 1), (4, 2)])
+@pytest.mark.parametrize("chunk, passes", [(None, 1), (7, 1), (2, 4)])
 def test_one_pass_groups_run_one_forward_per_chunk(engine, chunk, passes):
-    """float32 MLP: one forward per chunk for the pair (not one per block), and the sums agree
-    with the blocks' own passes up to float32 rounding."""
+    """float32 MLP: one forward for the pair when all codes fit one chunk (not one per block),
+    the blocks' own chunks (2 + 2 here) when they do not; the sums agree with the blocks' own
+    passes up to float32 rounding."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Sigmoid(), nn.Linear(12, 5))
     x, y = torch.rand(7, 1, 4, 4), torch.arange(7) % 5

@@ -164,12 +164,15 @@ def one_pass_if_cheaper(plan: Plan, params, num_samples: int, chunk_size: int | 
 
 
 def _one_passable(plan: Plan, params) -> bool:
-    """Whether one pass can serve several blocks of rows: every parameter goes to a layer rule
-    that reads its module's first input and output gradient alone, [N, ...] both (cut by rows);
-    none to the broadcast, operation-level or generic paths (their sums are not kept per row);
-    no parameter sharded."""
+    """Whether one pass can serve several blocks of rows: every parameter goes to a
+    position-wise layer rule (Linear, Embedding, LayerNorm/RMSNorm) that reads its module's
+    first input and output gradient alone, [N, ...] both (cut by rows); none to the broadcast,
+    operation-level or generic paths (their sums are not kept per row); no parameter sharded.
+    Convolutions and batch norms are left to one pass per block: a batched convolution picks
+    its algorithm by batch size, and the rounding it moved (CNN, float32) exceeded what the
+    distributed tests allow between FSDP ranks and one process."""
     return (not plan.generic and not plan.broadcast and not plan.operations and bool(plan.rule_modules)
-            and all(type(rule).inputs is Rule.inputs for rule, _ in plan.rule_modules.values())
+            and all(type(rule).inputs is Rule.inputs and rule.position_wise for rule, _ in plan.rule_modules.values())
             and not any(is_sharded(p) for p in params.values()))
 
 
@@ -238,14 +241,15 @@ class FastEngine:
         that block. The plan is kept for the next call while the model and the inputs' shapes
         stay the same (:class:`PlanCache`).
 
-        ``one_pass=True`` (what ``forget``'s session asks for): one forward+backward per chunk
-        for all the blocks together, each block's sums taken from its own rows of the captured
-        layer inputs and output gradients. A batched forward of all rows may round differently
-        from one per block (float32: ~1e-7 relative), so the sums then equal the blocks' own
-        up to rounding, not bit for bit. Where the rows of a capture cannot simply be cut (a
-        broadcast or an operation-level parameter, a rule with inputs of its own such as
-        attention, the generic path, sharded parameters; :func:`_one_passable`) the blocks run
-        their own passes as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
+        ``one_pass=True`` (what ``forget``'s session asks for): when all rows fit one chunk
+        (``chunk_size`` None or >= N), one forward+backward for all the blocks together, each
+        block's sums taken from its own rows of the captured layer inputs and output gradients.
+        A batched forward of all rows may round differently from one per block (float32: ~1e-7
+        relative), so the sums then equal the blocks' own up to rounding, not bit for bit.
+        Where the rows of a capture cannot simply be cut (a broadcast or an operation-level
+        parameter, a rule with inputs of its own such as attention, the generic path, sharded
+        parameters), with a convolution or batch norm (:func:`_one_passable`), or in smaller chunks (one pass would save at most
+        one chunk's pass), the blocks run their own passes as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
@@ -259,7 +263,10 @@ class FastEngine:
             return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
         plan = _plan(model, params, inputs, targets, output_fn)
-        if one_pass and len(sizes) > 1 and _one_passable(plan, params):
+        # with chunks smaller than all the rows, one pass would save at most one chunk's pass:
+        # the blocks keep their own chunks (and their sums bit for bit)
+        if one_pass and len(sizes) > 1 and (chunk_size is None or chunk_size >= inputs.shape[0]) \
+                and _one_passable(plan, params):
             taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn, sizes)
             if not isinstance(taken, str):  # else the pass contradicted the plan: the blocks' own passes decide
                 return [{name: sums[name] for name in params} for sums in taken]

@@ -248,8 +248,9 @@ class FastEngine:
         relative), so the sums then equal the blocks' own up to rounding, not bit for bit.
         Where the rows of a capture cannot simply be cut (a broadcast or an operation-level
         parameter, a rule with inputs of its own such as attention, the generic path, sharded
-        parameters), with a convolution or batch norm (:func:`_one_passable`), or in smaller chunks (one pass would save at most
-        one chunk's pass), the blocks run their own passes as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
+        parameters), with a convolution or batch norm (:func:`_one_passable`), or in smaller
+        chunks (one pass would save at most one chunk's pass), the blocks run their own passes
+        as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")

@@ -154,8 +154,10 @@ class _Prober:
     def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         """The trial of one sign, judged (written from the originals: no undo needed). Its
         statistics are read in one host transfer."""
-        self.session.set_shift(lambda1, lambda2, sign)
-        margin, prob = _margins(self.session.logits(), self.labels)
+        trial = getattr(self.session, "trial_logits", None)  # a CandidateSession's: set_shift + logits, cheaper
+        if trial is None:
+            self.session.set_shift(lambda1, lambda2, sign)
+        margin, prob = _margins(self.session.logits() if trial is None else trial(lambda1, lambda2, sign), self.labels)
         m_f, m_r = margin.index_select(0, self._f), margin.index_select(0, self._r)
         # ties count as wrong, as argmax would pick the first index; close enough here
         stats = [(m_f > 0).float().mean(), (-m_f / self._floor_f).min(), m_f.max(), prob.index_select(0, self._f).max()]

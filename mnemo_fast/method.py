@@ -290,12 +290,14 @@ def forget(
     if not any(map(parameter_filter(params), largest)):
         raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
     with engines.forwards(engine, model):
-        inputs, _ = code_inputs(model, codes, classes)
+        batch = code_inputs(model, codes, range(codes.num_classes))  # built once: the probe's and the session's
+        first = classes[0] * codes.per_class  # the first code of the first forget class
         with only_parameters(model, params):  # the probe's logits must depend on the perturbed parameters
-            validation.code_batch_fits(model, codes, inputs, output_fn)
+            validation.code_batch_fits(model, codes, batch[0][first : first + 1], output_fn)
         target = model if inplace else validation.copy_of(model)
         session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
-                                   output_fn=output_fn, params=params, source=None if inplace else model)
+                                   output_fn=output_fn, params=params, source=None if inplace else model,
+                                   batch=batch)
         generator_state = None
         try:
             before = session.accuracy_before()

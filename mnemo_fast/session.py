@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -62,6 +63,9 @@ def parameter_filter(selector: ParamSelector) -> Callable[[str], bool]:
 def only_parameters(model: torch.nn.Module, selector: ParamSelector) -> Iterator[None]:
     """Within the block, trainable parameters that ``selector`` rejects do not require grad
     (so every engine skips them); the flags are restored afterwards."""
+    if selector is None:  # every parameter kept: nothing to drop or restore
+        yield
+        return
     keep = parameter_filter(selector)
     dropped = [p for name, p in model.named_parameters() if p.requires_grad and not keep(name)]
     try:
@@ -192,6 +196,108 @@ class _OutputRecorder:
         self.records = []
 
 
+_MODULE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks")
+
+
+class _InputLayers:
+    """The ``nn.Linear`` layers of a session's model that are fed the codes themselves, for
+    :meth:`CandidateSession.trial_logits`.
+
+    A layer qualifies when, in one forward of the codes (a single chunk), it is called exactly
+    once, on the codes tensor's own memory viewed as [N, in] (a flatten of the codes, nothing
+    computed before it), it is a plain ``nn.Linear`` (no hook, no forward of its own; no global
+    module hook), its weight is a live parameter and its bias live or frozen, in the dtype
+    the shift is computed in. Per layer, A = linear(x, W, b) and B = linear(x, eta_W) [N, out]
+    are computed once. In a trial the layer's ``forward`` is replaced by A + g_w B + g_b eta_b
+    (its input checked to be that same view; any other input gets linear(x, W + g_w eta_W,
+    b + g_b eta_b) computed on the spot), so its weight is neither written nor read.
+    """
+
+    def __init__(self, entries: list[tuple], positions: set[int]):
+        self.entries, self.positions = entries, positions
+
+    @staticmethod
+    @torch.no_grad()
+    def find(session: "CandidateSession") -> "_InputLayers | None":
+        x, n = session.inputs, session.inputs.shape[0]
+        engine = session.engine
+        if (hasattr(engine, "correct") or hasattr(engine, "local") or not x.is_floating_point() or n == 0
+                or not x.is_contiguous() or (session.chunk_size is not None and session.chunk_size < n)
+                or any(getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS)):
+            return None
+        named = dict(session.model.named_parameters())
+        position = {id(named[name]): k for k, name in enumerate(session.names)}
+        etas = session._etas()
+        candidates = {}
+        for module in session.model.modules():
+            if type(module) is not torch.nn.Linear or "forward" in vars(module) \
+                    or any(getattr(module, h) for h in _MODULE_HOOKS):
+                continue
+            w, b = module.weight, module.bias
+            k_w = position.get(id(w)) if w.requires_grad else None
+            k_b = None if b is None or not b.requires_grad else position.get(id(b))
+            if k_w is None or (b is not None and b.requires_grad and k_b is None):
+                continue
+            if any(etas[k].dtype != session.live[k].dtype for k in (k_w, k_b) if k is not None):
+                continue  # float16/bfloat16: the trial rounds the candidate to the parameter's dtype
+            candidates[module] = (k_w, k_b)
+        if not candidates:
+            return None
+        calls: dict[torch.nn.Module, list[bool]] = {m: [] for m in candidates}
+
+        def seen(module, args, kwargs):
+            a = args[0] if len(args) == 1 and not kwargs else None
+            calls[module].append(
+                torch.is_tensor(a) and a.data_ptr() == x.data_ptr() and a.is_contiguous() and a.dtype == x.dtype
+                and a.shape == (n, module.in_features) and a.numel() == x.numel())
+
+        handles = [m.register_forward_pre_hook(seen, with_kwargs=True) for m in candidates]
+        try:
+            code_logits(session.model, x, session.chunk_size, session.output_fn)
+        finally:
+            for handle in handles:
+                handle.remove()
+        entries, positions = [], set()
+        flat = x.view(n, -1)
+        for module, (k_w, k_b) in candidates.items():
+            if calls[module] != [True]:
+                continue
+            weight = session.originals[k_w]
+            bias = module.bias if k_b is None else session.originals[k_b]
+            a = torch.nn.functional.linear(flat, weight, None if bias is None else bias.detach())
+            b = torch.nn.functional.linear(flat, etas[k_w])
+            entries.append((module, flat, a, b, k_w, k_b, weight, bias, etas))
+            positions |= {k_w} | ({k_b} if k_b is not None else set())
+        return _InputLayers(entries, positions) if entries else None
+
+    @contextlib.contextmanager
+    def candidate(self, gains: list[float]) -> Iterator[None]:
+        """Within the block the layers compute their output under the candidate ``gains``."""
+        for module, flat, a, b, k_w, k_b, weight, bias, etas in self.entries:
+            module.forward = functools.partial(_candidate_linear, flat, a, b, gains[k_w], weight, bias, etas[k_w],
+                                               None if k_b is None else (gains[k_b], etas[k_b]))
+        try:
+            yield
+        finally:
+            for module, *_ in self.entries:
+                del module.forward
+
+
+def _candidate_linear(flat: Tensor, a: Tensor, b: Tensor, gain: float, weight: Tensor, bias: Tensor | None,
+                      eta: Tensor, bias_shift: tuple[float, Tensor] | None, x: Tensor) -> Tensor:
+    """The output of an input layer under the candidate: A + g_w B (+ g_b eta_b) for the codes'
+    own view, else the layer on ``x`` with the candidate's parameters."""
+    if x.data_ptr() == flat.data_ptr() and x.shape == flat.shape and x.stride() == flat.stride() and x.dtype == flat.dtype:
+        out = torch.add(a, b, alpha=gain)
+        if bias_shift is not None:
+            out.add_(bias_shift[1], alpha=bias_shift[0])
+        return out
+    new_bias = bias if bias_shift is None else torch.add(bias, bias_shift[1], alpha=bias_shift[0])
+    return torch.nn.functional.linear(x, torch.add(weight, eta, alpha=gain), new_bias)
+
+
 class CandidateSession:
     """Perturb-score-undo on the live parameters of ``model`` (which it edits in place).
 
@@ -201,7 +307,8 @@ class CandidateSession:
     classes (``inputs`` [N, *shape], ``labels`` [N], ``is_forget`` [N]) and ``logits_before``
     [N, C] (float32). ``source``: the model ``model`` was copied from, left untouched, whose
     parameters then serve as the originals (no clone) and on which the Fisher's forwards run
-    (same values; hooks and flags restored). The caller enters the engine's
+    (same values; hooks and flags restored). ``batch``: ``code_inputs(model, codes,
+    range(num_classes))`` when the caller has it already. The caller enters the engine's
     ``forwards`` context around the session.
     """
 
@@ -217,6 +324,7 @@ class CandidateSession:
         output_fn: OutputFn = logits_of,
         params: ParamSelector = None,
         source: torch.nn.Module | None = None,
+        batch: tuple[Tensor, Tensor] | None = None,
     ):
         self.model, self.engine = model, engine
         self.chunk_size, self.output_fn = chunk_size, output_fn
@@ -232,7 +340,7 @@ class CandidateSession:
         else:  # ``model`` is a copy of ``source``, which no candidate touches: its values are the originals
             named = dict(source.named_parameters())
             self.originals = [local(named[name].detach()) for name in self.names]
-        self.inputs, self.labels = code_inputs(model, codes, range(codes.num_classes))
+        self.inputs, self.labels = batch if batch is not None else code_inputs(model, codes, range(codes.num_classes))
         self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
         self.num_forget = len(classes)
 
@@ -242,7 +350,7 @@ class CandidateSession:
         fisher_model = model if source is None else source
         recorder = _OutputRecorder(fisher_model, output_fn)
         try:
-            with eval_mode(fisher_model), only_parameters(fisher_model, keep):
+            with eval_mode(fisher_model), only_parameters(fisher_model, params):
                 forget_fisher, remain_fisher, forget_logits, remain_logits = self._fisher_pair(
                     fisher_model, recorder, len(classes), codes.num_classes - len(classes), codes.per_class, eps)
         finally:
@@ -252,6 +360,9 @@ class CandidateSession:
         del forget_fisher, remain_fisher
         self.max_ratio = engine.max_ratio(self.forget_fisher, self.remain_fisher)
         self._eta: list[Tensor] | None = None
+        self._trial: tuple[_InputLayers, list[float]] | None = None  # set by trial_logits until the next write
+        self._layers_key: tuple | None = None
+        self._layers: _InputLayers | None = None
         self.logits_before: Tensor | None = None
         if forget_logits is not None and remain_logits is not None and not hasattr(engine, "correct"):
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
@@ -262,15 +373,18 @@ class CandidateSession:
                      per_class: int, eps: float):
         """(f_F, f_R, forget codes' logits or None, retained codes' logits or None) of ``model``.
         An engine with ``sum_squared_grads_groups`` takes both code sets as one batch (forget
-        codes first): one plan and one forward+backward per chunk for the pair; else two calls."""
+        codes first): one plan, and with ``one_pass_groups`` one forward+backward per chunk for
+        the pair (else one per set); an engine without it: two calls."""
         engine, chunk_size, output_fn = self.engine, self.chunk_size, self.output_fn
         groups = getattr(engine, "sum_squared_grads_groups", None)
         if groups is not None:
             order = torch.cat([self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)])
             inputs, labels = self.inputs.index_select(0, order), self.labels.index_select(0, order)
             split = int(self.is_forget.sum())
+            # one forward+backward for both sets where the engine can cut its captures by rows
+            one_pass = [True] if getattr(engine, "one_pass_groups", False) else []
             forget_sums, remain_sums = groups(model, inputs, labels, [split, inputs.shape[0] - split],
-                                              chunk_size, output_fn)
+                                              chunk_size, output_fn, *one_pass)
             logits = recorder.logits_for(inputs)
             forget_logits, remain_logits = (None, None) if logits is None else (logits[:split], logits[split:])
             return (_scaled(forget_sums, num_forget, per_class, eps), _scaled(remain_sums, num_remain, per_class, eps),
@@ -289,6 +403,7 @@ class CandidateSession:
     @torch.no_grad()
     def shift(self, lambda1: float, lambda2: float, sign: int) -> None:
         """Apply w += sign * alpha_l * eta to the live parameters."""
+        self._trial = None
         self.engine.shift_(self.live, self.forget_fisher, self.remain_fisher, self.max_ratio,
                            lambda1, lambda2, float(sign))
 
@@ -298,27 +413,72 @@ class CandidateSession:
         the original values, so trials need no undo in between (one pass per tensor; eta is
         computed once and kept, one float32 tensor per parameter). Equal to :meth:`shift` up to
         rounding: for the calibration's trials; the chosen candidate is applied by :meth:`shift`."""
+        self._trial = None
+        self._write(self._gains(lambda1, lambda2, sign), skip=())
+
+    def _etas(self) -> list[Tensor]:
+        """eta of every live tensor (float32, float64 for float64), computed once and kept."""
         if self._eta is None:  # the engine's own shift with gain 1 (lambda1 = 1, lambda2 = inf) gives eta
             self._eta = [torch.zeros_like(p, dtype=accumulation_dtype(f.dtype)) for p, f in zip(self.live, self.forget_fisher)]
             self.engine.shift_(self._eta, self.forget_fisher, self.remain_fisher, self.max_ratio, 1.0, math.inf, 1.0)
+        return self._eta
+
+    def _gains(self, lambda1: float, lambda2: float, sign: int) -> list[float]:
+        """sign * alpha_l of every live tensor (one host transfer)."""
+        self._etas()
         gains = torch.clamp(lambda2 / self.max_ratio, max=lambda1).tolist() if len(self.live) else []
-        for p, original, eta, gain in zip(self.live, self.originals, self._eta, gains):
+        return [sign * gain for gain in gains]
+
+    @torch.no_grad()
+    def _write(self, gains: list[float], skip) -> None:
+        """live = originals + gain * eta for every tensor but the positions in ``skip``."""
+        for k, (p, original, eta, gain) in enumerate(zip(self.live, self.originals, self._eta, gains)):
+            if k in skip:
+                continue
             if p.dtype == eta.dtype:
-                torch.add(original, eta, alpha=sign * gain, out=p)
+                torch.add(original, eta, alpha=gain, out=p)
             else:  # float16/bfloat16 parameter: the shift is computed in float32, written in its dtype
-                p.copy_(original + (sign * gain * eta).to(p.dtype))
+                p.copy_(original + (gain * eta).to(p.dtype))
+
+    @torch.no_grad()
+    def trial_logits(self, lambda1: float, lambda2: float, sign: int) -> Tensor:
+        """[N, C] float32 logits of the codes under the candidate of :meth:`set_shift`: what the
+        calibration scores in each trial. Equal to ``set_shift`` then :meth:`logits` up to float
+        rounding, and cheaper where the model starts with input layers (:class:`_InputLayers`):
+        an ``nn.Linear`` fed the codes themselves is linear in its parameters, so its output
+        under the candidate is A + g_w B + g_b eta_b with A = linear(x, W, b) and
+        B = linear(x, eta_W) computed once per session: a trial neither writes nor reads that
+        layer's weight (at C = 10 on the paper's MLP, most of a trial's time). Until the next
+        write (:meth:`set_shift`, :meth:`shift`, :meth:`gaussian`, :meth:`restore`) the
+        parameters of those layers keep their original values and :meth:`logits` gives the
+        candidate's logits the same way (bit for bit these). docs/METHOD.md, "Choosing the step
+        from the codes"."""
+        gains = self._gains(lambda1, lambda2, sign)
+        layers = self._input_layers()
+        self._write(gains, skip=layers.positions if layers is not None else ())
+        self._trial = (layers, gains) if layers is not None else None
+        return self.logits()
+
+    def _input_layers(self) -> "_InputLayers | None":
+        """The session's :class:`_InputLayers` for its current inputs, found once (None: none)."""
+        key = (id(self.inputs), self.inputs._version, self.chunk_size)
+        if self._layers_key != key:
+            self._layers_key, self._layers = key, _InputLayers.find(self)
+        return self._layers
 
     @torch.no_grad()
     def gaussian(self, lambda1: float, lambda2: float, tau: float, generator: torch.Generator) -> None:
         """Apply w += [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator``."""
+        self._trial = None
         self.engine.gaussian_(self.live, self.forget_fisher, self.remain_fisher, self.max_ratio,
                               lambda1, lambda2, tau, generator)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo every candidate: the live parameters get their original values back."""
-        for p, original in zip(self.live, self.originals):
-            p.copy_(original)
+        self._trial = None
+        if self.live:
+            torch._foreach_copy_(self.live, self.originals)  # one call: a copy per tensor, exact
 
     # ---- scores ----------------------------------------------------------------------------
     def correct(self) -> Tensor:
@@ -342,7 +502,12 @@ class CandidateSession:
         return self.accuracy()
 
     def logits(self) -> Tensor:
-        """[N, C] float32 logits of all codes (every rank computes all of them)."""
+        """[N, C] float32 logits of all codes (every rank computes all of them); after
+        :meth:`trial_logits`, the trial's."""
+        if self._trial is not None:
+            layers, gains = self._trial
+            with layers.candidate(gains):
+                return code_logits(self.model, self.inputs, self.chunk_size, self.output_fn)
         return code_logits(self.model, self.inputs, self.chunk_size, self.output_fn)
 
     def before_logits(self) -> Tensor:

@@ -309,3 +309,44 @@ def test_a_pass_that_contradicts_its_plan_drops_it(engine, monkeypatch):
         plans = count_plans(monkeypatch)
         engine.sum_squared_grads(model, x, y)
         assert len(plans) == 1
+
+
+# ---- one_pass=True: one forward+backward per chunk for all blocks (forget's Fisher pair) -------
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("sizes, chunk", [([1, 6], None), ([2, 5], 7), ([0, 4, 3], None)])
+def test_one_pass_groups_equal_the_reference_per_block(engine, name, sizes, chunk):
+    """One pass for all blocks (cut by rows; an empty block gives zeros) where all codes fit
+    one chunk; models whose captures cannot be cut by rows run one pass per block."""
+    model, x, y = problem(name, n=sum(sizes))
+    with eval_mode(model):
+        expected = expected_blocks(model, x, y, sizes)
+        got = engine.sum_squared_grads_groups(model, x, y, sizes, chunk, one_pass=True)
+    assert len(got) == len(sizes)
+    for g, e in zip(got, expected):
+        assert list(g) == list(e)
+        assert_fisher_close(g, e, rtol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("chunk, passes", [(None, 1), (7, 1), (2, 4)])
+def test_one_pass_groups_run_one_forward_per_chunk(engine, chunk, passes):
+    """float32 MLP: one forward for the pair when all codes fit one chunk (not one per block),
+    the blocks' own chunks (2 + 2 here) when they do not; the sums agree with the blocks' own
+    passes up to float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Sigmoid(), nn.Linear(12, 5))
+    x, y = torch.rand(7, 1, 4, 4), torch.arange(7) % 5
+    forwards = []
+    handle = model.register_forward_hook(lambda m, a, o: forwards.append(a[0].shape[0]))
+    with eval_mode(model):
+        alone = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk)
+        forwards.clear()
+        got = engine.sum_squared_grads_groups(model, x, y, [3, 4], chunk, one_pass=True)
+    handle.remove()
+    assert len(forwards) == passes and sum(forwards) == 7
+    for g, a in zip(got, alone):
+        assert list(g) == list(a)
+        for key in a:
+            torch.testing.assert_close(g[key], a[key], rtol=1e-6, atol=0)

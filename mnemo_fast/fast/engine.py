@@ -21,6 +21,7 @@ from ..reference.engine import REFERENCE
 from . import _ext, devices
 from .capture import Capture, frozen
 from .plan import Plan, Route, all_generic, make_plan, warn_generic
+from .rules.base import Rule
 from .rules.broadcast import BroadcastCapture, per_sample
 from .rules.operations import OperationsCapture
 from ..distributed.sharding import is_sharded
@@ -162,6 +163,19 @@ def one_pass_if_cheaper(plan: Plan, params, num_samples: int, chunk_size: int | 
     return Plan(generic=list(params), joined=joined, reasons={**plan.reasons, **{name: why for name in joined}})
 
 
+def _one_passable(plan: Plan, params) -> bool:
+    """Whether one pass can serve several blocks of rows: every parameter goes to a
+    position-wise layer rule (Linear, Embedding, LayerNorm/RMSNorm) that reads its module's
+    first input and output gradient alone, [N, ...] both (cut by rows); none to the broadcast,
+    operation-level or generic paths (their sums are not kept per row); no parameter sharded.
+    Convolutions and batch norms are left to one pass per block: a batched convolution picks
+    its algorithm by batch size, and the rounding it moved (CNN, float32) exceeded what the
+    distributed tests allow between FSDP ranks and one process."""
+    return (not plan.generic and not plan.broadcast and not plan.operations and bool(plan.rule_modules)
+            and all(type(rule).inputs is Rule.inputs and rule.position_wise for rule, _ in plan.rule_modules.values())
+            and not any(is_sharded(p) for p in params.values()))
+
+
 def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
     """(inputs, targets) of each block of consecutive rows (views)."""
     start = 0
@@ -175,6 +189,8 @@ class FastEngine:
 
     #: the layer rules take sharded (FSDP2) layers' gathered inputs and output gradients
     takes_shards = True
+    #: ``sum_squared_grads_groups`` takes ``one_pass`` (one forward+backward for all blocks)
+    one_pass_groups = True
 
     def __init__(self, kernels, name: str, fused_perturbation: bool, compiled: bool = False, fallback=None):
         self.kernels = kernels
@@ -216,13 +232,25 @@ class FastEngine:
         sizes: Sequence[int],
         chunk_size: int | None = None,
         output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+        one_pass: bool = False,
     ) -> list[dict[str, Tensor]]:
         """:meth:`sum_squared_grads` of each block of consecutive rows of ``inputs`` [N, ...]
         (``sizes``: the blocks' row counts, summing to N), on one plan: the Fisher pair of the
-        forget and retained codes plans the model once, not twice. Each block still runs its
-        own forward+backward, so each sum is bit for bit what :meth:`sum_squared_grads` gives
-        for that block (one joined batch would round differently). The plan is kept for the
-        next call while the model and the inputs' shapes stay the same (:class:`PlanCache`)."""
+        forget and retained codes plans the model once, not twice. Each block runs its own
+        forward+backward, so each sum is bit for bit what :meth:`sum_squared_grads` gives for
+        that block. The plan is kept for the next call while the model and the inputs' shapes
+        stay the same (:class:`PlanCache`).
+
+        ``one_pass=True`` (what ``forget``'s session asks for): when all rows fit one chunk
+        (``chunk_size`` None or >= N), one forward+backward for all the blocks together, each
+        block's sums taken from its own rows of the captured layer inputs and output gradients.
+        A batched forward of all rows may round differently from one per block (float32: ~1e-7
+        relative), so the sums then equal the blocks' own up to rounding, not bit for bit.
+        Where the rows of a capture cannot simply be cut (a broadcast or an operation-level
+        parameter, a rule with inputs of its own such as attention, the generic path, sharded
+        parameters), with a convolution or batch norm (:func:`_one_passable`), or in smaller
+        chunks (one pass would save at most one chunk's pass), the blocks run their own passes
+        as without it. docs/FAST_PATH.md, "One batched pass, parameters frozen"."""
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
@@ -232,10 +260,17 @@ class FastEngine:
         if not self.runs_on(inputs.device):
             fallback = self.fallback
             if hasattr(fallback, "sum_squared_grads_groups"):
-                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)
+                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn, one_pass)
             return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
         plan = _plan(model, params, inputs, targets, output_fn)
+        # with chunks smaller than all the rows, one pass would save at most one chunk's pass:
+        # the blocks keep their own chunks (and their sums bit for bit)
+        if one_pass and len(sizes) > 1 and (chunk_size is None or chunk_size >= inputs.shape[0]) \
+                and _one_passable(plan, params):
+            taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn, sizes)
+            if not isinstance(taken, str):  # else the pass contradicted the plan: the blocks' own passes decide
+                return [{name: sums[name] for name in params} for sums in taken]
         _refuse_sharded_generic(plan, params)
         warn_generic(model, plan)
         plan = one_pass_if_cheaper(plan, params, max(sizes), chunk_size)
@@ -257,28 +292,33 @@ class FastEngine:
         the parameters no rule takes."""
         sums: dict[str, Tensor] = {}
         if plan.rule_modules or plan.broadcast or plan.operations:
-            taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn)
+            taken = self._rule_pass(model, plan, params, inputs, targets, chunk_size, output_fn, [inputs.shape[0]])
             if isinstance(taken, str):  # the pass contradicted the plan: no rule is safe
                 PLANS.discard(model)
                 plan = all_generic(params, f"the batched pass failed: {taken}")
                 _refuse_sharded_generic(plan, params, f"the batched pass failed ({taken})")
                 warn_generic(model, plan)
             else:
-                sums.update(taken)
+                sums.update(taken[0])
         if plan.generic:
             sums.update(ref_fisher.sum_squared_grads(
                 model, inputs, targets, plan.generic, chunk_size=chunk_size, output_fn=output_fn
             ))
         return {name: sums[name] for name in params}
 
-    def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn):
+    def _rule_pass(self, model, plan: Plan, params, inputs, targets, chunk_size, output_fn, sizes: Sequence[int]):
+        """[{name: sum}] of each block of ``sizes`` consecutive rows, over the rule-taken
+        parameters, or a str saying how the pass contradicted the plan. Several blocks: the
+        rule modules' captures are cut by rows (only plans of :func:`_one_passable`)."""
         names = {full for _, local_names in plan.rule_modules.values() for full in local_names.values()}
         names |= set(plan.broadcast)
         broadcast = {name: params[name] for name in plan.broadcast}
         operations = plan.operations
         op_params = {name: params[name] for name in operations.names} if operations else {}
         names |= set(op_params)
-        sums: dict[str, Tensor] = {}  # the first contribution becomes the accumulator (no zero fill)
+        # per block: the first contribution becomes the accumulator (no zero fill)
+        blocks: list[dict[str, Tensor]] = [{} for _ in sizes]
+        sums = blocks[0]
 
         def add(name: str, value: Tensor) -> None:
             dtype = accumulation_dtype(params[name].dtype)
@@ -286,9 +326,15 @@ class FastEngine:
                 sums[name] += value.to(dtype)
             else:  # rule outputs are fresh tensors: safe to own and add into
                 sums[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
         step = chunk_size or max(inputs.shape[0], 1)  # an empty block: no pass, zero sums
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
+            # the blocks' rows within this chunk: (block, first row, end row), chunk-relative
+            cuts = [(k, max(a, start) - start, min(b, start + x.shape[0]) - start)
+                    for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if min(b, start + x.shape[0]) > max(a, start)]
             capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()},
                               keep=tuple(op_params.values()) + tuple(broadcast.values()))
             caught = BroadcastCapture(broadcast)
@@ -323,15 +369,20 @@ class FastEngine:
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
                 if not calls:
                     continue
-                for local, value in rule.accumulate(module, calls, self.kernels).items():
-                    if local in local_names:
-                        add(local_names[local], value)
+                for block, a, b in (cuts if len(sizes) > 1 else [(0, 0, x.shape[0])]):
+                    sums = blocks[block]
+                    rows = calls if len(sizes) == 1 else [(inp[a:b], grad[a:b]) for inp, grad in calls]
+                    for local, value in rule.accumulate(module, rows, self.kernels).items():
+                        if local in local_names:
+                            add(local_names[local], value)
+                sums = blocks[0]
             # Drop this chunk's captured inputs and output gradients before the next forward:
             # one chunk's activations live at a time, whatever N is.
             capture = caught = used = loss = wanted = records = calls = value = None
-        for name in names - sums.keys():  # a parameter no code reached: zero Fisher
-            sums[name] = ref_fisher.zero_accumulator(params[name])
-        return sums
+        for sums in blocks:
+            for name in names - sums.keys():  # a parameter no code reached: zero Fisher
+                sums[name] = ref_fisher.zero_accumulator(params[name])
+        return blocks
 
     # ---- perturbation -------------------------------------------------------------------
     def _fused(self, tensors: Sequence[Tensor]) -> list[list[int]] | None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from . import engines, validation
+from . import blocks as _blocks, engines, validation
 from .calibration import Calibration, CalibrationWarning, calibrate_session
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
@@ -278,9 +278,13 @@ def forget(
     chunk_size = validation.chunk_size(chunk_size)
     if calibration and not auto:
         raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
-    calibration_options = validation.calibration_options(calibration, _CALIBRATION_OPTIONS) if auto else {}
+    search_options, refine = _blocks.refinement_options(calibration) if auto else ({}, {})  # blocks, heldout
+    calibration_options = validation.calibration_options(search_options, _CALIBRATION_OPTIONS) if auto else {}
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
+    if refine.get("blocks") and mode != "shift":
+        raise validation.UnlearningError("calibration option blocks needs mode='shift'")
+    fisher_codes, scoring_codes = _blocks.split_codes(codes, refine["heldout"]) if "heldout" in refine else (codes, None)
     validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
     engine = engines.resolve(engine)
     largest = validation.trainable_model(model)  # max |w| per parameter: proves the result finite later
@@ -294,10 +298,12 @@ def forget(
         with only_parameters(model, params):  # the probe's logits must depend on the perturbed parameters
             validation.code_batch_fits(model, codes, inputs, output_fn)
         target = model if inplace else validation.copy_of(model)
-        session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
+        session = CandidateSession(target, fisher_codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params, source=None if inplace else model)
-        generator_state = None
+        generator_state, steps = None, None
         try:
+            if scoring_codes is not None:  # held-out scoring: the Fisher from some codes, the choice on the others
+                _blocks.score_on(session, scoring_codes, classes)
             before = session.accuracy_before()
             if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
                 validation.finite_logits(session.logits_before, session.labels)
@@ -307,6 +313,9 @@ def forget(
             if auto:
                 calibration = calibrate_session(session, lambda2s, **calibration_options)
                 lambda1, lambda2 = calibration.lambda1, calibration.lambda2
+                if refine.get("blocks"):
+                    steps = calibration.diagnostics["blocks"] = _blocks.block_steps(session, calibration,
+                                                                                    by=refine["blocks"])
             if mode == "gaussian":
                 if generator is None:
                     generator = default_generator(session.live[0].device)
@@ -314,8 +323,12 @@ def forget(
             best, candidates, accuracies = session.choose(
                 mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
                 sign=calibration.sign if calibration is not None and mode == "shift" else None)
-            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1, lambda2,
-                                     mode, engine)
+            bound = 1.0
+            if steps is not None:  # per-block scales of the chosen step (mnemo_fast.blocks)
+                _blocks.apply_scales(session, steps.tensor_scales)
+                accuracies[best], bound = session.accuracy(), max(1.0, steps.gain)
+            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1 * bound,
+                                     lambda2 * bound, mode, engine)
         except BaseException:
             session.restore()
             if generator_state is not None:

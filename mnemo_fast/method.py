@@ -251,7 +251,12 @@ def forget(
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
     ``lambda2`` may then be a list to search too; ``calibration`` passes its criterion options,
     e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
-    :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``.
+    :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
+    ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
+    steps and held-out scoring"): ``"blocks": "module"`` / ``"tensor"`` scales the chosen step per
+    block (the scales in ``result.calibration.diagnostics["blocks"]``), ``"heldout": True`` (or
+    a number of codes, K >= 2) takes the Fisher from some of each class's codes and scores the
+    search on the others.
     ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
     block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
     through the model at once; ``output_fn`` picks the logits from a model that returns an

@@ -1,5 +1,5 @@
 """EXTENSION, beyond the paper: a short repair after forgetting, on the retained classes' codes
-alone (docs/METHOD.md, "Repair on the retained codes (extension)").
+alone (docs/METHOD.md, "Repair on the retained codes").
 
 The one-shot shift can cost the retained classes some accuracy. :func:`repair` fine-tunes the
 forgotten model for a few steps on the codes of the classes it keeps (no real data, no forget

@@ -193,3 +193,26 @@ def test_repair_distill_and_errors(cnn_k2):
         repair(result.model, codes, [4], steps=-1)
     with pytest.raises(UnlearningError):
         repair(result.model, codes, [4], lr=0.0)
+
+
+# ---- the sweep's methods -----------------------------------------------------------------------
+
+def test_sweep_refined_methods_call_the_package(cnn_k2):
+    """benchmarks/unlearning_sweep.py's auto-heldout, auto-blocks*, auto-repair* rows come from
+    forget(calibration=...) and repair(); the caller's model is left as it was."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import unlearning_sweep as sweep
+
+    model, codes = cnn_k2
+    before = _params(model)
+    for method in sweep.REFINED:
+        out, info = sweep.refined(model, codes, 4, method)
+        assert out is not model and info["sign"] in (1, -1), method
+        assert ("scales" in info) == ("blocks" in method), method
+        assert ("repair_steps" in info) == ("repair" in method), method
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    heldout, _ = sweep.refined(model, codes, 4, "auto-heldout")
+    direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"heldout": True}).model
+    assert all(torch.equal(a, b) for a, b in zip(heldout.parameters(), direct.parameters()))

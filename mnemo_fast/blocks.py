@@ -253,7 +253,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
                 if t.forget_ok and t.retain_ok:
                     best, grown = t, g
                     break
-                if _balance(t) > _balance(best) or (t.forget_ok and not best.forget_ok):
+                if _balance(t) > _balance(best):  # never a step that only the forget side likes
                     best, grown = t, g
             if best is not current:
                 scales[:] = [s * grown for s in base]

@@ -53,7 +53,8 @@ class BlockSteps:
     ``blocks``: block names (a module path or a parameter name); ``scales``: one scale per
     block; ``tensor_scales``: one per session tensor (aligned with ``session.names``);
     ``start``/``end``: the code statistics (:class:`mnemo_fast.calibration.Trial`) of the global
-    step and of the scaled one; ``trials``: forwards of the codes spent.
+    step and of the scaled one; ``trials``: forwards of the codes spent; ``sign``: the sign of
+    the step they scale (the calibration's; -1 where it leaves the sign to ``forget``).
     """
 
     blocks: list[str]
@@ -62,6 +63,7 @@ class BlockSteps:
     start: Trial
     end: Trial
     trials: int = 0
+    sign: int = -1                # the sign the scales were searched for (forget applies it)
     history: list[tuple[str, float, float]] = field(default_factory=list)  # (block, scale, ratio)
 
     @property
@@ -265,7 +267,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
     finally:
         session.restore()
     return BlockSteps(blocks=blocks, scales=scales, tensor_scales=[scales[b] for b in owner], start=start,
-                      end=end, trials=score.count, history=history)
+                      end=end, trials=score.count, sign=sign, history=history)
 
 
 @torch.no_grad()

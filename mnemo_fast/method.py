@@ -327,7 +327,8 @@ def forget(
                 generator_state = generator.get_state()  # given back if anything below fails
             best, candidates, accuracies = session.choose(
                 mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
-                sign=calibration.sign if calibration is not None and mode == "shift" else None)
+                sign=(steps.sign if steps is not None else calibration.sign) if calibration is not None
+                and mode == "shift" else None)
             bound = 1.0
             if steps is not None:  # per-block scales of the chosen step (mnemo_fast.blocks)
                 _blocks.apply_scales(session, steps.tensor_scales)

@@ -216,3 +216,12 @@ def test_sweep_refined_methods_call_the_package(cnn_k2):
     heldout, _ = sweep.refined(model, codes, 4, "auto-heldout")
     direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"heldout": True}).model
     assert all(torch.equal(a, b) for a, b in zip(heldout.parameters(), direct.parameters()))
+
+
+def test_blocks_with_the_lambda1_search_apply_the_sign_they_were_searched_for(cnn_k2):
+    """search="lambda1" leaves the sign to forget; with blocks, forget applies the blocks' sign."""
+    model, codes = cnn_k2
+    result = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0,
+                       calibration={"search": "lambda1", "blocks": True})
+    steps = result.calibration.diagnostics["blocks"]
+    assert result.calibration.sign is None and result.sign == steps.sign

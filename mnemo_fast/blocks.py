@@ -7,11 +7,11 @@ Not in the paper. Both refine the calibration of :mod:`mnemo_fast.calibration` a
 
 - **Per-block steps** (``calibration={"blocks": "module"}`` or ``"tensor"``): after the global
   step (lambda1, lambda2, sign) is chosen, each block's shift (a block: the parameters of one
-  top-level child module, or one parameter tensor) gets a scale ``s_b <= 1``, searched on the
+  top-level child module, or one parameter tensor) gets a scale ``s_b``, searched on the
   codes: shrink a block's step while the forget side holds and the retained codes' median
   margin ratio improves; then, if the forget side is not met, grow all scales together (up to
-  ``MAX_GROWTH``) to turn the retained margin won back into forgetting; then one more shrink
-  pass. Per tensor the shift becomes ``s_b * alpha_l * eta``.
+  ``MAX_GROWTH``, kept only where ``min(depth, retained margin ratio)`` improves) to turn the
+  retained margin won back into forgetting; then one more shrink pass. Per tensor the shift becomes ``s_b * alpha_l * eta``.
 - **Held-out scoring** (``calibration={"heldout": True}`` or a number of codes): with K >= 2
   codes per class, the Fisher pair comes from the first K - H codes of each class and the
   calibration (and the sign) is scored on the other H, codes that were not in the Fisher.
@@ -36,9 +36,9 @@ Tensor = torch.Tensor
 BLOCKS = ("module", "tensor")
 #: Relative scales tried for a block in each shrink pass (its current scale times each).
 SHRINK = (0.0, 0.25, 0.5)
-#: The grow stage multiplies every scale by 2^(k/2), k = 1 .. 6 (at most 8x; scales capped at 1
-#: afterwards would undo it, so the cap is applied through lambda1/lambda2 instead: see
-#: :attr:`BlockSteps.gain`).
+#: The grow stage multiplies every scale by 2^(k/2), k = 1, 2, ... up to this factor; the
+#: finiteness check of ``forget`` then bounds the shift by :attr:`BlockSteps.gain` times the
+#: global step's bound.
 MAX_GROWTH = 8.0
 #: A shrink is kept only if it raises the median retained margin ratio by at least this much.
 MIN_GAIN = 0.01
@@ -247,7 +247,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
             current = shrink(current, start)
         if not current.forget_ok:  # grow every scale together: spend the margin won back on forgetting
             base, best = list(scales), current
-            for k in range(1, 7):
+            for k in range(1, int(round(2 * math.log2(MAX_GROWTH))) + 1):
                 g = 2 ** (k / 2)
                 for b, tensors in enumerate(members):
                     scaler.write(tensors, base[b] * g)

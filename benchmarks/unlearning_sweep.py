@@ -14,9 +14,14 @@ Methods:
                data (max A_R among points with forget accuracy <= 1%, else max A_R + E_F);
                an upper bound for what the codes could choose, never a method
   ssd          Selective Synaptic Dampening (per-sample estimator, training data)
-  auto-heldout (K >= 2 codes per class only; a measurement, not a package option) the Fisher
-               from the first K/2 codes of each class, ``auto``'s search scored on the other
-               K/2 (codes that were not in the Fisher), the chosen shift applied
+  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True}``: the Fisher
+               from the first K/2 codes of each class, the search scored on the other K/2
+  auto-blocks  ``calibration={"blocks": "module"}``: per-block scales of auto's step
+  auto-blocks-tensor  the same with one block per parameter tensor
+  auto-heldout-blocks (K >= 2) both: the block scales are scored on the held-out codes too
+  auto-repair  EXTENSION: auto, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4, cross-entropy on
+               the retained codes)
+  auto-repair-distill  EXTENSION: the same with ``loss="distill"`` (to the model before)
 
     python benchmarks/unlearning_sweep.py --data fashion-mnist digits --models cnn
     python benchmarks/unlearning_sweep.py --report        # markdown tables from the rows
@@ -122,30 +127,28 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1):
     return l1, l2, sign, a_r, f, grid
 
 
-def heldout(net, codes, c, x, y) -> dict:
-    """``auto`` with the Fisher from the first K/2 codes of each class and the search scored
-    on the other K/2: the session's scoring codes are swapped for the held-out ones after its
-    Fisher pair is computed. Returns the test A_R, F and the chosen lambdas and sign."""
-    from mnemo_fast.calibration import calibrate_session
-    from mnemo_fast.session import code_inputs
-    half = codes.per_class // 2
-    if half < 1:
-        raise ValueError("auto-heldout needs at least 2 codes per class")
-    fisher_codes = MnemonicCodes(codes.tensor[:, :half].contiguous())
-    scoring_codes = MnemonicCodes(codes.tensor[:, half:].contiguous())
-    model = copy.deepcopy(net)
-    engine = engines.resolve(None)
-    with engines.forwards(engine, model):
-        s = CandidateSession(model, fisher_codes, [c], engine=engine)
-        s.inputs, s.labels = code_inputs(model, scoring_codes, range(codes.num_classes))
-        s.is_forget, s.logits_before = s.labels == c, None
-        cal = calibrate_session(s, [10.0])
-        sign = cal.sign if cal.sign is not None else -1
-        s.set_shift(cal.lambda1, cal.lambda2, sign)
-        a_r, f = scores(predict(model, x), y, c)
-        s.restore()
-    return {"A_R": a_r, "F": f, "lambda1": cal.lambda1, "lambda2": cal.lambda2, "sign": sign,
-            "feasible": cal.feasible, "forget_reached": cal.forget_reached}
+REFINED = {"auto-heldout": {"heldout": True}, "auto-blocks": {"blocks": "module"},
+           "auto-blocks-tensor": {"blocks": "tensor"}, "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
+           "auto-repair": "ce", "auto-repair-distill": "distill"}
+
+
+def refined(net, codes, c, method):
+    """(model, row info) of ``forget(lambda1="auto")`` with the refinement of ``method``
+    (:data:`REFINED`: calibration options, or a repair loss)."""
+    from mnemo_fast.repair import repair
+    option = REFINED[method]
+    r = forget(net, codes, [c], lambda1="auto", lambda2=10.0,
+               calibration=option if isinstance(option, dict) else None)
+    cal = r.calibration
+    info = {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign, "feasible": cal.feasible,
+            "forget_reached": cal.forget_reached}
+    if "blocks" in cal.diagnostics:
+        b = cal.diagnostics["blocks"]
+        info["scales"] = dict(zip(b.blocks, b.scales))
+    if isinstance(option, str):
+        fixed = repair(r.model, codes, [c], loss=option, original=net)
+        info.update(repair_steps=fixed.steps, repair_stopped=fixed.stopped)
+    return r.model, info
 
 
 _SSD_SUMS: dict = {}
@@ -191,8 +194,8 @@ def run_case(case, c, method, x, y) -> dict:
                                             l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1)
         return {"lambda1": l1, "lambda2": l2, "sign": sign, "A_R": a_r, "F": f,
                 "seconds": time.perf_counter() - start, "grid": grid}
-    elif method == "auto-heldout":
-        return {**heldout(net, codes, c, x, y), "seconds": time.perf_counter() - start}
+    elif method in REFINED:  # issue 10, items 4-5: forget(lambda1="auto") with a refinement
+        model, info = refined(net, codes, c, method)
     elif method == "diagnose":
         d = diagnose(net, codes, [c], data=case.train, per_class=DIAGNOSE_PER_CLASS)
         k = d.classes[0]
@@ -429,7 +432,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["cnn"], choices=("mlp", "cnn", "resnet"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default: every class")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("diagnose", "auto-heldout"))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("diagnose",) + tuple(REFINED))
     p.add_argument("--variants", nargs="+", default=[PAPER_VARIANT],
                    help="code variants to train and sweep (module docstring), default: paper")
     p.add_argument("--fresh", nargs="*", default=None, help="recompute these methods' rows")
@@ -454,7 +457,7 @@ def main(argv=None) -> int:
         return 0
     if args.report:
         rows = load_rows(args.rows)
-        text = report(rows) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        text = report(rows, METHODS + tuple(REFINED)) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         print(text)
         if args.write_md:
             _write_between(args.write_md, "<!-- sweep:begin -->", "<!-- sweep:end -->", text)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from . import engines, validation
+from . import blocks as _blocks, engines, validation
 from .calibration import Calibration, CalibrationWarning, calibrate_session
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
@@ -251,7 +251,12 @@ def forget(
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
     ``lambda2`` may then be a list to search too; ``calibration`` passes its criterion options,
     e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
-    :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``.
+    :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
+    ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
+    steps and held-out scoring"): ``"blocks": "module"`` / ``"tensor"`` scales the chosen step per
+    block (the scales in ``result.calibration.diagnostics["blocks"]``), ``"heldout": True`` (or
+    a number of codes, K >= 2) takes the Fisher from some of each class's codes and scores the
+    search on the others.
     ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
     block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
     through the model at once; ``output_fn`` picks the logits from a model that returns an
@@ -278,9 +283,13 @@ def forget(
     chunk_size = validation.chunk_size(chunk_size)
     if calibration and not auto:
         raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
-    calibration_options = validation.calibration_options(calibration, _CALIBRATION_OPTIONS) if auto else {}
+    search_options, refine = _blocks.refinement_options(calibration) if auto else ({}, {})  # blocks, heldout
+    calibration_options = validation.calibration_options(search_options, _CALIBRATION_OPTIONS) if auto else {}
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
+    if refine.get("blocks") and mode != "shift":
+        raise validation.UnlearningError("calibration option blocks needs mode='shift'")
+    fisher_codes, scoring_codes = _blocks.split_codes(codes, refine["heldout"]) if "heldout" in refine else (codes, None)
     validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
     engine = engines.resolve(engine)
     largest = validation.trainable_model(model)  # max |w| per parameter: proves the result finite later
@@ -295,11 +304,13 @@ def forget(
         with only_parameters(model, params):  # the probe's logits must depend on the perturbed parameters
             validation.code_batch_fits(model, codes, batch[0][first : first + 1], output_fn)
         target = model if inplace else validation.copy_of(model)
-        session = CandidateSession(target, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
+        session = CandidateSession(target, fisher_codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params, source=None if inplace else model,
-                                   batch=batch)
-        generator_state = None
+                                   batch=batch if fisher_codes is codes else None)
+        generator_state, steps = None, None
         try:
+            if scoring_codes is not None:  # held-out scoring: the Fisher from some codes, the choice on the others
+                _blocks.score_on(session, scoring_codes, classes)
             before = session.accuracy_before()
             if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
                 validation.finite_logits(session.logits_before, session.labels)
@@ -309,15 +320,23 @@ def forget(
             if auto:
                 calibration = calibrate_session(session, lambda2s, **calibration_options)
                 lambda1, lambda2 = calibration.lambda1, calibration.lambda2
+                if refine.get("blocks"):
+                    steps = calibration.diagnostics["blocks"] = _blocks.block_steps(session, calibration,
+                                                                                    by=refine["blocks"])
             if mode == "gaussian":
                 if generator is None:
                     generator = default_generator(session.live[0].device)
                 generator_state = generator.get_state()  # given back if anything below fails
             best, candidates, accuracies = session.choose(
                 mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
-                sign=calibration.sign if calibration is not None and mode == "shift" else None)
-            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1, lambda2,
-                                     mode, engine)
+                sign=(steps.sign if steps is not None else calibration.sign) if calibration is not None
+                and mode == "shift" else None)
+            bound = 1.0
+            if steps is not None:  # per-block scales of the chosen step (mnemo_fast.blocks)
+                _blocks.apply_scales(session, steps.tensor_scales)
+                accuracies[best], bound = session.accuracy(), max(1.0, steps.gain)
+            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1 * bound,
+                                     lambda2 * bound, mode, engine)
         except BaseException:
             session.restore()
             if generator_state is not None:

@@ -1,0 +1,279 @@
+"""Per-block steps and held-out scoring for ``forget(lambda1="auto")`` (docs/METHOD.md,
+"Per-block steps and held-out scoring").
+
+Not in the paper. Both refine the calibration of :mod:`mnemo_fast.calibration` and run on its
+:class:`mnemo_fast.session.CandidateSession` through the session's own API (``set_shift``,
+``live``/``originals``, ``logits``); neither changes how the default ``auto`` works.
+
+- **Per-block steps** (``calibration={"blocks": "module"}`` or ``"tensor"``): after the global
+  step (lambda1, lambda2, sign) is chosen, each block's shift (a block: the parameters of one
+  top-level child module, or one parameter tensor) gets a scale ``s_b``, searched on the
+  codes: shrink a block's step while the forget side holds and the retained codes' median
+  margin ratio improves; then, if the forget side is not met, grow all scales together (up to
+  ``MAX_GROWTH``, kept only where ``min(depth, retained margin ratio)`` improves) to turn the
+  retained margin won back into forgetting; then one more shrink pass. Per tensor the shift becomes ``s_b * alpha_l * eta``.
+- **Held-out scoring** (``calibration={"heldout": True}`` or a number of codes): with K >= 2
+  codes per class, the Fisher pair comes from the first K - H codes of each class and the
+  calibration (and the sign) is scored on the other H, codes that were not in the Fisher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from . import validation
+from .calibration import Calibration, Trial, _margins
+from .codes import MnemonicCodes
+from .session import CandidateSession, code_inputs
+
+Tensor = torch.Tensor
+
+#: What ``calibration={"blocks": ...}`` accepts: a block is a top-level child module or a tensor.
+BLOCKS = ("module", "tensor")
+#: Relative scales tried for a block in each shrink pass (its current scale times each).
+SHRINK = (0.0, 0.25, 0.5)
+#: The grow stage multiplies every scale by 2^(k/2), k = 1, 2, ... up to this factor; the
+#: finiteness check of ``forget`` then bounds the shift by :attr:`BlockSteps.gain` times the
+#: global step's bound.
+MAX_GROWTH = 8.0
+#: A shrink is kept only if it raises the median retained margin ratio by at least this much.
+MIN_GAIN = 0.01
+#: The refinement options of ``forget(calibration=...)`` handled here (the rest go to the search).
+OPTIONS = ("blocks", "heldout")
+
+
+@dataclass
+class BlockSteps:
+    """Per-block scales of the global step and what the codes said.
+
+    ``blocks``: block names (a module path or a parameter name); ``scales``: one scale per
+    block; ``tensor_scales``: one per session tensor (aligned with ``session.names``);
+    ``start``/``end``: the code statistics (:class:`mnemo_fast.calibration.Trial`) of the global
+    step and of the scaled one; ``trials``: forwards of the codes spent; ``sign``: the sign of
+    the step they scale (the calibration's; -1 where it leaves the sign to ``forget``).
+    """
+
+    blocks: list[str]
+    scales: list[float]
+    tensor_scales: list[float]
+    start: Trial
+    end: Trial
+    trials: int = 0
+    sign: int = -1                # the sign the scales were searched for (forget applies it)
+    history: list[tuple[str, float, float]] = field(default_factory=list)  # (block, scale, ratio)
+
+    @property
+    def gain(self) -> float:
+        """The largest tensor scale (>= 0): the applied shift is bounded by ``gain`` times the
+        global step's bound."""
+        return max(self.tensor_scales, default=0.0)
+
+
+def refinement_options(options: Mapping[str, object] | None) -> tuple[dict, dict]:
+    """Split ``forget``'s ``calibration=`` dict into (search options, refinement options),
+    the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None;
+    ``heldout`` True/False or an integer >= 1 (codes per class held out)."""
+    if not options:
+        return dict(options or {}), {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"calibration must be a dict of options or None, got {options!r}")
+    search = {k: v for k, v in options.items() if k not in OPTIONS}
+    refine = {}
+    blocks = options.get("blocks")
+    if blocks is True:
+        blocks = "module"
+    if blocks not in (None, False) and blocks not in BLOCKS:
+        raise validation.UnlearningError(f"calibration option blocks must be one of {BLOCKS}, True or False, "
+                                         f"got {blocks!r}")
+    if blocks:
+        refine["blocks"] = blocks
+    heldout = options.get("heldout")
+    if heldout is not None and heldout is not False:
+        if heldout is not True:
+            heldout = validation.integer("heldout", heldout, minimum=1)
+        refine["heldout"] = heldout
+    return search, refine
+
+
+def split_codes(codes: MnemonicCodes, heldout: bool | int) -> tuple[MnemonicCodes, MnemonicCodes]:
+    """(Fisher codes, scoring codes): the first K - H codes of each class and the last H
+    (H = ``heldout``; True: K // 2 rounded up). Needs K >= 2 and 1 <= H < K."""
+    k = codes.per_class
+    h = (k - k // 2) if heldout is True else int(heldout)
+    if k < 2:
+        raise validation.UnlearningError(
+            f"held-out scoring needs at least 2 codes per class (one for the Fisher, one to score); "
+            f"these codes have {k} (MnemonicCodes.generate(per_class=...))")
+    if not 1 <= h < k:
+        raise validation.UnlearningError(f"heldout must leave at least one of the {k} codes per class for the "
+                                         f"Fisher, got {heldout}")
+    t = codes.tensor
+    return MnemonicCodes(t[:, : k - h].contiguous()), MnemonicCodes(t[:, k - h:].contiguous())
+
+
+def score_on(session: CandidateSession, codes: MnemonicCodes, classes: Sequence[int]) -> None:
+    """Make ``session`` score its candidates on ``codes`` (every class) instead of the codes
+    its Fisher pair came from; the logits before forgetting are recomputed on first use."""
+    session.inputs, session.labels = code_inputs(session.model, codes, range(codes.num_classes))
+    session.is_forget = torch.isin(session.labels, torch.tensor(list(classes), device=session.labels.device))
+    session.logits_before = None
+
+
+def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
+    """(block names, block index per tensor). ``"tensor"``: one block per parameter.
+    ``"module"``: parameters grouped by their top-level child module, descending through
+    prefixes shared by every parameter (a wrapper ``model.net.*`` groups by ``net.<child>``)."""
+    if by == "tensor":
+        return list(names), list(range(len(names)))
+    parts = [n.split(".") for n in names]
+    depth = 1
+    while (len({tuple(p[:depth]) for p in parts}) == 1 and all(len(p) > depth + 1 for p in parts)):
+        depth += 1
+    keys = [".".join(p[:depth]) if len(p) > depth else ".".join(p[:-1]) or p[0] for p in parts]
+    blocks: list[str] = []
+    for key in keys:
+        if key not in blocks:
+            blocks.append(key)
+    return blocks, [blocks.index(k) for k in keys]
+
+
+class _Scaler:
+    """The global step's per-tensor shift ``delta`` (read once from the session's live
+    parameters after ``set_shift``) and the live values written as ``originals + s * delta``
+    for a block's tensors. Holds one extra parameter-sized copy (``delta``)."""
+
+    def __init__(self, session: CandidateSession, lambda1: float, lambda2: float, sign: int):
+        self.session = session
+        session.set_shift(lambda1, lambda2, sign)
+        self.delta = [p - o for p, o in zip(session.live, session.originals)]
+
+    @torch.no_grad()
+    def write(self, tensors: Sequence[int], scale: float) -> None:
+        live, originals = self.session.live, self.session.originals
+        for i in tensors:
+            torch.add(originals[i], self.delta[i], alpha=scale, out=live[i])
+
+
+class _Scorer:
+    """The calibration's statistics of the model as it is now, on the session's scoring codes."""
+
+    def __init__(self, session: CandidateSession, criterion: Mapping[str, float]):
+        self.session, self.criterion = session, criterion
+        self.labels, self.is_forget = session.labels, session.is_forget
+        margin0, _ = _margins(session.before_logits(), self.labels)
+        self._f, self._r = self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)
+        self._floor_f = margin0.index_select(0, self._f).clamp_min(1e-6)
+        self._floor_r = margin0.index_select(0, self._r).clamp_min(1e-6)
+        self.count = 0
+
+    @torch.no_grad()
+    def __call__(self, lambda1: float, lambda2: float, sign: int) -> Trial:
+        self.count += 1
+        margin, prob = _margins(self.session.logits(), self.labels)
+        m_f, m_r = margin.index_select(0, self._f), margin.index_select(0, self._r)
+        depth = float((-m_f / self._floor_f).min())
+        if m_r.numel():
+            ratio, all_right = float((m_r / self._floor_r).median()), bool((m_r > 0).all())
+        else:
+            ratio, all_right = 1.0, True
+        t = Trial(lambda1, lambda2, sign, float(m_f.max()), float(prob.index_select(0, self._f).max()),
+                  depth, all_right, ratio)
+        c = self.criterion
+        t.forget_ok = t.forget_depth >= c["depth"] and t.forget_max_prob <= c["max_forget_prob"]
+        t.retain_ok = t.retain_all_correct and t.retain_margin_ratio >= c["min_retain_margin"]
+        return t
+
+
+def _holds(t: Trial, ref: Trial) -> bool:
+    """The forget side holds against ``ref``: met if ``ref`` met it; else every forget code
+    still wrong and the depth no shallower than 98% of ``ref``'s."""
+    if ref.forget_ok:
+        return t.forget_ok
+    return t.forget_max_margin < 0 and t.forget_depth >= ref.forget_depth - 0.02 * abs(ref.forget_depth)
+
+
+def _better(t: Trial, best: Trial, ref: Trial) -> bool:
+    """A shrink to ``t`` is kept over ``best``: the forget side holds (:func:`_holds`) and the
+    retained margin ratio rises by MIN_GAIN."""
+    return _holds(t, ref) and t.retain_margin_ratio >= best.retain_margin_ratio + MIN_GAIN
+
+
+def _balance(t: Trial) -> float:
+    return min(t.forget_depth, t.retain_margin_ratio) if t.forget_max_margin < 0 else -math.inf
+
+
+@torch.no_grad()
+def block_steps(session: CandidateSession, calibration: Calibration, *, by: str = "module",
+                passes: int = 2) -> BlockSteps:
+    """Per-block scales of ``calibration``'s step (module docstring), searched on the session's
+    codes; the session's parameters are restored on return. Cost: about
+    ``(passes + 1) * 3 * blocks + 6`` forwards of the codes (no Fisher, no backward)."""
+    if by not in BLOCKS:
+        raise validation.UnlearningError(f"blocks must be one of {BLOCKS}, got {by!r}")
+    l1, l2 = calibration.lambda1, calibration.lambda2
+    sign = calibration.sign if calibration.sign is not None else -1
+    blocks, owner = block_names(session.names, by)
+    members = [[i for i, b in enumerate(owner) if b == k] for k in range(len(blocks))]
+    scales = [1.0] * len(blocks)
+    history: list[tuple[str, float, float]] = []
+    try:
+        scaler = _Scaler(session, l1, l2, sign)
+        score = _Scorer(session, calibration.diagnostics.get(
+            "criterion", {"depth": 1.0, "max_forget_prob": 1e-3, "min_retain_margin": 0.5}))
+        start = current = score(l1, l2, sign)
+
+        def shrink(current: Trial, ref: Trial) -> Trial:
+            for b, tensors in enumerate(members):
+                if scales[b] == 0.0:
+                    continue
+                best, best_scale = current, scales[b]
+                for rel in SHRINK:
+                    scaler.write(tensors, scales[b] * rel)
+                    t = score(l1, l2, sign)
+                    if _better(t, best, ref):
+                        best, best_scale = t, scales[b] * rel
+                scales[b] = best_scale
+                scaler.write(tensors, best_scale)
+                if best is not current:
+                    history.append((blocks[b], best_scale, best.retain_margin_ratio))
+                current = best
+            return current
+
+        for _ in range(passes):
+            current = shrink(current, start)
+        if not current.forget_ok:  # grow every scale together: spend the margin won back on forgetting
+            base, best = list(scales), current
+            for k in range(1, int(round(2 * math.log2(MAX_GROWTH))) + 1):
+                g = 2 ** (k / 2)
+                for b, tensors in enumerate(members):
+                    scaler.write(tensors, base[b] * g)
+                t = score(l1, l2, sign)
+                if t.forget_ok and t.retain_ok:
+                    best, grown = t, g
+                    break
+                if _balance(t) > _balance(best):  # never a step that only the forget side likes
+                    best, grown = t, g
+            if best is not current:
+                scales[:] = [s * grown for s in base]
+                history.append(("*", grown, best.retain_margin_ratio))
+                current = shrink(best, best)
+            for b, tensors in enumerate(members):
+                scaler.write(tensors, scales[b])
+        end = current
+    finally:
+        session.restore()
+    return BlockSteps(blocks=blocks, scales=scales, tensor_scales=[scales[b] for b in owner], start=start,
+                      end=end, trials=score.count, sign=sign, history=history)
+
+
+@torch.no_grad()
+def apply_scales(session: CandidateSession, tensor_scales: Sequence[float]) -> None:
+    """With the global step applied to the session's live parameters, make tensor l's shift
+    ``tensor_scales[l]`` times it (``originals + s * (live - originals)``)."""
+    for p, o, s in zip(session.live, session.originals, tensor_scales):
+        if s != 1.0:
+            p.sub_(o).mul_(s).add_(o)

@@ -527,6 +527,8 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the markdown tables, compute nothing")
     p.add_argument("--write-md", type=Path, default=None,
                    help="also put the tables between the sweep markers of this markdown file")
+    p.add_argument("--markers", default="sweep",
+                   help="--report --write-md: between <!-- NAME:begin --> and <!-- NAME:end --> (default sweep)")
     p.add_argument("--codes-report", action="store_true",
                    help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
@@ -546,7 +548,7 @@ def main(argv=None) -> int:
             text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
         print(text)
         if args.write_md:
-            _write_between(args.write_md, "<!-- sweep:begin -->", "<!-- sweep:end -->", text)
+            _write_between(args.write_md, f"<!-- {args.markers}:begin -->", f"<!-- {args.markers}:end -->", text)
         return 0
     sweep(args)
     return 0

@@ -444,6 +444,35 @@ def report(rows: dict, methods=METHODS + ("retrain",)) -> str:
     return "\n".join(out)
 
 
+def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "ssd")) -> None:
+    """One row of panels per (data, model) whose rows carry ``mia_auc``: each case's forget
+    accuracy vs A_R change per method (left), and each case's MIA AUC per method beside the
+    original's and the retrained model's (right; 0.5 = chance)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    combos = sorted({k[:2] for k, r in rows.items() if r.get("mia_auc") is not None})
+    fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.8 * len(combos)), squeeze=False)
+    for i, (data, model) in enumerate(combos):
+        keys = [k for k in sorted(rows) if k[:2] == (data, model)]
+        for m in methods:
+            pairs = [(rows[k], rows[k[:4] + ("original",)]) for k in keys if k[4] == m and k[:4] + ("original",) in rows]
+            axes[i, 0].scatter([100 * r["F"] for r, _ in pairs], [100 * (r["A_R"] - b["A_R"]) for r, b in pairs],
+                               label=m, s=18, alpha=0.7)
+        axes[i, 0].axhline(-2, color="grey", lw=0.8, ls="--")
+        axes[i, 0].set(xlabel="forget-class test accuracy (%)", ylabel="A_R change (points)", title=f"{data} / {model}")
+        shown = ("original",) + tuple(methods) + ("retrain",)
+        for j, m in enumerate(shown):
+            aucs = [rows[k]["mia_auc"] for k in keys if k[4] == m and rows[k].get("mia_auc") is not None]
+            axes[i, 1].scatter([j + 0.15 * ((n % 5) - 2) / 2 for n in range(len(aucs))], aucs, s=14, alpha=0.7)
+        axes[i, 1].axhline(MIA_CHANCE, color="grey", lw=0.8, ls="--")
+        axes[i, 1].set(xticks=range(len(shown)), xticklabels=shown, ylabel="forget-set MIA AUC (loss)",
+                       title=f"{data} / {model}: membership inference per case")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def codes_report(rows: dict, methods=("auto", "auto-heldout")) -> str:
     """Markdown: one line per (data, model, code variant, method in ``methods``): cases meeting
     the target, forget <= 1%, A_R drops > 10 points, mean A_R change, mean forget accuracy,
@@ -529,6 +558,7 @@ def main(argv=None) -> int:
                    help="also put the tables between the sweep markers of this markdown file")
     p.add_argument("--markers", default="sweep",
                    help="--report --write-md: between <!-- NAME:begin --> and <!-- NAME:end --> (default sweep)")
+    p.add_argument("--figure", type=Path, default=None, help="--report: also the MIA figure (png) of rows with mia_auc")
     p.add_argument("--codes-report", action="store_true",
                    help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
@@ -547,6 +577,8 @@ def main(argv=None) -> int:
         if any(r.get("mia_auc") is not None for r in rows.values()):
             text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
         print(text)
+        if args.figure:
+            mia_figure(rows, args.figure)
         if args.write_md:
             _write_between(args.write_md, f"<!-- {args.markers}:begin -->", f"<!-- {args.markers}:end -->", text)
         return 0

@@ -54,3 +54,11 @@ def test_targets_and_report_use_retrain_auc_else_chance():
     text = sweep.report(rows)
     assert "| 0 | 0 | 90.0 (MIA 0.60) | 0.0 / -1.0 / 0.53 ✓ |" in text
     assert "| retrain | 2 |" in text
+
+
+def test_mia_figure_is_written(tmp_path):
+    rows = {("d", "m", 0, 0, m): {"data": "d", "model": "m", "seed": 0, "forget": 0, "method": m,
+                                  "A_R": 0.9, "F": 0.0 if m != "original" else 0.9, "mia_auc": 0.55}
+            for m in ("original", "auto", "retrain")}
+    sweep.mia_figure(rows, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000

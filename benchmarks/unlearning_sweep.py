@@ -573,7 +573,9 @@ def main(argv=None) -> int:
         return 0
     if args.report:
         rows = load_rows(args.rows)
-        text = report(rows) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        text = report(rows)
+        if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
+            text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         if any(r.get("mia_auc") is not None for r in rows.values()):
             text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
         print(text)

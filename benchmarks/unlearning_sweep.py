@@ -22,6 +22,13 @@ Methods:
   auto-repair  EXTENSION: auto, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4, cross-entropy on
                the retained codes)
   auto-repair-distill  EXTENSION: the same with ``loss="distill"`` (to the model before)
+  retrain      (not in the default methods: CPU time) the model trained from scratch without
+               the class: same data subset, epochs, seed and codes (``experiment.retrained``,
+               cached beside the model); the reference of the membership-inference target
+
+Every method that yields a model (all but ``diagnose``) also gets
+``mia_auc``: the forget-set membership inference (``metrics.forget_set_mia``, loss feature:
+the class's training samples vs its test samples, AUC 0.5 = chance).
 
     python benchmarks/unlearning_sweep.py --data fashion-mnist digits --models cnn
     python benchmarks/unlearning_sweep.py --report        # markdown tables from the rows
@@ -93,11 +100,11 @@ def scores(pred, y, c) -> tuple[float, float]:
     return hit[y != c].mean().item(), hit[y == c].mean().item()
 
 
-def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1):
+def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1, at_best=None):
     """TEST-SET ORACLE over (lambda1, lambda2, sign); equal effective steps are run once. The
     grid is scored on a seeded subset of ``search_size`` test images (all when fewer), the
     chosen point on the whole test set. Returns (l1, l2, sign, A_R, forget acc, grid
-    [[l1, l2, sign, A_R, F] on the subset, ...])."""
+    [[l1, l2, sign, A_R, F] on the subset, ...], ``at_best(model)`` at the chosen point or None)."""
     full_x, full_y = x, y
     if len(x) > search_size:
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:search_size]
@@ -123,8 +130,9 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1):
         l1, l2, sign = best[1]
         s.set_shift(l1, l2, sign)
         a_r, f = scores(predict(model, full_x), full_y, c)
+        extra = at_best(model) if at_best is not None else None
         s.restore()
-    return l1, l2, sign, a_r, f, grid
+    return l1, l2, sign, a_r, f, grid, extra
 
 
 REFINED = {"auto-heldout": {"heldout": True}, "auto-blocks": {"blocks": "module"},
@@ -172,12 +180,25 @@ def ssd(case, c):
     return dampen_(copy.deepcopy(case.net), forget_imp, full, alpha=0.5 * len(x) / n_f, lam=1.0).eval()
 
 
+def mia_auc(model, case, c) -> float:
+    """Forget-set membership inference AUC of ``model`` on class ``c``: the class's training
+    samples (members of the original) vs its test samples, loss feature; 0.5 = chance."""
+    from mnemo_fast.evaluation.metrics import forget_set_mia
+    return forget_set_mia(model, case.train, case.test, [c]).auc
+
+
+_ORIGINAL: dict = {}
+
+
 def run_case(case, c, method, x, y) -> dict:
     net, codes = case.net, case.codes
     info: dict = {}
     start = time.perf_counter()
     if method == "original":
         model = net
+    elif method == "retrain":
+        model, train_seconds = X.retrained(case, [c])
+        info = {"train_seconds": train_seconds}
     elif method == "paper":
         r = forget(net, codes, [c], lambda1=PAPER[0], lambda2=PAPER[1])
         model, info = r.model, {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign}
@@ -190,10 +211,11 @@ def run_case(case, c, method, x, y) -> dict:
                 "feasible": cal.feasible, "forget_reached": cal.forget_reached,
                 "trials": len(cal.trials)}
     elif method == "oracle":
-        l1, l2, sign, a_r, f, grid = oracle(net, codes, c, x, y,
-                                            l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1)
+        l1, l2, sign, a_r, f, grid, auc = oracle(net, codes, c, x, y,
+                                                 l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1,
+                                                 at_best=lambda m: mia_auc(m, case, c))
         return {"lambda1": l1, "lambda2": l2, "sign": sign, "A_R": a_r, "F": f,
-                "seconds": time.perf_counter() - start, "grid": grid}
+                "seconds": time.perf_counter() - start, "grid": grid, "mia_auc": auc}
     elif method in REFINED:  # issue 10, items 4-5: forget(lambda1="auto") with a refinement
         model, info = refined(net, codes, c, method)
     elif method == "diagnose":
@@ -207,8 +229,14 @@ def run_case(case, c, method, x, y) -> dict:
     else:
         raise ValueError(method)
     seconds = time.perf_counter() - start
-    a_r, f = scores(predict(model, x), y, c)
-    return {"A_R": a_r, "F": f, "seconds": seconds, **info}
+    if method == "original":     # the same model for every class: its test predictions once
+        if _ORIGINAL.get("net") is not net:
+            _ORIGINAL.update(net=net, pred=predict(net, x))
+        pred = _ORIGINAL["pred"]
+    else:
+        pred = predict(model, x)
+    a_r, f = scores(pred, y, c)
+    return {"A_R": a_r, "F": f, "seconds": seconds, **info, "mia_auc": mia_auc(model, case, c)}
 
 
 PAPER_VARIANT = "paper"
@@ -287,6 +315,8 @@ def sweep(args) -> None:
                         key = (data, model_key(model_name, variant), seed, c, method)
                         if key in done and not (args.fresh and method in args.fresh):
                             continue
+                        if method == "retrain" and variant != PAPER_VARIANT:
+                            raise ValueError("retrain: the paper's codes only (its cache name has no variant)")
                         torch.manual_seed(seed)
                         row = {"data": data, "model": model_name, "seed": seed, "forget": c,
                                "method": method, **run_case(case, c, method, x, y)}
@@ -300,7 +330,7 @@ def sweep(args) -> None:
                                   f"overlap {row['overlap']:.2f} {row['verdict']}", flush=True)
                             continue
                         print(f"{data} {key[1]} s{seed} c{c} {method:12s} A_R {100 * row['A_R']:.1f} "
-                              f"F {100 * row['F']:.1f} {row['seconds']:.2f}s "
+                              f"F {100 * row['F']:.1f} MIA {row.get('mia_auc', float('nan')):.3f} {row['seconds']:.2f}s "
                               f"l=({row.get('lambda1', '-')}, {row.get('lambda2', '-')}) sign {row.get('sign', '-')}",
                               flush=True)
 
@@ -322,17 +352,68 @@ def counts(pairs) -> tuple[int, int, int, int, float, float]:
     return n, good, forgot, wreck, dA, fa
 
 
-def report(rows: dict, methods=METHODS) -> str:
-    """Markdown: counts per (data, model, method), then one line per class x seed."""
+MIA_TOLERANCE = 0.05    # the issue's target: |AUC - AUC of the retrained model| <= 0.05
+MIA_CHANCE = 0.5        # the reference where no retrained model was run (labelled as such)
+
+
+def mia_reference(rows: dict, key) -> tuple[float, bool]:
+    """(the retrained model's forget-set MIA AUC for the case of row key ``key``, whether it
+    was measured); where no ``retrain`` row has one, chance (0.5), unmeasured."""
+    r = rows.get(key[:4] + ("retrain",))
+    return (r["mia_auc"], True) if r is not None and r.get("mia_auc") is not None else (MIA_CHANCE, False)
+
+
+def mia_counts(rows: dict, keys) -> str:
+    """'met/n (mean AUC; r retrain refs)' over row keys with ``mia_auc``: the MIA target met."""
+    have = [k for k in keys if rows[k].get("mia_auc") is not None]
+    if not have:
+        return "-"
+    refs = [mia_reference(rows, k) for k in have]
+    met = sum(abs(rows[k]["mia_auc"] - ref) <= MIA_TOLERANCE for k, (ref, _) in zip(have, refs))
+    mean = sum(rows[k]["mia_auc"] for k in have) / len(have)
+    return f"{met}/{len(have)} ({mean:.3f}; {sum(m for _, m in refs)} retrain refs)"
+
+
+def targets_report(rows: dict, method: str = "auto") -> str:
+    """Markdown: per (data, model), the issue's three targets for ``method``, in class x seed
+    cases: forget <= 1% & A_R within 2 points; forget <= 1% & A_R at least SSD's where SSD
+    forgets <= 1% too (SSD's cases forgotten in brackets); MIA AUC within 0.05 of the retrained
+    model's (chance where no retrain row: how many references were measured is given)."""
+    out = [f"| data / model | cases | forget <= 1% & A_R within 2 pts | forget <= 1% & A_R >= SSD's "
+           f"(SSD forgets) | MIA within {MIA_TOLERANCE} of retrain (mean AUC; measured refs) | "
+           "MIA AUC before (mean) |", "|---|---|---|---|---|---|"]
+    for data, model in sorted({(k[0], k[1]) for k in rows}):
+        keys = [k for k in sorted(rows) if k[:2] == (data, model) and k[4] == method
+                and k[:4] + ("original",) in rows]
+        if not keys:
+            continue
+        before = [rows[k[:4] + ("original",)] for k in keys]
+        met = sum(ok(rows[k], b) for k, b in zip(keys, before))
+        ssd_rows = [rows.get(k[:4] + ("ssd",)) for k in keys]
+        vs = [(rows[k], r) for k, r in zip(keys, ssd_rows) if r is not None]
+        beat = sum(a["F"] <= 0.01 and (r["F"] > 0.01 or a["A_R"] >= r["A_R"]) for a, r in vs)
+        ssd_forgets = sum(r["F"] <= 0.01 for _, r in vs)
+        aucs = [b["mia_auc"] for b in before if b.get("mia_auc") is not None]
+        out.append(f"| {data} / {model} | {len(keys)} | **{met}/{len(keys)}** | "
+                   f"{f'{beat}/{len(vs)} ({ssd_forgets})' if vs else '-'} | {mia_counts(rows, keys)} | "
+                   f"{f'{sum(aucs) / len(aucs):.3f}' if aucs else '-'} |")
+    return "\n".join(out)
+
+
+def report(rows: dict, methods=METHODS + ("retrain",)) -> str:
+    """Markdown: counts per (data, model, method), then one line per class x seed; where rows
+    carry ``mia_auc``, a column of the MIA target and the AUC in each cell."""
     out = []
     combos = sorted({(k[0], k[1]) for k in rows})
     for data, model in combos:
         cases = sorted({(k[2], k[3]) for k in rows if k[:2] == (data, model)})
         present = [m for m in methods if any((data, model, s, c, m) in rows for s, c in cases)]
+        mia = any(r.get("mia_auc") is not None for k, r in rows.items() if k[:2] == (data, model))
         out.append(f"\n#### {data} / {model}: {len(cases)} class x seed cases\n")
         out.append("| method | cases | forget <= 1% & A_R within 2 pts | forget <= 1% | A_R drop > 10 pts | "
-                   "mean A_R change (pts) | mean forget acc % |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "mean A_R change (pts) | mean forget acc % |"
+                   + (f" MIA within {MIA_TOLERANCE} of retrain (mean AUC; measured refs) |" if mia else ""))
+        out.append("|---|---|---|---|---|---|---|" + ("---|" if mia else ""))
         for m in present:
             pairs = [(rows[(data, model, s, c, m)], rows[(data, model, s, c, "original")]) for s, c in cases
                      if (data, model, s, c, m) in rows and (data, model, s, c, "original") in rows]
@@ -340,9 +421,12 @@ def report(rows: dict, methods=METHODS) -> str:
                 continue
             n, good, forgot, wreck, dA, fa = counts(pairs)
             label = "oracle (TEST SET)" if m == "oracle" else m
-            out.append(f"| {label} | {n} | **{good}/{n}** | {forgot}/{n} | {wreck}/{n} | {dA:+.1f} | {fa:.1f} |")
+            keys = [(data, model, s, c, m) for s, c in cases if (data, model, s, c, m) in rows]
+            out.append(f"| {label} | {n} | **{good}/{n}** | {forgot}/{n} | {wreck}/{n} | {dA:+.1f} | {fa:.1f} |"
+                       + (f" {mia_counts(rows, keys)} |" if mia else ""))
         out.append("")
-        out.append("Per case: forget acc % / A_R change (pts); ✓ = target met.\n")
+        out.append("Per case: forget acc % / A_R change (pts)" + (" / MIA AUC" if mia else "")
+                   + "; ✓ = target met.\n")
         out.append("| seed | class | A_R before | " + " | ".join(
             "oracle (TEST SET)" if m == "oracle" else m for m in present if m != "original") + " |")
         out.append("|---|---|---|" + "---|" * (len(present) - 1))
@@ -355,10 +439,41 @@ def report(rows: dict, methods=METHODS) -> str:
                 if m == "original":
                     continue
                 r = rows.get((data, model, s, c, m))
+                auc = "" if r is None or r.get("mia_auc") is None else f" / {r['mia_auc']:.2f}"
                 cells.append("-" if r is None else
-                             f"{100 * r['F']:.1f} / {100 * (r['A_R'] - b['A_R']):+.1f}{' ✓' if ok(r, b) else ''}")
-            out.append(f"| {s} | {c} | {100 * b['A_R']:.1f} | " + " | ".join(cells) + " |")
+                             f"{100 * r['F']:.1f} / {100 * (r['A_R'] - b['A_R']):+.1f}{auc}{' ✓' if ok(r, b) else ''}")
+            auc = "" if b.get("mia_auc") is None else f" (MIA {b['mia_auc']:.2f})"
+            out.append(f"| {s} | {c} | {100 * b['A_R']:.1f}{auc} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "ssd")) -> None:
+    """One row of panels per (data, model) whose rows carry ``mia_auc``: each case's forget
+    accuracy vs A_R change per method (left), and each case's MIA AUC per method beside the
+    original's and the retrained model's (right; 0.5 = chance)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    combos = sorted({k[:2] for k, r in rows.items() if r.get("mia_auc") is not None})
+    fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.8 * len(combos)), squeeze=False)
+    for i, (data, model) in enumerate(combos):
+        keys = [k for k in sorted(rows) if k[:2] == (data, model)]
+        for m in methods:
+            pairs = [(rows[k], rows[k[:4] + ("original",)]) for k in keys if k[4] == m and k[:4] + ("original",) in rows]
+            axes[i, 0].scatter([100 * r["F"] for r, _ in pairs], [100 * (r["A_R"] - b["A_R"]) for r, b in pairs],
+                               label=m, s=18, alpha=0.7)
+        axes[i, 0].axhline(-2, color="grey", lw=0.8, ls="--")
+        axes[i, 0].set(xlabel="forget-class test accuracy (%)", ylabel="A_R change (points)", title=f"{data} / {model}")
+        shown = ("original",) + tuple(methods) + ("retrain",)
+        for j, m in enumerate(shown):
+            aucs = [rows[k]["mia_auc"] for k in keys if k[4] == m and rows[k].get("mia_auc") is not None]
+            axes[i, 1].scatter([j + 0.15 * ((n % 5) - 2) / 2 for n in range(len(aucs))], aucs, s=14, alpha=0.7)
+        axes[i, 1].axhline(MIA_CHANCE, color="grey", lw=0.8, ls="--")
+        axes[i, 1].set(xticks=range(len(shown)), xticklabels=shown, ylabel="forget-set MIA AUC (loss)",
+                       title=f"{data} / {model}: membership inference per case")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def codes_report(rows: dict, methods=("auto", "auto-heldout")) -> str:
@@ -432,7 +547,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["cnn"], choices=("mlp", "cnn", "resnet"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default: every class")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("diagnose",) + tuple(REFINED))
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   choices=METHODS + ("diagnose", "retrain") + tuple(REFINED))
     p.add_argument("--variants", nargs="+", default=[PAPER_VARIANT],
                    help="code variants to train and sweep (module docstring), default: paper")
     p.add_argument("--fresh", nargs="*", default=None, help="recompute these methods' rows")
@@ -443,6 +559,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the markdown tables, compute nothing")
     p.add_argument("--write-md", type=Path, default=None,
                    help="also put the tables between the sweep markers of this markdown file")
+    p.add_argument("--markers", default="sweep",
+                   help="--report --write-md: between <!-- NAME:begin --> and <!-- NAME:end --> (default sweep)")
+    p.add_argument("--figure", type=Path, default=None, help="--report: also the MIA figure (png) of rows with mia_auc")
     p.add_argument("--codes-report", action="store_true",
                    help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
@@ -457,10 +576,16 @@ def main(argv=None) -> int:
         return 0
     if args.report:
         rows = load_rows(args.rows)
-        text = report(rows, METHODS + tuple(REFINED)) + "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        text = report(rows, METHODS + ("retrain",) + tuple(REFINED))
+        if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
+            text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        if any(r.get("mia_auc") is not None for r in rows.values()):
+            text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
         print(text)
+        if args.figure:
+            mia_figure(rows, args.figure)
         if args.write_md:
-            _write_between(args.write_md, "<!-- sweep:begin -->", "<!-- sweep:end -->", text)
+            _write_between(args.write_md, f"<!-- {args.markers}:begin -->", f"<!-- {args.markers}:end -->", text)
         return 0
     sweep(args)
     return 0

@@ -1,0 +1,64 @@
+"""benchmarks/unlearning_sweep.py: the membership-inference field, the retrain method and the
+targets report (a tiny MLP on random data, seconds)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import unlearning_sweep as sweep  # noqa: E402
+
+
+def _case(tmp_path, monkeypatch):
+    monkeypatch.setitem(sweep.EPOCHS, "digits", 2)
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(60, 1, 4, 4, generator=g), torch.arange(60) % 3)
+    test = TensorDataset(torch.rand(30, 1, 4, 4, generator=g), torch.arange(30) % 3)
+    return sweep.trained(tmp_path, "digits", "mlp", 0, train, test, sweep.PAPER_VARIANT)
+
+
+def test_rows_carry_the_forget_set_mia_and_retrain_is_cached(tmp_path, monkeypatch):
+    from mnemo_fast.evaluation.metrics import forget_set_mia
+    case = _case(tmp_path, monkeypatch)
+    x, y = case.test.tensors
+    rows = {m: sweep.run_case(case, 1, m, x, y) for m in ("original", "paper", "retrain", "ssd", "oracle")}
+    for m, row in rows.items():
+        assert 0.0 <= row["mia_auc"] <= 1.0, m
+    assert rows["original"]["mia_auc"] == forget_set_mia(case.net, case.train, case.test, [1]).auc
+    assert case.path("-retrain-1").exists()          # trained once, beside the model
+    again = sweep.run_case(case, 1, "retrain", x, y)  # from the cache: the same model
+    assert (again["A_R"], again["F"], again["mia_auc"]) == (rows["retrain"]["A_R"], rows["retrain"]["F"],
+                                                            rows["retrain"]["mia_auc"])
+    assert rows["retrain"]["F"] == 0.0                # the class was never seen: never predicted
+    assert sweep.run_case(case, 1, "original", x, y)["A_R"] == rows["original"]["A_R"]  # memoised predictions
+
+
+def test_targets_and_report_use_retrain_auc_else_chance():
+    base = {"data": "d", "model": "m", "seed": 0}
+    rows = {}
+    for c, (auto_auc, retrain_auc) in enumerate([(0.53, 0.50), (0.58, 0.56), (0.58, None)]):
+        for method, extra in [("original", {"A_R": 0.9, "F": 0.9, "mia_auc": 0.6}),
+                              ("auto", {"A_R": 0.89, "F": 0.0, "mia_auc": auto_auc}),
+                              ("ssd", {"A_R": 0.95, "F": 0.2})] + (
+                [("retrain", {"A_R": 0.91, "F": 0.0, "mia_auc": retrain_auc})] if retrain_auc else []):
+            rows[("d", "m", 0, c, method)] = base | {"forget": c, "method": method, **extra}
+    # case 0: |0.53 - 0.50| ok; case 1: |0.58 - 0.56| ok; case 2: no retrain -> chance, 0.08 off
+    assert sweep.mia_reference(rows, ("d", "m", 0, 2, "auto")) == (0.5, False)
+    assert sweep.mia_counts(rows, [("d", "m", 0, c, "auto") for c in range(3)]) == "2/3 (0.563; 2 retrain refs)"
+    targets = sweep.targets_report(rows)
+    assert "| d / m | 3 | **3/3** | 3/3 (0) | 2/3 (0.563; 2 retrain refs) | 0.600 |" in targets
+    text = sweep.report(rows)
+    assert "| 0 | 0 | 90.0 (MIA 0.60) | 0.0 / -1.0 / 0.53 ✓ |" in text
+    assert "| retrain | 2 |" in text
+
+
+def test_mia_figure_is_written(tmp_path):
+    rows = {("d", "m", 0, 0, m): {"data": "d", "model": "m", "seed": 0, "forget": 0, "method": m,
+                                  "A_R": 0.9, "F": 0.0 if m != "original" else 0.9, "mia_auc": 0.55}
+            for m in ("original", "auto", "retrain")}
+    sweep.mia_figure(rows, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000

@@ -70,7 +70,6 @@ from mnemo_fast.train import train_with_codes  # noqa: E402
 from mnemo_fast.diagnose import diagnose  # noqa: E402
 from mnemo_fast.method import forget  # noqa: E402
 from mnemo_fast.session import CandidateSession  # noqa: E402
-from mnemo_fast.evaluation import baselines as B  # noqa: E402
 from mnemo_fast.evaluation import experiment as X  # noqa: E402
 
 PAPER = (1e-3, 10.0)

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
 from torch.utils.data import Subset, TensorDataset
 
 import mnemo_fast as mf
-from mnemo_fast.evaluation import baselines as B, data, models
+from mnemo_fast.evaluation import baselines as B
 from mnemo_fast.evaluation.baselines.ssd import dampen_, lfssd_importance, ssd_importance
 from mnemo_fast.evaluation.resnet import resnet18
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast.evaluation import data, models
 from mnemo_fast.calibration import Calibration, calibrate
 from mnemo_fast.validation import UnlearningError
 

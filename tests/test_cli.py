@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import mnemo_fast as mf
 from mnemo_fast import cli

@@ -1,6 +1,5 @@
 """Whole-model equality, fast engines vs the reference: the Fisher and the forgotten model."""
 
-import copy
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import mnemo_fast as mf
-from mnemo_fast.evaluation import data, metrics as M, models
+from mnemo_fast.evaluation import metrics as M, models
 
 
 @pytest.fixture(scope="module")

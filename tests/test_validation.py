@@ -5,10 +5,7 @@ Every case runs on ``mnemo_fast`` and on ``mnemo_fast.reference`` with a tiny ML
 outputs raise before anything is touched; a result that would not be finite is rolled back.
 """
 
-import copy
-import math
 import threading
-import warnings
 
 import numpy as np
 import pytest

@@ -20,13 +20,14 @@ Not in the paper. Both refine the calibration of :mod:`mnemo_fast.calibration` a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 
 from . import validation
-from .calibration import Calibration, Trial, _margins
+from .calibration import Calibration, Criterion, Trial, _Prober, _judge
+from .calibration import _balance as _calibration_balance
 from .codes import MnemonicCodes
 from .session import CandidateSession, code_inputs
 
@@ -159,33 +160,18 @@ class _Scaler:
 
 
 class _Scorer:
-    """The calibration's statistics of the model as it is now, on the session's scoring codes."""
+    """The calibration's judged statistics (:meth:`mnemo_fast.calibration._Prober.statistics`)
+    of the model as it is now, on the session's scoring codes; ``count``: forwards spent."""
 
     def __init__(self, session: CandidateSession, criterion: Mapping[str, float]):
-        self.session, self.criterion = session, criterion
-        self.labels, self.is_forget = session.labels, session.is_forget
-        margin0, _ = _margins(session.before_logits(), self.labels)
-        self._f, self._r = self.is_forget.nonzero().view(-1), (~self.is_forget).nonzero().view(-1)
-        self._floor_f = margin0.index_select(0, self._f).clamp_min(1e-6)
-        self._floor_r = margin0.index_select(0, self._r).clamp_min(1e-6)
+        self.session = session
+        self.prober = _Prober(session, lambda trial: _judge(trial, **criterion))
         self.count = 0
 
     @torch.no_grad()
     def __call__(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         self.count += 1
-        margin, prob = _margins(self.session.logits(), self.labels)
-        m_f, m_r = margin.index_select(0, self._f), margin.index_select(0, self._r)
-        depth = float((-m_f / self._floor_f).min())
-        if m_r.numel():
-            ratio, all_right = float((m_r / self._floor_r).median()), bool((m_r > 0).all())
-        else:
-            ratio, all_right = 1.0, True
-        t = Trial(lambda1, lambda2, sign, float(m_f.max()), float(prob.index_select(0, self._f).max()),
-                  depth, all_right, ratio)
-        c = self.criterion
-        t.forget_ok = t.forget_depth >= c["depth"] and t.forget_max_prob <= c["max_forget_prob"]
-        t.retain_ok = t.retain_all_correct and t.retain_margin_ratio >= c["min_retain_margin"]
-        return t
+        return self.prober.judge(self.prober.statistics(self.session.logits(), lambda1, lambda2, sign))
 
 
 def _holds(t: Trial, ref: Trial) -> bool:
@@ -203,7 +189,9 @@ def _better(t: Trial, best: Trial, ref: Trial) -> bool:
 
 
 def _balance(t: Trial) -> float:
-    return min(t.forget_depth, t.retain_margin_ratio) if t.forget_max_margin < 0 else -math.inf
+    """The calibration's balance (min(depth, retained margin ratio)) where every forget code is
+    wrong, else -inf: a step that leaves a forget code right never wins the grow stage."""
+    return _calibration_balance(t) if t.forget_max_margin < 0 else -math.inf
 
 
 @torch.no_grad()
@@ -222,8 +210,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
     history: list[tuple[str, float, float]] = []
     try:
         scaler = _Scaler(session, l1, l2, sign)
-        score = _Scorer(session, calibration.diagnostics.get(
-            "criterion", {"depth": 1.0, "max_forget_prob": 1e-3, "min_retain_margin": 0.5}))
+        score = _Scorer(session, calibration.diagnostics.get("criterion", asdict(Criterion())))
         start = current = score(l1, l2, sign)
 
         def shrink(current: Trial, ref: Trial) -> Trial:

@@ -157,7 +157,15 @@ class _Prober:
         trial = getattr(self.session, "trial_logits", None)  # a CandidateSession's: set_shift + logits, cheaper
         if trial is None:
             self.session.set_shift(lambda1, lambda2, sign)
-        margin, prob = _margins(self.session.logits() if trial is None else trial(lambda1, lambda2, sign), self.labels)
+        logits = self.session.logits() if trial is None else trial(lambda1, lambda2, sign)
+        trial = self.statistics(logits, lambda1, lambda2, sign)
+        self.both.append(trial)
+        return self.judge(trial)
+
+    def statistics(self, logits: Tensor, lambda1: float, lambda2: float, sign: int) -> Trial:
+        """The unjudged :class:`Trial` of the codes' ``logits`` [N, C] (float32), read in one
+        host transfer; not recorded in :attr:`both`."""
+        margin, prob = _margins(logits, self.labels)
         m_f, m_r = margin.index_select(0, self._f), margin.index_select(0, self._r)
         # ties count as wrong, as argmax would pick the first index; close enough here
         stats = [(m_f > 0).float().mean(), (-m_f / self._floor_f).min(), m_f.max(), prob.index_select(0, self._f).max()]
@@ -167,10 +175,8 @@ class _Prober:
         stats = torch.stack([t.to(stats[0].dtype) for t in stats]).tolist()
         forget_correct, depth, forget_max_margin, forget_max_prob = stats[:4]
         a_r, ratio, retain_correct = (stats[4], stats[5], bool(stats[6])) if m_r.numel() else (1.0, 1.0, True)
-        trial = Trial(lambda1, lambda2, sign, forget_max_margin, forget_max_prob,
-                      depth, retain_correct, ratio, score=a_r + (1.0 - forget_correct))
-        self.both.append(trial)
-        return self.judge(trial)
+        return Trial(lambda1, lambda2, sign, forget_max_margin, forget_max_prob,
+                     depth, retain_correct, ratio, score=a_r + (1.0 - forget_correct))
 
     @torch.no_grad()
     def probe(self, lambda1: float, lambda2: float) -> Trial:

@@ -9,6 +9,7 @@ compiled kernels were not built for, the Fisher runs on the hooks engine with AT
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from typing import Callable, Sequence
 
@@ -318,17 +319,15 @@ class FastEngine:
         names |= set(op_params)
         # per block: the first contribution becomes the accumulator (no zero fill)
         blocks: list[dict[str, Tensor]] = [{} for _ in sizes]
-        sums = blocks[0]
+        first = blocks[0]  # where a single-block pass, and the non-rule paths, accumulate
 
-        def add(name: str, value: Tensor) -> None:
+        def add(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
             dtype = accumulation_dtype(params[name].dtype)
             if name in sums:
                 sums[name] += value.to(dtype)
             else:  # rule outputs are fresh tensors: safe to own and add into
                 sums[name] = value.to(dtype, memory_format=torch.contiguous_format).view(params[name].shape)
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
+        bounds = [0, *itertools.accumulate(sizes)]
         step = chunk_size or max(inputs.shape[0], 1)  # an empty block: no pass, zero sums
         for start in range(0, inputs.shape[0], step):
             x, y = inputs[start : start + step], targets[start : start + step]
@@ -356,26 +355,24 @@ class FastEngine:
                         else f"an operation-level use failed: {used.failed}")
             if used:
                 for name, value in used.sums.items():
-                    add(name, value)
+                    add(first, name, value)
                 for name, samples in used.samples.items():
-                    add(name, samples.square().sum(0))
+                    add(first, name, samples.square().sum(0))
             for name, (grad, scale) in caught.grads.items():
                 samples = per_sample(grad, plan.broadcast_uses[name], params[name].shape, scale, x.shape[0])
                 if samples is None:
                     return f"the gradient of {name}'s broadcast node did not have the planned shape"
-                add(name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))
+                add(first, name, samples.to(accumulation_dtype(params[name].dtype)).square().sum(0))
             for module, records in capture.calls.items():
                 rule, local_names = plan.rule_modules[module]
                 calls = [(rule.inputs(args, kwargs), grad) for args, kwargs, grad in records if grad is not None]
                 if not calls:
                     continue
                 for block, a, b in (cuts if len(sizes) > 1 else [(0, 0, x.shape[0])]):
-                    sums = blocks[block]
                     rows = calls if len(sizes) == 1 else [(inp[a:b], grad[a:b]) for inp, grad in calls]
                     for local, value in rule.accumulate(module, rows, self.kernels).items():
                         if local in local_names:
-                            add(local_names[local], value)
-                sums = blocks[0]
+                            add(blocks[block], local_names[local], value)
             # Drop this chunk's captured inputs and output gradients before the next forward:
             # one chunk's activations live at a time, whatever N is.
             capture = caught = used = loss = wanted = records = calls = value = None

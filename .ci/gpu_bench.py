@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import mnemo_fast as mf
+import mnemo_fast.reference
 from mnemo_fast.fast import ops
 from mnemo_fast.fast.ops import TWINS as ref
 from mnemo_fast.reference.engine import REFERENCE
@@ -97,10 +98,54 @@ def forget_cases(repeats):
                timed(run(REFERENCE), max(1, repeats // 3)))
 
 
+def relative_error(fast, want):
+    """Largest per-tensor max |fast - want| / max |want| (floored at 1e-6 of the largest entry)."""
+    scale = max(float(v.abs().max()) for v in want.values())
+    return max(float((fast[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-6 * scale) for k in want)
+
+
+def hf_cases(repeats, families, n, layers, width, heads, seq_len, image):
+    """The Fisher diagonal of Hugging Face classifiers built from configs (random weights):
+    plain fwd+bwd, mnemo_fast, the reference, the error, and the tensors on the generic path."""
+    from mnemo_fast.evaluation.hf_models import build
+    from mnemo_fast.fast.plan import make_plan
+    from mnemo_fast.reference import fisher as ref_fisher
+
+    for family in families:
+        try:
+            hf = build(family, num_classes=10, layers=layers, width=width, heads=heads, seq_len=seq_len,
+                       vocab=1000, image=image)
+            model = hf.model.to(CUDA)
+            gen = torch.Generator().manual_seed(0)
+            x = hf.inputs(n, gen).to(CUDA)
+            y = torch.randint(0, 10, (n,), generator=gen).to(CUDA)
+            params = ref_fisher.trainable_parameters(model)
+            plan = make_plan(model, params, x[:1], y[:1], ref_fisher.logits_of)
+
+            def plain():
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x).logits, y, reduction="sum").backward()
+
+            fast = lambda: mf.fisher_diagonal(model, x, y)  # noqa: E731
+            reference = lambda: mf.reference.fisher_diagonal(model, x, y)  # noqa: E731
+            error = relative_error(fast(), reference())
+            yield (family, sum(p.numel() for p in params.values()), len(params), len(plan.generic), error,
+                   timed(plain, repeats), timed(fast, repeats), timed(reference, max(1, repeats // 3)))
+        except Exception as exc:  # noqa: BLE001 - one family failing must not hide the others
+            yield (family, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--hf-families", nargs="*", default=["bert", "gpt2", "llama", "vit", "convnext"])
+    parser.add_argument("--hf-n", type=int, default=64)
+    parser.add_argument("--hf-layers", type=int, default=4)
+    parser.add_argument("--hf-width", type=int, default=768)
+    parser.add_argument("--hf-heads", type=int, default=12)
+    parser.add_argument("--hf-seq-len", type=int, default=128)
+    parser.add_argument("--hf-image", type=int, default=64)
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if CUDA.type == "cuda" else "CPU dry run"
     lines = [f"# GPU benchmarks ({where}, torch {torch.__version__})", "",
@@ -111,6 +156,21 @@ def main():
               "| call | plain fwd+bwd (ms) | forget, fast (ms) | forget, reference (ms) |", "|---|---|---|---|"]
     for name, plain, fast, reference in forget_cases(args.repeats):
         lines.append(f"| {name} | {plain:.2f} | {fast:.2f} | {reference:.2f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"Fisher diagonal of `transformers` classifiers from configs (random weights, float32): "
+              f"N = {args.hf_n}, {args.hf_layers} layers, width {args.hf_width}, {args.hf_heads} heads, "
+              f"T = {args.hf_seq_len} tokens / {args.hf_image}x{args.hf_image} images.", "",
+              "| model | parameters | tensors on the generic path | max rel. err | plain fwd+bwd (ms) | "
+              "mnemo_fast (ms) | reference (ms) | fast / plain | reference / fast |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in hf_cases(args.repeats, args.hf_families, args.hf_n, args.hf_layers, args.hf_width,
+                        args.hf_heads, args.hf_seq_len, args.hf_image):
+        if len(row) == 2:
+            lines.append(f"| {row[0]} | does not run: {row[1]} | | | | | | | |")
+        else:
+            family, numel, tensors, generic, error, plain, fast, reference = row
+            lines.append(f"| {family} | {numel / 1e6:.1f}M | {generic} of {tensors} | {error:.1e} | {plain:.2f} | "
+                         f"{fast:.2f} | {reference:.2f} | {fast / plain:.2f}x | {reference / fast:.2f}x |")
+        print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

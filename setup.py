@@ -146,6 +146,44 @@ def plan_cuda(env, torch_cuda, cuda_home, search_path):
     return CudaPlan(cuda=True, include_dirs=extra_includes, library_dirs=[lib_dir], cudart=link_name)
 
 
+#: NEEDED entries that mean "the C++ runtime is a shared library" (GCC's and LLVM's)
+SHARED_CXX_RUNTIMES = ("libstdc++.so", "libc++.so")
+
+
+def needed_libraries(path):
+    """The shared libraries a built ELF file names as NEEDED (``readelf -d``); None where it
+    cannot be told (no readelf, not ELF)."""
+    import re
+    import shutil
+    import subprocess
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    run = subprocess.run([readelf, "-d", path], capture_output=True, text=True)
+    if run.returncode != 0:
+        return None
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", run.stdout)
+
+
+def static_cxx_runtime_message(needed, compiler):
+    """The warning for an extension that carries its own copy of the C++ runtime, else None.
+
+    A torch extension must share torch's libstdc++: with a private static copy, formatting an
+    error message (an ostringstream with numbers in it) mixes two runtimes' locale state, and a
+    kernel's TORCH_CHECK then crashes the process (SIGSEGV) instead of raising RuntimeError. Seen
+    on a GPU machine whose CC/CXX pointed at a g++ wrapper that linked libstdc++ statically
+    (benchmarks/RESULTS.md, the H200 section)."""
+    if needed is None or any(lib.startswith(SHARED_CXX_RUNTIMES) for lib in needed):
+        return None
+    return (
+        f"mnemo_fast: WARNING: the extension links no shared C++ runtime (NEEDED: {', '.join(needed) or 'none'}); "
+        f"the compiler ({compiler}) linked libstdc++ statically. Errors raised by its kernels can then crash "
+        "the process instead of raising RuntimeError. Rebuild with the system compiler, e.g. "
+        "`env -u CC -u CXX pip install --no-build-isolation -e .` or CC=gcc CXX=g++."
+    )
+
+
 def _extension(plan):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -182,10 +220,17 @@ if __name__ == "__main__":
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension
 
+    class BuildAndCheck(BuildExtension.with_options(use_ninja=True)):
+        """torch's build, then a check that the result shares torch's C++ runtime."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            message = static_cxx_runtime_message(
+                needed_libraries(self.get_ext_fullpath(ext.name)), os.environ.get("CXX", "c++"))
+            if message:
+                print(message, file=sys.stderr, flush=True)
+
     cuda_plan = plan_cuda(os.environ, torch.version.cuda, CUDA_HOME, sys.path)
     if cuda_plan.message:
         print(cuda_plan.message, file=sys.stderr, flush=True)
-    setup(
-        ext_modules=[_extension(cuda_plan)],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    )
+    setup(ext_modules=[_extension(cuda_plan)], cmdclass={"build_ext": BuildAndCheck})

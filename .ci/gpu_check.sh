@@ -46,9 +46,11 @@ has_kernels() {
   "$py" -c "import sys, torch; from mnemo_fast.fast import _ext; sys.exit(0 if _ext.has_cuda_kernels(torch.device('cuda')) else 1)" 2>/dev/null
 }
 if ! has_kernels; then
+  # The system compiler (CC/CXX unset): a lent H200 machine sets them to a g++ wrapper that links
+  # libstdc++ statically, and such an extension crashes on its own error messages (setup.py warns).
   arch=$("$py" -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))")
   step "build the CUDA extension in place (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch})" 240 "$out/build.log" \
-    env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    env -u CC -u CXX FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$py" setup.py build_ext --inplace
 fi
 

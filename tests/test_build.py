@@ -146,6 +146,36 @@ from mnemo_fast.fast import _ext  # noqa: E402
 needs_ext = pytest.mark.skipif(not _ext.available(), reason="mnemo_fast._C unavailable")
 
 
+# --- the C++ runtime the built extension links (setup.py's check after the build) -----------
+
+# NEEDED entries of an extension built on a lent H200 machine whose CC/CXX wrapper linked
+# libstdc++ statically: every TORCH_CHECK message with a number in it crashed the process.
+STATIC_BUILD_NEEDED = ["libc10.so", "libtorch_cpu.so", "libcudart.so.13", "libc10_cuda.so",
+                       "libtorch_cuda.so", "libgomp.so.1", "libgcc_s.so.1", "libc.so.6", "ld-linux-x86-64.so.2"]
+
+
+def test_static_cxx_runtime_is_named_with_the_fix():
+    message = setup_py.static_cxx_runtime_message(STATIC_BUILD_NEEDED, "/opt/gcc/bin/g++")
+    assert "links no shared C++ runtime" in message and "/opt/gcc/bin/g++" in message
+    assert "env -u CC -u CXX" in message
+    shared = STATIC_BUILD_NEEDED + ["libstdc++.so.6"]
+    assert setup_py.static_cxx_runtime_message(shared, "g++") is None
+    assert setup_py.static_cxx_runtime_message(["libc++.so.1", "libc10.so"], "clang++") is None
+    assert setup_py.static_cxx_runtime_message(None, "g++") is None  # cannot tell: no warning
+
+
+@needs_ext
+def test_the_built_extension_shares_torchs_cxx_runtime():
+    import mnemo_fast._C as compiled
+
+    needed = setup_py.needed_libraries(compiled.__file__)
+    if needed is None:
+        pytest.skip("readelf is not installed: the NEEDED entries cannot be read")
+    assert setup_py.static_cxx_runtime_message(needed, "the build's compiler") is None, (
+        f"{compiled.__file__} links libstdc++ statically (NEEDED: {needed}): its kernels' "
+        "error messages can crash the process; rebuild with the system compiler (env -u CC -u CXX)")
+
+
 @needs_ext
 def test_cpu_conv_refuses_a_kernel_larger_than_the_padded_input():
     from mnemo_fast.fast import ops

@@ -18,6 +18,7 @@
 
 #include <mutex>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "multi_tensor.cuh"
@@ -36,7 +37,10 @@ __global__ void __launch_bounds__(kPerturbThreads)
                     fisher_t tau, at::PhiloxCudaState philox) {
   using acc_t = fisher_t;  // float or double: see multi_tensor.cuh
   using opmath_t = at::opmath_type<param_t>;
-  const auto [seed, offset] = at::cuda::philox::unpack(philox);
+  // Plain variables, not a structured binding: the lambda below captures them (capturing a
+  // structured binding is C++20; nvcc warned under -std=c++17).
+  const auto seed_offset = at::cuda::philox::unpack(philox);
+  const uint64_t seed = std::get<0>(seed_offset), offset = std::get<1>(seed_offset);
   for_each_chunk(batch, [&](int slot, int64_t begin, int64_t end) {
     const acc_t ratio = max_ratio[batch.index[slot]];
     const acc_t alpha = perturb_alpha(ratio, lambda1, lambda2);

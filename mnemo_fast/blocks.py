@@ -3,7 +3,9 @@
 
 Not in the paper. Both refine the calibration of :mod:`mnemo_fast.calibration` and run on its
 :class:`mnemo_fast.session.CandidateSession` through the session's own API (``set_shift``,
-``live``/``originals``, ``logits``); neither changes how the default ``auto`` works.
+``live``/``originals``, ``logits``). Per-block steps by module are on by default in
+``forget(lambda1="auto")`` (shift mode; ``calibration={"blocks": False}``: the global step
+alone, as before); held-out scoring is off by default.
 
 - **Per-block steps** (``calibration={"blocks": "module"}`` or ``"tensor"``): after the global
   step (lambda1, lambda2, sign) is chosen, each block's shift (a block: the parameters of one
@@ -45,6 +47,9 @@ MAX_GROWTH = 8.0
 MIN_GAIN = 0.01
 #: The refinement options of ``forget(calibration=...)`` handled here (the rest go to the search).
 OPTIONS = ("blocks", "heldout")
+#: ``forget(lambda1="auto", mode="shift")``'s blocks when ``calibration`` names none (the
+#: sweeps of benchmarks/UNLEARNING.md); ``calibration={"blocks": False}`` turns them off.
+DEFAULT = "module"
 
 
 @dataclass
@@ -74,17 +79,17 @@ class BlockSteps:
         return max(self.tensor_scales, default=0.0)
 
 
-def refinement_options(options: Mapping[str, object] | None) -> tuple[dict, dict]:
+def refinement_options(options: Mapping[str, object] | None, default_blocks: str | None = None) -> tuple[dict, dict]:
     """Split ``forget``'s ``calibration=`` dict into (search options, refinement options),
-    the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None;
-    ``heldout`` True/False or an integer >= 1 (codes per class held out)."""
-    if not options:
-        return dict(options or {}), {}
-    if not isinstance(options, Mapping):
+    the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None
+    (off); ``heldout`` True/False or an integer >= 1 (codes per class held out). Without a
+    ``blocks`` key, ``default_blocks`` applies (``forget`` passes :data:`DEFAULT` in shift mode)."""
+    if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"calibration must be a dict of options or None, got {options!r}")
+    options = dict(options or {})
     search = {k: v for k, v in options.items() if k not in OPTIONS}
     refine = {}
-    blocks = options.get("blocks")
+    blocks = options.get("blocks", default_blocks)
     if blocks is True:
         blocks = "module"
     if blocks not in (None, False) and blocks not in BLOCKS:

@@ -52,6 +52,15 @@ def test_refinement_options_split_and_check():
         refinement_options({"heldout": 1.5})
 
 
+def test_refinement_options_default_blocks():
+    """forget passes blocks="module" as the default; a blocks key (False, None) overrides it."""
+    assert refinement_options(None, "module") == ({}, {"blocks": "module"})
+    assert refinement_options({"depth": 0.5}, "module") == ({"depth": 0.5}, {"blocks": "module"})
+    assert refinement_options({"blocks": False}, "module") == ({}, {})
+    assert refinement_options({"blocks": None, "heldout": 1}, "module") == ({}, {"heldout": 1})
+    assert refinement_options({"blocks": "tensor"}, "module") == ({}, {"blocks": "tensor"})
+
+
 def test_block_names_group_by_top_level_child_or_tensor():
     names = ["0.weight", "0.bias", "3.weight", "8.weight", "8.bias"]
     assert block_names(names, "module") == (["0", "3", "8"], [0, 0, 1, 2, 2])
@@ -124,7 +133,7 @@ def test_heldout_is_the_fisher_of_some_codes_scored_on_the_others(cnn_k2):
 def test_blocks_scale_the_global_step_per_block(cnn_k2, by):
     model, codes = cnn_k2
     source = _params(model)
-    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0)
+    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": False})
     result = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": by})
     assert all(torch.equal(a, b) for a, b in zip(source, model.parameters()))  # the caller's model: read only
     steps = result.calibration.diagnostics["blocks"]
@@ -142,6 +151,25 @@ def test_blocks_scale_the_global_step_per_block(cnn_k2, by):
         assert end.forget_ok
     assert end.retain_margin_ratio >= start.retain_margin_ratio or end.forget_ok and not start.forget_ok
     assert result.code_accuracy_after == mf.code_accuracy(result.model, codes, [4])
+
+
+def test_auto_defaults_to_blocks_by_module(cnn_k2):
+    """forget(lambda1="auto") is calibration={"blocks": "module"} (bit for bit); {"blocks": False}
+    is the global step alone, as before the default changed; Gaussian mode has no block steps."""
+    model, codes = cnn_k2
+    default = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0)
+    blocks = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": "module"})
+    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": False})
+    steps = default.calibration.diagnostics["blocks"]
+    assert steps.scales == blocks.calibration.diagnostics["blocks"].scales and len(steps.blocks) == 6
+    assert all(torch.equal(a, b) for a, b in zip(default.model.parameters(), blocks.model.parameters()))
+    assert "blocks" not in plain.calibration.diagnostics
+    assert (plain.lambda1, plain.lambda2, plain.sign) == (default.lambda1, default.lambda2, default.sign)
+    if any(s != 1.0 for s in steps.scales):
+        assert not all(torch.equal(a, b) for a, b in zip(default.model.parameters(), plain.model.parameters()))
+    gaussian = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, mode="gaussian", draws=1,
+                         generator=torch.Generator().manual_seed(0))
+    assert "blocks" not in gaussian.calibration.diagnostics
 
 
 def test_blocks_leave_the_session_restored_and_are_deterministic(cnn_k2):
@@ -214,7 +242,8 @@ def test_sweep_refined_methods_call_the_package(cnn_k2):
         assert ("repair_steps" in info) == ("repair" in method), method
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     heldout, _ = sweep.refined(model, codes, 4, "auto-heldout")
-    direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"heldout": True}).model
+    direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0,
+                       calibration={"heldout": True, "blocks": False}).model
     assert all(torch.equal(a, b) for a, b in zip(heldout.parameters(), direct.parameters()))
 
 

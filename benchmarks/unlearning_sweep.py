@@ -214,6 +214,8 @@ def run_case(case, c, method, x, y) -> dict:
         info = {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign,
                 "feasible": cal.feasible, "forget_reached": cal.forget_reached,
                 "trials": len(cal.trials)}
+        if "blocks" in cal.diagnostics:  # the default's per-block scales
+            info["scales"] = dict(zip(cal.diagnostics["blocks"].blocks, cal.diagnostics["blocks"].scales))
     elif method == "oracle":
         l1, l2, sign, a_r, f, grid, auc = oracle(net, codes, c, x, y,
                                                  l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1,

@@ -253,9 +253,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
                 scales[:] = [s * grown for s in base]
                 history.append(("*", grown, best.retain_margin_ratio))
                 current = shrink(best, best)
-            for b, tensors in enumerate(members):
-                scaler.write(tensors, scales[b])
-        end = current
+        end = current  # (the live values are not written back: the session is restored below)
     finally:
         session.restore()
     return BlockSteps(blocks=blocks, scales=scales, tensor_scales=[scales[b] for b in owner], start=start,

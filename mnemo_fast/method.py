@@ -331,14 +331,17 @@ def forget(
                 if generator is None:
                     generator = default_generator(session.live[0].device)
                 generator_state = generator.get_state()  # given back if anything below fails
-            best, candidates, accuracies = session.choose(
-                mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
-                sign=(steps.sign if steps is not None else calibration.sign) if calibration is not None
-                and mode == "shift" else None)
-            bound = 1.0
-            if steps is not None:  # per-block scales of the chosen step (mnemo_fast.blocks)
+            if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.blocks),
+                # scored once: what session.choose does with one sign, without scoring the unscaled step
+                session.shift(lambda1, lambda2, steps.sign)
                 _blocks.apply_scales(session, steps.tensor_scales)
-                accuracies[best], bound = session.accuracy(), max(1.0, steps.gain)
+                best, candidates, accuracies = 0, [steps.sign], [session.accuracy()]
+                bound = max(1.0, steps.gain)
+            else:
+                best, candidates, accuracies = session.choose(
+                    mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
+                    sign=calibration.sign if calibration is not None and mode == "shift" else None)
+                bound = 1.0
             validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1 * bound,
                                      lambda2 * bound, mode, engine)
         except BaseException:

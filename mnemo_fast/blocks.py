@@ -31,7 +31,7 @@ from . import validation
 from .calibration import Calibration, Criterion, Trial, _Prober, _judge
 from .calibration import _balance as _calibration_balance
 from .codes import MnemonicCodes
-from .session import CandidateSession, code_inputs
+from .session import CandidateSession, code_inputs, code_logits
 
 Tensor = torch.Tensor
 
@@ -150,33 +150,53 @@ def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
 class _Scaler:
     """The global step's per-tensor shift ``delta`` (read once from the session's live
     parameters after ``set_shift``) and the live values written as ``originals + s * delta``
-    for a block's tensors. Holds one extra parameter-sized copy (``delta``)."""
+    for a block's tensors. Holds one extra parameter-sized copy (``delta``), except for the
+    session's input layers (:meth:`mnemo_fast.session.CandidateSession.trial_logits`): an
+    ``nn.Linear`` fed the codes themselves is never written; :meth:`logits` computes its output
+    under the scaled step as ``A + s g B`` (the calibration's trials do the same, equal to a
+    forward of the written values up to float rounding)."""
 
     def __init__(self, session: CandidateSession, lambda1: float, lambda2: float, sign: int):
         self.session = session
         session.set_shift(lambda1, lambda2, sign)
-        self.delta = [p - o for p, o in zip(session.live, session.originals)]
+        self.layers = session._input_layers()
+        skip = self.layers.positions if self.layers is not None else ()
+        self.gains = session._gains(lambda1, lambda2, sign) if self.layers is not None else None
+        self.scales = [1.0] * len(session.live)
+        self.delta = [None if k in skip else p - o for k, (p, o) in enumerate(zip(session.live, session.originals))]
 
     @torch.no_grad()
     def write(self, tensors: Sequence[int], scale: float) -> None:
         live, originals = self.session.live, self.session.originals
         for i in tensors:
-            torch.add(originals[i], self.delta[i], alpha=scale, out=live[i])
+            self.scales[i] = scale
+            if self.delta[i] is not None:
+                torch.add(originals[i], self.delta[i], alpha=scale, out=live[i])
+
+    @torch.no_grad()
+    def logits(self) -> Tensor:
+        """[N, C] float32 logits of the codes under the scales written so far."""
+        session = self.session
+        if self.layers is None:
+            return session.logits()
+        with self.layers.candidate([g * s for g, s in zip(self.gains, self.scales)]):
+            return code_logits(session.model, session.inputs, session.chunk_size, session.output_fn)
 
 
 class _Scorer:
     """The calibration's judged statistics (:meth:`mnemo_fast.calibration._Prober.statistics`)
-    of the model as it is now, on the session's scoring codes; ``count``: forwards spent."""
+    of the logits ``logits()`` gives (the model as it is now), on the session's scoring codes;
+    ``count``: forwards spent."""
 
-    def __init__(self, session: CandidateSession, criterion: Mapping[str, float]):
-        self.session = session
+    def __init__(self, session: CandidateSession, criterion: Mapping[str, float], logits):
+        self.session, self.logits = session, logits
         self.prober = _Prober(session, lambda trial: _judge(trial, **criterion))
         self.count = 0
 
     @torch.no_grad()
     def __call__(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         self.count += 1
-        return self.prober.judge(self.prober.statistics(self.session.logits(), lambda1, lambda2, sign))
+        return self.prober.judge(self.prober.statistics(self.logits(), lambda1, lambda2, sign))
 
 
 def _holds(t: Trial, ref: Trial) -> bool:
@@ -215,7 +235,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
     history: list[tuple[str, float, float]] = []
     try:
         scaler = _Scaler(session, l1, l2, sign)
-        score = _Scorer(session, calibration.diagnostics.get("criterion", asdict(Criterion())))
+        score = _Scorer(session, calibration.diagnostics.get("criterion", asdict(Criterion())), scaler.logits)
         start = current = score(l1, l2, sign)
 
         def shrink(current: Trial, ref: Trial) -> Trial:

@@ -254,3 +254,43 @@ def test_blocks_with_the_lambda1_search_apply_the_sign_they_were_searched_for(cn
                        calibration={"search": "lambda1", "blocks": True})
     steps = result.calibration.diagnostics["blocks"]
     assert result.calibration.sign is None and result.sign == steps.sign
+
+
+# ---- the block search's trials on input layers -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_short(digits_split):
+    """The paper's MLP on digits, 3 epochs with codes (t_mix 0.2): its block search shrinks a block."""
+    train, _ = digits_split
+    torch.manual_seed(0)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    mf.train_with_codes(model, train, codes, 0.2, 3, seed=0, progress=False)
+    return model.eval(), codes
+
+
+def test_block_search_chooses_the_same_with_and_without_the_input_layer_shortcut(mlp_short, monkeypatch):
+    """On the MLP the block search scores the input layer as A + s g B (never writing its
+    weight): the same scales, trials and history as scoring written parameters, statistics
+    equal up to float rounding, and the same forgotten model (applied the plain way)."""
+    from mnemo_fast import session as session_module
+
+    model, codes = mlp_short
+    results = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(session_module._InputLayers, "find", staticmethod(lambda session: None))
+        results.append([mf.forget(model, codes, [c], lambda1="auto", lambda2=10.0) for c in (1, 7)])
+    rescaled = 0
+    for fast, slow in zip(*results):
+        a, b = fast.calibration.diagnostics["blocks"], slow.calibration.diagnostics["blocks"]
+        assert (a.blocks, a.scales, a.trials, [h[:2] for h in a.history]) == \
+            (b.blocks, b.scales, b.trials, [h[:2] for h in b.history])
+        for x, y in ((a.start, b.start), (a.end, b.end)):
+            assert (x.forget_ok, x.retain_ok) == (y.forget_ok, y.retain_ok)
+            assert x.retain_margin_ratio == pytest.approx(y.retain_margin_ratio, rel=1e-4, abs=1e-5)
+            assert x.forget_depth == pytest.approx(y.forget_depth, rel=1e-4, abs=1e-5)
+        assert (fast.lambda1, fast.sign, fast.candidate_scores) == (slow.lambda1, slow.sign, slow.candidate_scores)
+        assert all(torch.equal(p, q) for p, q in zip(fast.model.parameters(), slow.model.parameters()))
+        rescaled += any(s != 1.0 for s in a.scales)
+    assert rescaled, "no block was rescaled: the comparison would be vacuous"

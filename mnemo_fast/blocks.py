@@ -84,7 +84,7 @@ def refinement_options(options: Mapping[str, object] | None, default_blocks: str
     the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None
     (off); ``heldout`` True/False or an integer >= 1 (codes per class held out). Without a
     ``blocks`` key, ``default_blocks`` applies (``forget`` passes :data:`DEFAULT` in shift mode)."""
-    if options is not None and not isinstance(options, Mapping):
+    if options and not isinstance(options, Mapping):  # falsy: no options, as before
         raise TypeError(f"calibration must be a dict of options or None, got {options!r}")
     options = dict(options or {})
     search = {k: v for k, v in options.items() if k not in OPTIONS}

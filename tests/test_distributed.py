@@ -332,13 +332,19 @@ def test_fsdp_calibrated_lambda_equals_one_process(runs):
         assert diff <= 4e-6, f"rank {rank} {name}: max relative difference {diff:.3g}"
 
 
+@pytest.fixture(scope="module")
+def single_blocks():
+    """One process's lambda1="auto" with per-block steps on the small CNN of "fsdp-cnn"."""
+    model, codes = _fsdp_problem("fsdp-cnn")
+    return mf.forget(model, codes, FORGET, **AUTO_BLOCKS)
+
+
 @pytest.mark.parametrize("key", ["auto-blocks", "fsdp-auto-blocks"])
-def test_block_steps_equal_one_process(runs, key):
+def test_block_steps_equal_one_process(runs, single_blocks, key):
     """lambda1="auto" with per-block steps under the distributed engine, on a replicated and on
     an FSDP2-sharded small CNN: the same lambda1, sign, blocks and scales as one process, and
     the same forgotten model (the block search's forwards run on every rank, in lockstep)."""
-    model, codes = _fsdp_problem("fsdp-cnn")
-    single = mf.forget(model, codes, FORGET, **AUTO_BLOCKS)
+    single = single_blocks
     steps = single.calibration.diagnostics["blocks"]
     assert any(s != 1.0 for s in steps.scales), "no block was rescaled: the comparison would be vacuous"
     expected = {n: p.detach() for n, p in single.model.named_parameters()}

@@ -8,19 +8,22 @@ once per seed with the package's codes and cached under ``--cache`` (git-ignored
 Methods:
   original     the model before forgetting
   paper        fixed lambdas (the paper's MNIST MLP setting 1e-3, 10)
-  auto         ``forget(lambda1="auto")`` with the package's current default calibration
-  auto-lambda1 the first calibration (lambda1 searched, lambda2 = 10 fixed), kept as an option
+  auto         ``forget(lambda1="auto")`` with the package's current default calibration (since
+               per-block steps became the default: the same as ``auto-blocks``; rows computed
+               before are the global step alone, what ``auto-plain`` computes now)
+  auto-plain   ``calibration={"blocks": False}``: auto's global step alone (the default before)
+  auto-lambda1 the first calibration (lambda1 searched, lambda2 = 10 fixed, no block steps), kept as an option
   oracle       TEST-SET ORACLE: the best (lambda1, lambda2, sign) on a grid, chosen with test
                data (max A_R among points with forget accuracy <= 1%, else max A_R + E_F);
                an upper bound for what the codes could choose, never a method
   ssd          Selective Synaptic Dampening (per-sample estimator, training data)
-  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True}``: the Fisher
-               from the first K/2 codes of each class, the search scored on the other K/2
+  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True, "blocks": False}``:
+               the Fisher from the first K/2 codes of each class, the search scored on the other K/2
   auto-blocks  ``calibration={"blocks": "module"}``: per-block scales of auto's step
   auto-blocks-tensor  the same with one block per parameter tensor
   auto-heldout-blocks (K >= 2) both: the block scales are scored on the held-out codes too
-  auto-repair  EXTENSION: auto, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4, cross-entropy on
-               the retained codes)
+  auto-repair  EXTENSION: auto-plain, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4,
+               cross-entropy on the retained codes)
   auto-repair-distill  EXTENSION: the same with ``loss="distill"`` (to the model before)
   retrain      (not in the default methods: CPU time) the model trained from scratch without
                the class: same data subset, epochs, seed and codes (``experiment.retrained``,
@@ -134,8 +137,10 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1, at
     return l1, l2, sign, a_r, f, grid, extra
 
 
-REFINED = {"auto-heldout": {"heldout": True}, "auto-blocks": {"blocks": "module"},
-           "auto-blocks-tensor": {"blocks": "tensor"}, "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
+# The non-block rows keep the meaning of their committed rows: blocks off explicitly.
+REFINED = {"auto-plain": {"blocks": False}, "auto-heldout": {"heldout": True, "blocks": False},
+           "auto-blocks": {"blocks": "module"}, "auto-blocks-tensor": {"blocks": "tensor"},
+           "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
            "auto-repair": "ce", "auto-repair-distill": "distill"}
 
 
@@ -145,7 +150,7 @@ def refined(net, codes, c, method):
     from mnemo_fast.repair import repair
     option = REFINED[method]
     r = forget(net, codes, [c], lambda1="auto", lambda2=10.0,
-               calibration=option if isinstance(option, dict) else None)
+               calibration=option if isinstance(option, dict) else {"blocks": False})
     cal = r.calibration
     info = {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign, "feasible": cal.feasible,
             "forget_reached": cal.forget_reached}
@@ -202,13 +207,15 @@ def run_case(case, c, method, x, y) -> dict:
         r = forget(net, codes, [c], lambda1=PAPER[0], lambda2=PAPER[1])
         model, info = r.model, {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign}
     elif method in ("auto", "auto-lambda1"):
-        options = {"search": "lambda1"} if method == "auto-lambda1" else None
+        options = {"search": "lambda1", "blocks": False} if method == "auto-lambda1" else None
         r = forget(net, codes, [c], lambda1="auto", lambda2=10.0, calibration=options)
         cal = r.calibration
         model = r.model
         info = {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign,
                 "feasible": cal.feasible, "forget_reached": cal.forget_reached,
                 "trials": len(cal.trials)}
+        if "blocks" in cal.diagnostics:  # the default's per-block scales
+            info["scales"] = dict(zip(cal.diagnostics["blocks"].blocks, cal.diagnostics["blocks"].scales))
     elif method == "oracle":
         l1, l2, sign, a_r, f, grid, auc = oracle(net, codes, c, x, y,
                                                  l1_grid=ORACLE_L1_COARSE if len(x) > 5000 else ORACLE_L1,

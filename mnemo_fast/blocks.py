@@ -3,7 +3,9 @@
 
 Not in the paper. Both refine the calibration of :mod:`mnemo_fast.calibration` and run on its
 :class:`mnemo_fast.session.CandidateSession` through the session's own API (``set_shift``,
-``live``/``originals``, ``logits``); neither changes how the default ``auto`` works.
+``live``/``originals``, ``logits``). Per-block steps by module are on by default in
+``forget(lambda1="auto")`` (shift mode; ``calibration={"blocks": False}``: the global step
+alone, as before); held-out scoring is off by default.
 
 - **Per-block steps** (``calibration={"blocks": "module"}`` or ``"tensor"``): after the global
   step (lambda1, lambda2, sign) is chosen, each block's shift (a block: the parameters of one
@@ -29,7 +31,7 @@ from . import validation
 from .calibration import Calibration, Criterion, Trial, _Prober, _judge
 from .calibration import _balance as _calibration_balance
 from .codes import MnemonicCodes
-from .session import CandidateSession, code_inputs
+from .session import CandidateSession, code_inputs, code_logits
 
 Tensor = torch.Tensor
 
@@ -45,6 +47,9 @@ MAX_GROWTH = 8.0
 MIN_GAIN = 0.01
 #: The refinement options of ``forget(calibration=...)`` handled here (the rest go to the search).
 OPTIONS = ("blocks", "heldout")
+#: ``forget(lambda1="auto", mode="shift")``'s blocks when ``calibration`` names none (the
+#: sweeps of benchmarks/UNLEARNING.md); ``calibration={"blocks": False}`` turns them off.
+DEFAULT = "module"
 
 
 @dataclass
@@ -74,17 +79,17 @@ class BlockSteps:
         return max(self.tensor_scales, default=0.0)
 
 
-def refinement_options(options: Mapping[str, object] | None) -> tuple[dict, dict]:
+def refinement_options(options: Mapping[str, object] | None, default_blocks: str | None = None) -> tuple[dict, dict]:
     """Split ``forget``'s ``calibration=`` dict into (search options, refinement options),
-    the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None;
-    ``heldout`` True/False or an integer >= 1 (codes per class held out)."""
-    if not options:
-        return dict(options or {}), {}
-    if not isinstance(options, Mapping):
+    the refinement ones checked: ``blocks`` in :data:`BLOCKS`, True (= "module") or False/None
+    (off); ``heldout`` True/False or an integer >= 1 (codes per class held out). Without a
+    ``blocks`` key, ``default_blocks`` applies (``forget`` passes :data:`DEFAULT` in shift mode)."""
+    if options and not isinstance(options, Mapping):  # falsy: no options, as before
         raise TypeError(f"calibration must be a dict of options or None, got {options!r}")
+    options = dict(options or {})
     search = {k: v for k, v in options.items() if k not in OPTIONS}
     refine = {}
-    blocks = options.get("blocks")
+    blocks = options.get("blocks", default_blocks)
     if blocks is True:
         blocks = "module"
     if blocks not in (None, False) and blocks not in BLOCKS:
@@ -145,33 +150,53 @@ def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
 class _Scaler:
     """The global step's per-tensor shift ``delta`` (read once from the session's live
     parameters after ``set_shift``) and the live values written as ``originals + s * delta``
-    for a block's tensors. Holds one extra parameter-sized copy (``delta``)."""
+    for a block's tensors. Holds one extra parameter-sized copy (``delta``), except for the
+    session's input layers (:meth:`mnemo_fast.session.CandidateSession.trial_logits`): an
+    ``nn.Linear`` fed the codes themselves is never written; :meth:`logits` computes its output
+    under the scaled step as ``A + s g B`` (the calibration's trials do the same, equal to a
+    forward of the written values up to float rounding)."""
 
     def __init__(self, session: CandidateSession, lambda1: float, lambda2: float, sign: int):
         self.session = session
         session.set_shift(lambda1, lambda2, sign)
-        self.delta = [p - o for p, o in zip(session.live, session.originals)]
+        self.layers = session._input_layers()
+        skip = self.layers.positions if self.layers is not None else ()
+        self.gains = session._gains(lambda1, lambda2, sign) if self.layers is not None else None
+        self.scales = [1.0] * len(session.live)
+        self.delta = [None if k in skip else p - o for k, (p, o) in enumerate(zip(session.live, session.originals))]
 
     @torch.no_grad()
     def write(self, tensors: Sequence[int], scale: float) -> None:
         live, originals = self.session.live, self.session.originals
         for i in tensors:
-            torch.add(originals[i], self.delta[i], alpha=scale, out=live[i])
+            self.scales[i] = scale
+            if self.delta[i] is not None:
+                torch.add(originals[i], self.delta[i], alpha=scale, out=live[i])
+
+    @torch.no_grad()
+    def logits(self) -> Tensor:
+        """[N, C] float32 logits of the codes under the scales written so far."""
+        session = self.session
+        if self.layers is None:
+            return session.logits()
+        with self.layers.candidate([g * s for g, s in zip(self.gains, self.scales)]):
+            return code_logits(session.model, session.inputs, session.chunk_size, session.output_fn)
 
 
 class _Scorer:
     """The calibration's judged statistics (:meth:`mnemo_fast.calibration._Prober.statistics`)
-    of the model as it is now, on the session's scoring codes; ``count``: forwards spent."""
+    of the logits ``logits()`` gives (the model as it is now), on the session's scoring codes;
+    ``count``: forwards spent."""
 
-    def __init__(self, session: CandidateSession, criterion: Mapping[str, float]):
-        self.session = session
+    def __init__(self, session: CandidateSession, criterion: Mapping[str, float], logits):
+        self.session, self.logits = session, logits
         self.prober = _Prober(session, lambda trial: _judge(trial, **criterion))
         self.count = 0
 
     @torch.no_grad()
     def __call__(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         self.count += 1
-        return self.prober.judge(self.prober.statistics(self.session.logits(), lambda1, lambda2, sign))
+        return self.prober.judge(self.prober.statistics(self.logits(), lambda1, lambda2, sign))
 
 
 def _holds(t: Trial, ref: Trial) -> bool:
@@ -210,7 +235,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
     history: list[tuple[str, float, float]] = []
     try:
         scaler = _Scaler(session, l1, l2, sign)
-        score = _Scorer(session, calibration.diagnostics.get("criterion", asdict(Criterion())))
+        score = _Scorer(session, calibration.diagnostics.get("criterion", asdict(Criterion())), scaler.logits)
         start = current = score(l1, l2, sign)
 
         def shrink(current: Trial, ref: Trial) -> Trial:
@@ -248,9 +273,7 @@ def block_steps(session: CandidateSession, calibration: Calibration, *, by: str 
                 scales[:] = [s * grown for s in base]
                 history.append(("*", grown, best.retain_margin_ratio))
                 current = shrink(best, best)
-            for b, tensors in enumerate(members):
-                scaler.write(tensors, scales[b])
-        end = current
+        end = current  # (the live values are not written back: the session is restored below)
     finally:
         session.restore()
     return BlockSteps(blocks=blocks, scales=scales, tensor_scales=[scales[b] for b in owner], start=start,

@@ -253,10 +253,12 @@ def forget(
     e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
     :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
     ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
-    steps and held-out scoring"): ``"blocks": "module"`` / ``"tensor"`` scales the chosen step per
-    block (the scales in ``result.calibration.diagnostics["blocks"]``), ``"heldout": True`` (or
-    a number of codes, K >= 2) takes the Fisher from some of each class's codes and scores the
-    search on the others.
+    steps and held-out scoring"): ``"blocks"`` scales the chosen step per block, by top-level
+    module (``"module"``, **the default** in shift mode) or per tensor (``"tensor"``); the scales
+    are in ``result.calibration.diagnostics["blocks"]``; ``"blocks": False`` keeps the global
+    step alone (the calibration before per-block steps). ``"heldout": True`` (or a number of
+    codes, K >= 2) takes the Fisher from some of each class's codes and scores the search on
+    the others.
     ``params`` perturbs only the selected parameters (e.g. ``"blocks.11.*"``: the last
     block), computing the Fisher for those alone; ``chunk_size`` bounds how many codes go
     through the model at once; ``output_fn`` picks the logits from a model that returns an
@@ -283,7 +285,9 @@ def forget(
     chunk_size = validation.chunk_size(chunk_size)
     if calibration and not auto:
         raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
-    search_options, refine = _blocks.refinement_options(calibration) if auto else ({}, {})  # blocks, heldout
+    # blocks (per-block steps: by module unless calibration says otherwise, in shift mode), heldout
+    search_options, refine = (_blocks.refinement_options(calibration, _blocks.DEFAULT if mode == "shift" else None)
+                              if auto else ({}, {}))
     calibration_options = validation.calibration_options(search_options, _CALIBRATION_OPTIONS) if auto else {}
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
@@ -327,14 +331,17 @@ def forget(
                 if generator is None:
                     generator = default_generator(session.live[0].device)
                 generator_state = generator.get_state()  # given back if anything below fails
-            best, candidates, accuracies = session.choose(
-                mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
-                sign=(steps.sign if steps is not None else calibration.sign) if calibration is not None
-                and mode == "shift" else None)
-            bound = 1.0
-            if steps is not None:  # per-block scales of the chosen step (mnemo_fast.blocks)
+            if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.blocks),
+                # scored once: what session.choose does with one sign, without scoring the unscaled step
+                session.shift(lambda1, lambda2, steps.sign)
                 _blocks.apply_scales(session, steps.tensor_scales)
-                accuracies[best], bound = session.accuracy(), max(1.0, steps.gain)
+                best, candidates, accuracies = 0, [steps.sign], [session.accuracy()]
+                bound = max(1.0, steps.gain)
+            else:
+                best, candidates, accuracies = session.choose(
+                    mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
+                    sign=calibration.sign if calibration is not None and mode == "shift" else None)
+                bound = 1.0
             validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1 * bound,
                                      lambda2 * bound, mode, engine)
         except BaseException:

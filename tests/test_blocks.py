@@ -52,6 +52,15 @@ def test_refinement_options_split_and_check():
         refinement_options({"heldout": 1.5})
 
 
+def test_refinement_options_default_blocks():
+    """forget passes blocks="module" as the default; a blocks key (False, None) overrides it."""
+    assert refinement_options(None, "module") == ({}, {"blocks": "module"})
+    assert refinement_options({"depth": 0.5}, "module") == ({"depth": 0.5}, {"blocks": "module"})
+    assert refinement_options({"blocks": False}, "module") == ({}, {})
+    assert refinement_options({"blocks": None, "heldout": 1}, "module") == ({}, {"heldout": 1})
+    assert refinement_options({"blocks": "tensor"}, "module") == ({}, {"blocks": "tensor"})
+
+
 def test_block_names_group_by_top_level_child_or_tensor():
     names = ["0.weight", "0.bias", "3.weight", "8.weight", "8.bias"]
     assert block_names(names, "module") == (["0", "3", "8"], [0, 0, 1, 2, 2])
@@ -124,7 +133,7 @@ def test_heldout_is_the_fisher_of_some_codes_scored_on_the_others(cnn_k2):
 def test_blocks_scale_the_global_step_per_block(cnn_k2, by):
     model, codes = cnn_k2
     source = _params(model)
-    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0)
+    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": False})
     result = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": by})
     assert all(torch.equal(a, b) for a, b in zip(source, model.parameters()))  # the caller's model: read only
     steps = result.calibration.diagnostics["blocks"]
@@ -142,6 +151,25 @@ def test_blocks_scale_the_global_step_per_block(cnn_k2, by):
         assert end.forget_ok
     assert end.retain_margin_ratio >= start.retain_margin_ratio or end.forget_ok and not start.forget_ok
     assert result.code_accuracy_after == mf.code_accuracy(result.model, codes, [4])
+
+
+def test_auto_defaults_to_blocks_by_module(cnn_k2):
+    """forget(lambda1="auto") is calibration={"blocks": "module"} (bit for bit); {"blocks": False}
+    is the global step alone, as before the default changed; Gaussian mode has no block steps."""
+    model, codes = cnn_k2
+    default = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0)
+    blocks = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": "module"})
+    plain = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"blocks": False})
+    steps = default.calibration.diagnostics["blocks"]
+    assert steps.scales == blocks.calibration.diagnostics["blocks"].scales and len(steps.blocks) == 6
+    assert all(torch.equal(a, b) for a, b in zip(default.model.parameters(), blocks.model.parameters()))
+    assert "blocks" not in plain.calibration.diagnostics
+    assert (plain.lambda1, plain.lambda2, plain.sign) == (default.lambda1, default.lambda2, default.sign)
+    if any(s != 1.0 for s in steps.scales):
+        assert not all(torch.equal(a, b) for a, b in zip(default.model.parameters(), plain.model.parameters()))
+    gaussian = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, mode="gaussian", draws=1,
+                         generator=torch.Generator().manual_seed(0))
+    assert "blocks" not in gaussian.calibration.diagnostics
 
 
 def test_blocks_leave_the_session_restored_and_are_deterministic(cnn_k2):
@@ -214,7 +242,8 @@ def test_sweep_refined_methods_call_the_package(cnn_k2):
         assert ("repair_steps" in info) == ("repair" in method), method
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     heldout, _ = sweep.refined(model, codes, 4, "auto-heldout")
-    direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"heldout": True}).model
+    direct = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0,
+                       calibration={"heldout": True, "blocks": False}).model
     assert all(torch.equal(a, b) for a, b in zip(heldout.parameters(), direct.parameters()))
 
 
@@ -225,3 +254,43 @@ def test_blocks_with_the_lambda1_search_apply_the_sign_they_were_searched_for(cn
                        calibration={"search": "lambda1", "blocks": True})
     steps = result.calibration.diagnostics["blocks"]
     assert result.calibration.sign is None and result.sign == steps.sign
+
+
+# ---- the block search's trials on input layers -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_short(digits_split):
+    """The paper's MLP on digits, 3 epochs with codes (t_mix 0.2): its block search shrinks a block."""
+    train, _ = digits_split
+    torch.manual_seed(0)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    mf.train_with_codes(model, train, codes, 0.2, 3, seed=0, progress=False)
+    return model.eval(), codes
+
+
+def test_block_search_chooses_the_same_with_and_without_the_input_layer_shortcut(mlp_short, monkeypatch):
+    """On the MLP the block search scores the input layer as A + s g B (never writing its
+    weight): the same scales, trials and history as scoring written parameters, statistics
+    equal up to float rounding, and the same forgotten model (applied the plain way)."""
+    from mnemo_fast import session as session_module
+
+    model, codes = mlp_short
+    results = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(session_module._InputLayers, "find", staticmethod(lambda session: None))
+        results.append([mf.forget(model, codes, [c], lambda1="auto", lambda2=10.0) for c in (1, 7)])
+    rescaled = 0
+    for fast, slow in zip(*results):
+        a, b = fast.calibration.diagnostics["blocks"], slow.calibration.diagnostics["blocks"]
+        assert (a.blocks, a.scales, a.trials, [h[:2] for h in a.history]) == \
+            (b.blocks, b.scales, b.trials, [h[:2] for h in b.history])
+        for x, y in ((a.start, b.start), (a.end, b.end)):
+            assert (x.forget_ok, x.retain_ok) == (y.forget_ok, y.retain_ok)
+            assert x.retain_margin_ratio == pytest.approx(y.retain_margin_ratio, rel=1e-4, abs=1e-5)
+            assert x.forget_depth == pytest.approx(y.forget_depth, rel=1e-4, abs=1e-5)
+        assert (fast.lambda1, fast.sign, fast.candidate_scores) == (slow.lambda1, slow.sign, slow.candidate_scores)
+        assert all(torch.equal(p, q) for p, q in zip(fast.model.parameters(), slow.model.parameters()))
+        rescaled += any(s != 1.0 for s in a.scales)
+    assert rescaled, "no block was rescaled: the comparison would be vacuous"

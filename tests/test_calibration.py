@@ -174,7 +174,8 @@ def test_lambda1_search_is_one_option_away(setup):
     cal = calibrate(model, codes, [3], search="lambda1")
     assert cal.search == "lambda1" and cal.sign is None
     assert all(t.lambda2 == 10.0 for t in cal.trials) and cal.lambda2 == 10.0
-    result = mf.forget(model, codes, [3], lambda1="auto", lambda2=10.0, calibration={"search": "lambda1"})
+    result = mf.forget(model, codes, [3], lambda1="auto", lambda2=10.0,
+                       calibration={"search": "lambda1", "blocks": False})  # blocks: their sign, one candidate
     assert result.lambda1 == cal.lambda1 and len(result.candidate_scores) == 2
     with pytest.raises(ValueError, match="search"):
         calibrate(model, codes, [3], search="grid")

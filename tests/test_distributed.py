@@ -62,6 +62,8 @@ FSDP_CASES = {
                          params=lambda name: name != "qkv.bias", per_class=2),
 }
 FSDP_FORGET = dict(lambda1=1e-1, lambda2=10.0, chunk_size=4)
+# lambda1="auto" with per-block steps by top-level module (mnemo_fast.blocks)
+AUTO_BLOCKS = dict(lambda1="auto", lambda2=10.0, chunk_size=4, calibration={"blocks": "module"})
 
 
 class _PatchEncoder(torch.nn.Module):
@@ -109,11 +111,17 @@ def _fsdp_runs(rank: int) -> dict:
             "model": _full(dict(model.named_parameters())), "scores": result.candidate_scores,
             "same_object": result.model is model,
         }
-    # lambda1="auto": the calibration's probes perturb the shards and score the codes
+    # lambda1="auto" with the global step alone: the calibration's probes perturb the shards and score the codes
     model, codes = _fsdp_problem("fsdp-cnn")
     model = _fully_shard(model)
-    result = forget_distributed(model, codes, FORGET, inplace=True, lambda1="auto", lambda2=10.0, chunk_size=4)
+    result = forget_distributed(model, codes, FORGET, inplace=True, lambda1="auto", lambda2=10.0, chunk_size=4,
+                                calibration={"blocks": False})
     results["fsdp-auto"] = {"lambda1": result.lambda1, "model": _full(dict(model.named_parameters()))}
+    # per-block steps (calibration={"blocks": "module"}): the block search scores on the shards too
+    model, codes = _fsdp_problem("fsdp-cnn")
+    model = _fully_shard(model)
+    result = forget_distributed(model, codes, FORGET, inplace=True, **AUTO_BLOCKS)
+    results["fsdp-auto-blocks"] = _blocks_run(result, _full(dict(model.named_parameters())))
     # Gaussian on shards: every rank draws its own shard's noise, so only the mask is compared.
     model, codes = _fsdp_problem("fsdp-mlp")
     model = _fully_shard(model)
@@ -151,6 +159,12 @@ def _fsdp_runs(rank: int) -> dict:
     return results
 
 
+def _blocks_run(result, model: dict) -> dict:
+    steps = result.calibration.diagnostics["blocks"]
+    return {"lambda1": result.lambda1, "sign": result.sign, "blocks": steps.blocks, "scales": steps.scales,
+            "model": model}
+
+
 def _problem(case: dict):
     torch.manual_seed(0)
     dtype = case.get("dtype", torch.float32)
@@ -180,6 +194,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "fisher_f": fisher_f, "fisher_r": fisher_r,
                 "model": result.model.state_dict(), "scores": result.candidate_scores,
             }
+        # per-block steps on a replicated model (a small CNN: its block search shrinks a block)
+        model, codes = _fsdp_problem("fsdp-cnn")
+        result = forget_distributed(model, codes, FORGET, **AUTO_BLOCKS)
+        results["auto-blocks"] = _blocks_run(result, result.model.state_dict())
         model, codes = _problem(CASES["k3-shift"])
         inputs, labels = codes.batch(range(codes.num_classes))
         seen = []
@@ -307,11 +325,35 @@ def test_fsdp_sharded_model_equals_one_process(runs, case_id):
 
 def test_fsdp_calibrated_lambda_equals_one_process(runs):
     model, codes = _fsdp_problem("fsdp-cnn")
-    single = mf.forget(model, codes, FORGET, lambda1="auto", lambda2=10.0)
+    single = mf.forget(model, codes, FORGET, lambda1="auto", lambda2=10.0, calibration={"blocks": False})
     for rank, run in enumerate(runs):
         assert run["fsdp-auto"]["lambda1"] == pytest.approx(single.lambda1, rel=1e-6)
         diff, name = _max_rel_diff(run["fsdp-auto"]["model"], {n: p.detach() for n, p in single.model.named_parameters()})
         assert diff <= 4e-6, f"rank {rank} {name}: max relative difference {diff:.3g}"
+
+
+@pytest.fixture(scope="module")
+def single_blocks():
+    """One process's lambda1="auto" with per-block steps on the small CNN of "fsdp-cnn"."""
+    model, codes = _fsdp_problem("fsdp-cnn")
+    return mf.forget(model, codes, FORGET, **AUTO_BLOCKS)
+
+
+@pytest.mark.parametrize("key", ["auto-blocks", "fsdp-auto-blocks"])
+def test_block_steps_equal_one_process(runs, single_blocks, key):
+    """lambda1="auto" with per-block steps under the distributed engine, on a replicated and on
+    an FSDP2-sharded small CNN: the same lambda1, sign, blocks and scales as one process, and
+    the same forgotten model (the block search's forwards run on every rank, in lockstep)."""
+    single = single_blocks
+    steps = single.calibration.diagnostics["blocks"]
+    assert any(s != 1.0 for s in steps.scales), "no block was rescaled: the comparison would be vacuous"
+    expected = {n: p.detach() for n, p in single.model.named_parameters()}
+    for rank, run in enumerate(runs):
+        got = run[key]
+        assert got["lambda1"] == pytest.approx(single.lambda1, rel=1e-6)
+        assert (got["sign"], got["blocks"], got["scales"]) == (single.sign, steps.blocks, steps.scales)
+        diff, name = _max_rel_diff({n: got["model"][n] for n in expected}, expected)
+        assert diff <= 4e-6, f"rank {rank} {key} {name}: max relative difference {diff:.3g}"
 
 
 def test_fsdp_gaussian_perturbs_exactly_the_masked_entries(runs):

@@ -8,13 +8,14 @@ once per seed with the package's codes and cached under ``--cache`` (git-ignored
 Methods:
   original     the model before forgetting
   paper        fixed lambdas (the paper's MNIST MLP setting 1e-3, 10)
-  auto         ``forget(lambda1="auto")`` with the package's current default calibration
+  auto         ``forget(lambda1="auto", calibration={"blocks": False})``: the effective-step
+               search without per-block steps (explicit, whatever the package's default)
   auto-lambda1 the first calibration (lambda1 searched, lambda2 = 10 fixed), kept as an option
   oracle       TEST-SET ORACLE: the best (lambda1, lambda2, sign) on a grid, chosen with test
                data (max A_R among points with forget accuracy <= 1%, else max A_R + E_F);
                an upper bound for what the codes could choose, never a method
   ssd          Selective Synaptic Dampening (per-sample estimator, training data)
-  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True}``: the Fisher
+  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True, "blocks": False}``: the Fisher
                from the first K/2 codes of each class, the search scored on the other K/2
   auto-blocks  ``calibration={"blocks": "module"}``: per-block scales of auto's step
   auto-blocks-tensor  the same with one block per parameter tensor
@@ -134,7 +135,7 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1, at
     return l1, l2, sign, a_r, f, grid, extra
 
 
-REFINED = {"auto-heldout": {"heldout": True}, "auto-blocks": {"blocks": "module"},
+REFINED = {"auto-heldout": {"heldout": True, "blocks": False}, "auto-blocks": {"blocks": "module"},
            "auto-blocks-tensor": {"blocks": "tensor"}, "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
            "auto-repair": "ce", "auto-repair-distill": "distill"}
 
@@ -145,7 +146,7 @@ def refined(net, codes, c, method):
     from mnemo_fast.repair import repair
     option = REFINED[method]
     r = forget(net, codes, [c], lambda1="auto", lambda2=10.0,
-               calibration=option if isinstance(option, dict) else None)
+               calibration=option if isinstance(option, dict) else {"blocks": False})
     cal = r.calibration
     info = {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign, "feasible": cal.feasible,
             "forget_reached": cal.forget_reached}
@@ -202,7 +203,7 @@ def run_case(case, c, method, x, y) -> dict:
         r = forget(net, codes, [c], lambda1=PAPER[0], lambda2=PAPER[1])
         model, info = r.model, {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign}
     elif method in ("auto", "auto-lambda1"):
-        options = {"search": "lambda1"} if method == "auto-lambda1" else None
+        options = {"search": "lambda1", "blocks": False} if method == "auto-lambda1" else {"blocks": False}
         r = forget(net, codes, [c], lambda1="auto", lambda2=10.0, calibration=options)
         cal = r.calibration
         model = r.model

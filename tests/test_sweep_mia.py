@@ -62,3 +62,26 @@ def test_mia_figure_is_written(tmp_path):
             for m in ("original", "auto", "retrain")}
     sweep.mia_figure(rows, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_sweep_methods_name_their_calibration_explicitly(tmp_path, monkeypatch):
+    """Every `auto*` method of the sweep passes its calibration options explicitly (``blocks``
+    always named), so a row's meaning does not follow the package's default; ``auto`` is the
+    search without per-block steps."""
+    case = _case(tmp_path, monkeypatch)
+    x, y = case.test.tensors
+    seen = []
+    real = sweep.forget
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("calibration"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sweep, "forget", recording)
+    for method in ("auto", "auto-lambda1", "auto-blocks", "auto-blocks-tensor", "auto-repair"):
+        seen.clear()
+        sweep.run_case(case, 1, method, x, y)
+        assert len(seen) == 1 and isinstance(seen[0], dict) and "blocks" in seen[0], (method, seen)
+    assert sweep.REFINED["auto-heldout"] == {"heldout": True, "blocks": False}
+    seen.clear()
+    sweep.run_case(case, 1, "auto", x, y)
+    assert seen == [{"blocks": False}]

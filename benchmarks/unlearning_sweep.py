@@ -447,7 +447,7 @@ def report(rows: dict, methods=METHODS + ("retrain",)) -> str:
     return "\n".join(out)
 
 
-def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "ssd")) -> None:
+def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "auto-blocks", "ssd")) -> None:
     """One row of panels per (data, model) whose rows carry ``mia_auc``: each case's forget
     accuracy vs A_R change per method (left), and each case's MIA AUC per method beside the
     original's and the retrained model's (right; 0.5 = chance)."""
@@ -534,6 +534,14 @@ def diagnose_report(rows: dict) -> str:
     return "\n".join(out)
 
 
+def select(rows: dict, only) -> dict:
+    """The rows whose (data, model) is one of ``only`` ("data/model" strings; None: all)."""
+    if not only:
+        return rows
+    keep = {tuple(o.split("/", 1)) for o in only}
+    return {k: r for k, r in rows.items() if k[:2] in keep}
+
+
 def _write_between(path: Path, begin: str, end: str, text: str) -> None:
     """Replace what lies between the markers ``begin`` and ``end`` of the file by ``text``."""
     md = path.read_text()
@@ -562,6 +570,9 @@ def main(argv=None) -> int:
     p.add_argument("--markers", default="sweep",
                    help="--report --write-md: between <!-- NAME:begin --> and <!-- NAME:end --> (default sweep)")
     p.add_argument("--figure", type=Path, default=None, help="--report: also the MIA figure (png) of rows with mia_auc")
+    p.add_argument("--only", nargs="+", default=None, metavar="DATA/MODEL",
+                   help="--report: only these (data, model) combinations, as in the table headings, "
+                        "e.g. 'fashion-mnist/cnn codes=k4'")
     p.add_argument("--codes-report", action="store_true",
                    help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
@@ -575,7 +586,7 @@ def main(argv=None) -> int:
             _write_between(args.write_md, "<!-- codes:begin -->", "<!-- codes:end -->", text)
         return 0
     if args.report:
-        rows = load_rows(args.rows)
+        rows = select(load_rows(args.rows), args.only)
         text = report(rows, METHODS + ("retrain",) + tuple(REFINED))
         if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
             text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)

@@ -85,3 +85,10 @@ def test_sweep_methods_name_their_calibration_explicitly(tmp_path, monkeypatch):
     seen.clear()
     sweep.run_case(case, 1, "auto", x, y)
     assert seen == [{"blocks": False}]
+
+
+def test_report_only_selects_data_model_combinations():
+    rows = {(d, m, 0, 0, "original"): {"A_R": 0.9, "F": 0.9} for d, m in
+            [("d", "m"), ("d", "m codes=k4"), ("e", "m")]}
+    assert set(sweep.select(rows, ["d/m codes=k4"])) == {("d", "m codes=k4", 0, 0, "original")}
+    assert sweep.select(rows, None) is rows

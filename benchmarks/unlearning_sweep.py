@@ -591,7 +591,9 @@ def main(argv=None) -> int:
         if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
             text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         if any(r.get("mia_auc") is not None for r in rows.values()):
-            text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
+            targets = [f"#### The issue's targets, `{m}`\n\n" + targets_report(rows, m) + "\n"
+                       for m in ("auto", "auto-blocks") if m == "auto" or any(k[4] == m for k in rows)]
+            text = "\n".join(targets) + text
         print(text)
         if args.figure:
             mia_figure(rows, args.figure)

@@ -92,3 +92,17 @@ def test_report_only_selects_data_model_combinations():
             [("d", "m"), ("d", "m codes=k4"), ("e", "m")]}
     assert set(sweep.select(rows, ["d/m codes=k4"])) == {("d", "m codes=k4", 0, 0, "original")}
     assert sweep.select(rows, None) is rows
+
+
+def test_report_gives_the_targets_of_auto_blocks_where_it_has_rows(tmp_path, capsys):
+    import json
+    path = tmp_path / "rows.jsonl"
+    rows = [{"data": "d", "model": "m", "seed": 0, "forget": 0, "method": m, "A_R": 0.9,
+             "F": 0.9 if m == "original" else 0.0, "mia_auc": 0.5} for m in ("original", "auto", "auto-blocks")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep.main(["--report", "--rows", str(path)])
+    out = capsys.readouterr().out
+    assert "#### The issue's targets, `auto`\n" in out and "#### The issue's targets, `auto-blocks`\n" in out
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    sweep.main(["--report", "--rows", str(path)])
+    assert "`auto-blocks`" not in capsys.readouterr().out

@@ -8,21 +8,20 @@ once per seed with the package's codes and cached under ``--cache`` (git-ignored
 Methods:
   original     the model before forgetting
   paper        fixed lambdas (the paper's MNIST MLP setting 1e-3, 10)
-  auto         ``forget(lambda1="auto")`` with the package's current default calibration (since
-               per-block steps became the default: the same as ``auto-blocks``; rows computed
-               before are the global step alone, what ``auto-plain`` computes now)
-  auto-plain   ``calibration={"blocks": False}``: auto's global step alone (the default before)
-  auto-lambda1 the first calibration (lambda1 searched, lambda2 = 10 fixed, no block steps), kept as an option
+  auto         ``forget(lambda1="auto", calibration={"blocks": False})``: the effective-step
+               search without per-block steps (explicit, whatever the package's default; the
+               package's default is per-block steps by module since 2026-11-29: ``auto-blocks``)
+  auto-lambda1 the first calibration (lambda1 searched, lambda2 = 10 fixed), kept as an option
   oracle       TEST-SET ORACLE: the best (lambda1, lambda2, sign) on a grid, chosen with test
                data (max A_R among points with forget accuracy <= 1%, else max A_R + E_F);
                an upper bound for what the codes could choose, never a method
   ssd          Selective Synaptic Dampening (per-sample estimator, training data)
-  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True, "blocks": False}``:
-               the Fisher from the first K/2 codes of each class, the search scored on the other K/2
+  auto-heldout (K >= 2 codes per class only) ``calibration={"heldout": True, "blocks": False}``: the Fisher
+               from the first K/2 codes of each class, the search scored on the other K/2
   auto-blocks  ``calibration={"blocks": "module"}``: per-block scales of auto's step
   auto-blocks-tensor  the same with one block per parameter tensor
   auto-heldout-blocks (K >= 2) both: the block scales are scored on the held-out codes too
-  auto-repair  EXTENSION: auto-plain, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4,
+  auto-repair  EXTENSION: auto, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4,
                cross-entropy on the retained codes)
   auto-repair-distill  EXTENSION: the same with ``loss="distill"`` (to the model before)
   retrain      (not in the default methods: CPU time) the model trained from scratch without
@@ -137,10 +136,8 @@ def oracle(net, codes, c, x, y, search_size=ORACLE_SEARCH, l1_grid=ORACLE_L1, at
     return l1, l2, sign, a_r, f, grid, extra
 
 
-# The non-block rows keep the meaning of their committed rows: blocks off explicitly.
-REFINED = {"auto-plain": {"blocks": False}, "auto-heldout": {"heldout": True, "blocks": False},
-           "auto-blocks": {"blocks": "module"}, "auto-blocks-tensor": {"blocks": "tensor"},
-           "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
+REFINED = {"auto-heldout": {"heldout": True, "blocks": False}, "auto-blocks": {"blocks": "module"},
+           "auto-blocks-tensor": {"blocks": "tensor"}, "auto-heldout-blocks": {"heldout": True, "blocks": "module"},
            "auto-repair": "ce", "auto-repair-distill": "distill"}
 
 
@@ -207,7 +204,7 @@ def run_case(case, c, method, x, y) -> dict:
         r = forget(net, codes, [c], lambda1=PAPER[0], lambda2=PAPER[1])
         model, info = r.model, {"lambda1": r.lambda1, "lambda2": r.lambda2, "sign": r.sign}
     elif method in ("auto", "auto-lambda1"):
-        options = {"search": "lambda1", "blocks": False} if method == "auto-lambda1" else None
+        options = {"search": "lambda1", "blocks": False} if method == "auto-lambda1" else {"blocks": False}
         r = forget(net, codes, [c], lambda1="auto", lambda2=10.0, calibration=options)
         cal = r.calibration
         model = r.model
@@ -453,7 +450,7 @@ def report(rows: dict, methods=METHODS + ("retrain",)) -> str:
     return "\n".join(out)
 
 
-def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "ssd")) -> None:
+def mia_figure(rows: dict, path: Path, methods=("paper", "auto", "auto-blocks", "ssd")) -> None:
     """One row of panels per (data, model) whose rows carry ``mia_auc``: each case's forget
     accuracy vs A_R change per method (left), and each case's MIA AUC per method beside the
     original's and the retrained model's (right; 0.5 = chance)."""
@@ -540,6 +537,14 @@ def diagnose_report(rows: dict) -> str:
     return "\n".join(out)
 
 
+def select(rows: dict, only) -> dict:
+    """The rows whose (data, model) is one of ``only`` ("data/model" strings; None: all)."""
+    if not only:
+        return rows
+    keep = {tuple(o.split("/", 1)) for o in only}
+    return {k: r for k, r in rows.items() if k[:2] in keep}
+
+
 def _write_between(path: Path, begin: str, end: str, text: str) -> None:
     """Replace what lies between the markers ``begin`` and ``end`` of the file by ``text``."""
     md = path.read_text()
@@ -568,6 +573,9 @@ def main(argv=None) -> int:
     p.add_argument("--markers", default="sweep",
                    help="--report --write-md: between <!-- NAME:begin --> and <!-- NAME:end --> (default sweep)")
     p.add_argument("--figure", type=Path, default=None, help="--report: also the MIA figure (png) of rows with mia_auc")
+    p.add_argument("--only", nargs="+", default=None, metavar="DATA/MODEL",
+                   help="--report: only these (data, model) combinations, as in the table headings, "
+                        "e.g. 'fashion-mnist/cnn codes=k4'")
     p.add_argument("--codes-report", action="store_true",
                    help="print the code-variant comparison of `auto` (with --write-md: between the codes markers)")
     args = p.parse_args(argv)
@@ -581,12 +589,14 @@ def main(argv=None) -> int:
             _write_between(args.write_md, "<!-- codes:begin -->", "<!-- codes:end -->", text)
         return 0
     if args.report:
-        rows = load_rows(args.rows)
+        rows = select(load_rows(args.rows), args.only)
         text = report(rows, METHODS + ("retrain",) + tuple(REFINED))
         if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
             text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         if any(r.get("mia_auc") is not None for r in rows.values()):
-            text = "#### The issue's targets, `auto`\n\n" + targets_report(rows) + "\n" + text
+            targets = [f"#### The issue's targets, `{m}`\n\n" + targets_report(rows, m) + "\n"
+                       for m in ("auto", "auto-blocks") if m == "auto" or any(k[4] == m for k in rows)]
+            text = "\n".join(targets) + text
         print(text)
         if args.figure:
             mia_figure(rows, args.figure)

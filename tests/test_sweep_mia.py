@@ -62,3 +62,47 @@ def test_mia_figure_is_written(tmp_path):
             for m in ("original", "auto", "retrain")}
     sweep.mia_figure(rows, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_sweep_methods_name_their_calibration_explicitly(tmp_path, monkeypatch):
+    """Every `auto*` method of the sweep passes its calibration options explicitly (``blocks``
+    always named), so a row's meaning does not follow the package's default; ``auto`` is the
+    search without per-block steps."""
+    case = _case(tmp_path, monkeypatch)
+    x, y = case.test.tensors
+    seen = []
+    real = sweep.forget
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("calibration"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sweep, "forget", recording)
+    for method in ("auto", "auto-lambda1", "auto-blocks", "auto-blocks-tensor", "auto-repair"):
+        seen.clear()
+        sweep.run_case(case, 1, method, x, y)
+        assert len(seen) == 1 and isinstance(seen[0], dict) and "blocks" in seen[0], (method, seen)
+    assert sweep.REFINED["auto-heldout"] == {"heldout": True, "blocks": False}
+    seen.clear()
+    sweep.run_case(case, 1, "auto", x, y)
+    assert seen == [{"blocks": False}]
+
+
+def test_report_only_selects_data_model_combinations():
+    rows = {(d, m, 0, 0, "original"): {"A_R": 0.9, "F": 0.9} for d, m in
+            [("d", "m"), ("d", "m codes=k4"), ("e", "m")]}
+    assert set(sweep.select(rows, ["d/m codes=k4"])) == {("d", "m codes=k4", 0, 0, "original")}
+    assert sweep.select(rows, None) is rows
+
+
+def test_report_gives_the_targets_of_auto_blocks_where_it_has_rows(tmp_path, capsys):
+    import json
+    path = tmp_path / "rows.jsonl"
+    rows = [{"data": "d", "model": "m", "seed": 0, "forget": 0, "method": m, "A_R": 0.9,
+             "F": 0.9 if m == "original" else 0.0, "mia_auc": 0.5} for m in ("original", "auto", "auto-blocks")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep.main(["--report", "--rows", str(path)])
+    out = capsys.readouterr().out
+    assert "#### The issue's targets, `auto`\n" in out and "#### The issue's targets, `auto-blocks`\n" in out
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    sweep.main(["--report", "--rows", str(path)])
+    assert "`auto-blocks`" not in capsys.readouterr().out

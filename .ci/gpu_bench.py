@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mnemo_fast as mf
 import mnemo_fast.reference
+from mnemo_fast.evaluation.compare import max_relative_error
 from mnemo_fast.fast import ops
 from mnemo_fast.fast.ops import TWINS as ref
 from mnemo_fast.reference.engine import REFERENCE
@@ -98,12 +99,6 @@ def forget_cases(repeats):
                timed(run(REFERENCE), max(1, repeats // 3)))
 
 
-def relative_error(fast, want):
-    """Largest per-tensor max |fast - want| / max |want| (floored at 1e-6 of the largest entry)."""
-    scale = max(float(v.abs().max()) for v in want.values())
-    return max(float((fast[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-6 * scale) for k in want)
-
-
 def hf_cases(repeats, families, n, layers, width, heads, seq_len, image):
     """The Fisher diagonal of Hugging Face classifiers built from configs (random weights):
     plain fwd+bwd, mnemo_fast, the reference, the error, and the tensors on the generic path."""
@@ -128,7 +123,7 @@ def hf_cases(repeats, families, n, layers, width, heads, seq_len, image):
 
             fast = lambda: mf.fisher_diagonal(model, x, y)  # noqa: E731
             reference = lambda: mf.reference.fisher_diagonal(model, x, y)  # noqa: E731
-            error = relative_error(fast(), reference())
+            error = max_relative_error(fast(), reference())
             yield (family, sum(p.numel() for p in params.values()), len(params), len(plan.generic), error,
                    timed(plain, repeats), timed(fast, repeats), timed(reference, max(1, repeats // 3)))
         except Exception as exc:  # noqa: BLE001 - one family failing must not hide the others

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import bench_models as bm
 import mnemo_fast
 import mnemo_fast.reference
+from mnemo_fast.evaluation.compare import max_relative_error
 from mnemo_fast.evaluation.hf_models import FAMILIES, build
 from mnemo_fast.evaluation.memory import peak_allocated_bytes
 from mnemo_fast.fast.plan import make_plan
@@ -68,14 +69,6 @@ def as_mean(sums_fn, n: int):
 def _first_line(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0]
     return text[:90] + ("..." if len(text) > 90 else "")
-
-
-def max_relative_error(fast: dict, ref: dict) -> float:
-    """Largest per-tensor max |fast - ref| / max |ref|, with max |ref| floored at 1e-6 of the
-    model's largest entry: a tensor whose true Fisher is zero (attention key biases: the
-    softmax ignores them) holds rounding noise in both, and compares as zero."""
-    scale = max(float(v.abs().max()) for v in ref.values())
-    return max(float((fast[k] - ref[k]).abs().max()) / max(float(ref[k].abs().max()), 1e-6 * scale) for k in ref)
 
 
 def bench_family(family: str, args) -> dict:

@@ -31,7 +31,7 @@ from . import validation
 from .calibration import Calibration, Criterion, Trial, _Prober, _judge
 from .calibration import _balance as _calibration_balance
 from .codes import MnemonicCodes
-from .session import CandidateSession, code_inputs, code_logits
+from .session import CandidateSession, code_logits
 
 Tensor = torch.Tensor
 
@@ -119,14 +119,6 @@ def split_codes(codes: MnemonicCodes, heldout: bool | int) -> tuple[MnemonicCode
                                          f"Fisher, got {heldout}")
     t = codes.tensor
     return MnemonicCodes(t[:, : k - h].contiguous()), MnemonicCodes(t[:, k - h:].contiguous())
-
-
-def score_on(session: CandidateSession, codes: MnemonicCodes, classes: Sequence[int]) -> None:
-    """Make ``session`` score its candidates on ``codes`` (every class) instead of the codes
-    its Fisher pair came from; the logits before forgetting are recomputed on first use."""
-    session.inputs, session.labels = code_inputs(session.model, codes, range(codes.num_classes))
-    session.is_forget = torch.isin(session.labels, torch.tensor(list(classes), device=session.labels.device))
-    session.logits_before = None
 
 
 def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:

@@ -314,7 +314,7 @@ def forget(
         generator_state, steps = None, None
         try:
             if scoring_codes is not None:  # held-out scoring: the Fisher from some codes, the choice on the others
-                _blocks.score_on(session, scoring_codes, classes)
+                session.score_on(scoring_codes, classes)
             before = session.accuracy_before()
             if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
                 validation.finite_logits(session.logits_before, session.labels)

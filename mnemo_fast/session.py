@@ -340,8 +340,7 @@ class CandidateSession:
         else:  # ``model`` is a copy of ``source``, which no candidate touches: its values are the originals
             named = dict(source.named_parameters())
             self.originals = [local(named[name].detach()) for name in self.names]
-        self.inputs, self.labels = batch if batch is not None else code_inputs(model, codes, range(codes.num_classes))
-        self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
+        self._use_codes(batch if batch is not None else code_inputs(model, codes, range(codes.num_classes)), classes)
         self.num_forget = len(classes)
 
         # The Fisher's forwards run on ``source`` when given: the same values as the copy, and the
@@ -368,6 +367,19 @@ class CandidateSession:
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
             logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
             self.logits_before = logits
+
+    def _use_codes(self, batch: tuple[Tensor, Tensor], classes: Sequence[int]) -> None:
+        """Take ``batch`` (inputs [N, *shape], labels [N]) as the codes the session scores, with
+        ``is_forget`` [N] marking the codes of ``classes``."""
+        self.inputs, self.labels = batch
+        self.is_forget = torch.isin(self.labels, torch.tensor(list(classes), device=self.labels.device))
+
+    def score_on(self, codes: MnemonicCodes, classes: Sequence[int]) -> None:
+        """Score candidates on ``codes`` (every class) instead of the codes the Fisher pair came
+        from (held-out scoring, :mod:`mnemo_fast.blocks`); the logits before forgetting are
+        recomputed on first use."""
+        self._use_codes(code_inputs(self.model, codes, range(codes.num_classes)), classes)
+        self.logits_before = None
 
     def _fisher_pair(self, model: torch.nn.Module, recorder: "_OutputRecorder", num_forget: int, num_remain: int,
                      per_class: int, eps: float):

@@ -7,7 +7,7 @@ import torch
 
 import mnemo_fast as mf
 from mnemo_fast import engines
-from mnemo_fast.blocks import BlockSteps, block_names, refinement_options, score_on, split_codes
+from mnemo_fast.blocks import BlockSteps, block_names, refinement_options, split_codes
 from mnemo_fast.calibration import calibrate_session
 from mnemo_fast.evaluation import models
 from mnemo_fast.repair import repair
@@ -115,7 +115,7 @@ def test_heldout_is_the_fisher_of_some_codes_scored_on_the_others(cnn_k2):
     manual = copy.deepcopy(model)
     with engines.forwards(engine, manual):
         session = CandidateSession(manual, fisher_codes, [4], engine=engine)
-        score_on(session, scoring_codes, [4])
+        session.score_on(scoring_codes, [4])
         assert session.inputs.shape[0] == 10 and int(session.is_forget.sum()) == 1
         expected = calibrate_session(session, [10.0])
     result = mf.forget(model, codes, [4], lambda1="auto", lambda2=10.0, calibration={"heldout": True})

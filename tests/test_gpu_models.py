@@ -23,6 +23,7 @@ if DEVICE.type == "cuda" and not (torch.cuda.is_available() and _ext.available()
 
 import mnemo_fast as mf  # noqa: E402
 import mnemo_fast.reference as ref  # noqa: E402
+from mnemo_fast.evaluation.compare import max_relative_error  # noqa: E402
 
 nn = torch.nn
 
@@ -48,12 +49,6 @@ def model_and_codes(kind: str, classes: int = 5, per_class: int = 2):
     return model, codes
 
 
-def relative_error(fast: dict, want: dict) -> float:
-    """Largest per-tensor max |fast - want| / max |want| (floored at 1e-6 of the largest entry)."""
-    scale = max(float(v.abs().max()) for v in want.values())
-    return max(float((fast[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-6 * scale) for k in want)
-
-
 def test_the_fast_path_runs_on_this_device():
     expected = "cuda-ext" if DEVICE.type == "cuda" else "cpu-ext"
     assert mf.backend(DEVICE) == expected
@@ -71,7 +66,7 @@ def test_fisher_diagonal_matches_the_reference(kind, n):
     want = ref.fisher_diagonal(model, x, y)
     assert fast.keys() == want.keys()
     assert all(v.device.type == DEVICE.type for v in fast.values())
-    assert relative_error(fast, want) < 1e-4
+    assert max_relative_error(fast, want) < 1e-4
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -126,4 +121,4 @@ def test_transformers_fisher_matches_the_reference(family):
     y = torch.randint(0, 4, (6,), generator=gen).to(DEVICE)
     fast = mf.fisher_diagonal(model, x, y)
     want = ref.fisher_diagonal(model, x, y)
-    assert relative_error(fast, want) < 1e-3
+    assert max_relative_error(fast, want) < 1e-3

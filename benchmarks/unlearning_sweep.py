@@ -27,6 +27,9 @@ Methods:
   retrain      (not in the default methods: CPU time) the model trained from scratch without
                the class: same data subset, epochs, seed and codes (``experiment.retrained``,
                cached beside the model); the reference of the membership-inference target
+  diagnose-mia (Fashion-MNIST with --limit) ``diagnose`` with ``heldout=`` the training images the
+               subset leaves out: the class's membership AUC before and after forgetting, from
+               training samples only (1000 a side), never the test set
 
 Every method that yields a model (all but ``diagnose``) also gets
 ``mia_auc``: the forget-set membership inference (``metrics.forget_set_mia``, loss feature:
@@ -82,6 +85,7 @@ ORACLE_L2 = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
 ORACLE_SEARCH = 500                                       # test images that score the grid
 METHODS = ("original", "paper", "auto", "auto-lambda1", "oracle", "ssd")
 DIAGNOSE_PER_CLASS = 64                                   # training samples per class for diagnose
+MEMBERSHIP_SAMPLES = 1000   # diagnose-mia: the class's training and unused training images, each
 DEFAULT_ROWS = HERE / "unlearning-sweep-rows.jsonl"
 
 
@@ -221,12 +225,20 @@ def run_case(case, c, method, x, y) -> dict:
                 "seconds": time.perf_counter() - start, "grid": grid, "mia_auc": auc}
     elif method in REFINED:  # issue 10, items 4-5: forget(lambda1="auto") with a refinement
         model, info = refined(net, codes, c, method)
-    elif method == "diagnose":
-        d = diagnose(net, codes, [c], data=case.train, per_class=DIAGNOSE_PER_CLASS)
+    elif method in ("diagnose", "diagnose-mia"):
+        heldout = getattr(case, "heldout", None) if method == "diagnose-mia" else None
+        if method == "diagnose-mia" and heldout is None:
+            raise ValueError("diagnose-mia needs held-out training images (Fashion-MNIST with --limit)")
+        d = diagnose(net, codes, [c], data=case.train, per_class=DIAGNOSE_PER_CLASS, heldout=heldout,
+                     membership_samples=MEMBERSHIP_SAMPLES)
         k = d.classes[0]
-        return {"rho": k.rank_correlation, "overlap": k.top_overlap, "verdict": k.verdict,
-                "sample_forget": k.forget_accuracy, "sample_retain": k.retain_accuracy,
-                "seconds": time.perf_counter() - start}
+        row = {"rho": k.rank_correlation, "overlap": k.top_overlap, "verdict": k.verdict,
+               "sample_forget": k.forget_accuracy, "sample_retain": k.retain_accuracy,
+               "seconds": time.perf_counter() - start}
+        if heldout is not None:
+            row.update(membership=k.membership_auc, membership_kept=k.membership_kept,
+                       membership_samples=k.membership_samples)
+        return row
     elif method == "ssd":
         model = ssd(case, c)
     else:
@@ -308,10 +320,12 @@ def sweep(args) -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         train, test = X.load_data(data, args.limit if data == "fashion-mnist" else None)
+        heldout = X.unused_training(data, args.limit) if "diagnose-mia" in args.methods else None
         x, y = test.tensors
         for model_name, variant in [(m, v) for v in args.variants for m in args.models]:
             for seed in args.seeds:
                 case = trained(args.cache, data, model_name, seed, train, test, variant)
+                case.heldout = heldout
                 classes = args.classes if args.classes else range(int(y.max()) + 1)
                 for c in classes:
                     for method in args.methods:
@@ -328,9 +342,12 @@ def sweep(args) -> None:
                         with args.rows.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
                         done[key] = row
-                        if method == "diagnose":
-                            print(f"{data} {key[1]} s{seed} c{c} diagnose rho {row['rho']:.2f} "
-                                  f"overlap {row['overlap']:.2f} {row['verdict']}", flush=True)
+                        if method.startswith("diagnose"):
+                            membership = row.get("membership")
+                            print(f"{data} {key[1]} s{seed} c{c} {method} rho {row['rho']:.2f} "
+                                  f"overlap {row['overlap']:.2f} {row['verdict']}"
+                                  + (f" membership {membership[0]:.3f} -> {membership[1]:.3f}" if membership else ""),
+                                  flush=True)
                             continue
                         print(f"{data} {key[1]} s{seed} c{c} {method:12s} A_R {100 * row['A_R']:.1f} "
                               f"F {100 * row['F']:.1f} MIA {row.get('mia_auc', float('nan')):.3f} {row['seconds']:.2f}s "
@@ -559,7 +576,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--classes", nargs="+", type=int, default=None, help="default: every class")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   choices=METHODS + ("diagnose", "retrain") + tuple(REFINED))
+                   choices=METHODS + ("diagnose", "diagnose-mia", "retrain") + tuple(REFINED))
     p.add_argument("--variants", nargs="+", default=[PAPER_VARIANT],
                    help="code variants to train and sweep (module docstring), default: paper")
     p.add_argument("--fresh", nargs="*", default=None, help="recompute these methods' rows")

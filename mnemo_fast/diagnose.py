@@ -29,6 +29,18 @@ pick also carry other classes). Needs a few labelled *training* samples per clas
 never the test set. Cost: per-sample Fisher passes over the codes and over at most
 ``per_class`` samples of every class, then one ``forget`` and one forward of the samples per
 forget class.
+
+With ``heldout`` (samples of the same classes the model was *not* trained on), one more
+measure per class, about what forgetting leaves behind rather than what it removes:
+
+- ``membership_auc``: (before, after) the probability that one of the class's training samples
+  has a lower loss than one of its held-out samples (the ROC AUC of a loss-threshold
+  membership attack; 0.5: the two cannot be told apart, as for a model never trained on the
+  class). A class the model memorised sits well above 0.5 before forgetting; the one-shot
+  shift changes which class the model predicts, not the ordering of these losses, so it
+  usually stays there (benchmarks/UNLEARNING.md, "Membership: what diagnose says before
+  forgetting"). ``membership_kept`` flags a class whose AUC after forgetting is still more than
+  ``max_membership_gap`` from 0.5.
 """
 
 from __future__ import annotations
@@ -59,6 +71,15 @@ class ClassDiagnosis:
     retain_accuracy: tuple[float, float]   # (before, after) on the other classes' samples
     lambdas: tuple[float, float]           # the (lambda1, lambda2) forget used
     verdict: str              # "ok", "not forgotten" or "costly"
+    membership_auc: tuple[float, float] | None = None  # (before, after); None without ``heldout``
+    membership_samples: int = 0             # training and held-out samples of the class, each
+    max_membership_gap: float = 0.05
+
+    @property
+    def membership_kept(self) -> bool:
+        """After forgetting, the class's training samples are still told apart from its
+        held-out ones: |AUC - 0.5| > ``max_membership_gap`` (False without ``heldout``)."""
+        return self.membership_auc is not None and abs(self.membership_auc[1] - 0.5) > self.max_membership_gap
 
 
 @dataclass
@@ -78,13 +99,19 @@ class Diagnosis:
     @property
     def verdict(self) -> str:
         if self.ok:
-            return "the codes stand for every forget class in this model (forgotten on real samples, rest kept)"
-        bad = "; ".join(
-            f"class {c.cls}: {c.verdict} (sample accuracy {100 * c.forget_accuracy[1]:.0f}%, others "
-            f"{100 * (c.retain_accuracy[1] - c.retain_accuracy[0]):+.1f} pts; Fisher rank correlation "
-            f"{c.rank_correlation:.2f}, top overlap {c.top_overlap:.2f})"
-            for c in self.classes if c.verdict != "ok")
-        return f"the codes do not stand for every forget class in this model: {bad}"
+            text = "the codes stand for every forget class in this model (forgotten on real samples, rest kept)"
+        else:
+            bad = "; ".join(
+                f"class {c.cls}: {c.verdict} (sample accuracy {100 * c.forget_accuracy[1]:.0f}%, others "
+                f"{100 * (c.retain_accuracy[1] - c.retain_accuracy[0]):+.1f} pts; Fisher rank correlation "
+                f"{c.rank_correlation:.2f}, top overlap {c.top_overlap:.2f})"
+                for c in self.classes if c.verdict != "ok")
+            text = f"the codes do not stand for every forget class in this model: {bad}"
+        kept = [c for c in self.classes if c.membership_kept]
+        if kept:
+            text += "; membership still visible after forgetting (memorised by this model: " + ", ".join(
+                f"class {c.cls} AUC {c.membership_auc[0]:.2f} -> {c.membership_auc[1]:.2f}" for c in kept) + ")"
+        return text
 
     def __str__(self) -> str:
         return self.verdict
@@ -114,6 +141,16 @@ def top_overlap(codes_ratio: Tensor, data_ratio: Tensor, fraction: float) -> tup
     return mask[top_data].float().mean().item(), k
 
 
+def membership_auc(member_losses: Tensor, heldout_losses: Tensor) -> float:
+    """P(a member's loss < a held-out sample's loss), ties counted half: the ROC AUC of the
+    attack "lower loss means member" (Mann-Whitney U from average ranks). [M], [H] -> float."""
+    m, h = member_losses.numel(), heldout_losses.numel()
+    if m == 0 or h == 0:
+        raise ValueError(f"membership_auc needs samples on both sides, got {m} and {h}")
+    ranks = _ranks(torch.cat([member_losses.flatten(), heldout_losses.flatten()]).double())
+    return float((ranks[m:].sum() - h * (h + 1) / 2) / (m * h))
+
+
 def _per_class_fishers(engine, model, groups: Sequence[tuple[Tensor, Tensor]], chunk_size, output_fn) -> list[Tensor]:
     """[C] flat mean per-sample Fisher of each group (inputs, labels); model in eval mode."""
     out = []
@@ -129,17 +166,24 @@ def _log_ratio(per_class: list[Tensor], c: int, eps: float) -> Tensor:
     return torch.log(per_class[c] + eps) - torch.log((rest + eps) / (len(per_class) - 1))
 
 
-def _data_groups(data, num_classes: int, per_class: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+def _tensors(data) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) of a TensorDataset or of an (inputs, labels) pair."""
     if isinstance(data, torch.utils.data.TensorDataset):
-        x, y = data.tensors[0], data.tensors[1]
-    else:
-        x, y = data
+        return data.tensors[0], data.tensors[1]
+    x, y = data
+    return x, y
+
+
+def _data_groups(data, classes: Iterable[int], per_class: int, seed: int,
+                 name: str = "data") -> list[tuple[Tensor, Tensor]]:
+    """Per class of ``classes``: at most ``per_class`` of its samples, seeded."""
+    x, y = _tensors(data)
     g = torch.Generator().manual_seed(seed)
     groups = []
-    for c in range(num_classes):
+    for c in classes:
         idx = torch.nonzero(y == c).flatten()
         if len(idx) == 0:
-            raise validation.UnlearningError(f"diagnose: the data hold no sample of class {c}")
+            raise validation.UnlearningError(f"diagnose: the {name} hold no sample of class {c}")
         idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
         groups.append((x[idx], y[idx]))
     return groups
@@ -157,6 +201,9 @@ def diagnose(
     lambda2: float = 10.0,
     max_forget_accuracy: float = 0.05,
     max_retain_drop: float = 0.02,
+    heldout=None,
+    membership_samples: int = 1000,
+    max_membership_gap: float = 0.05,
     eps: float = 1e-16,
     seed: int = 0,
     chunk_size: int | None = None,
@@ -169,8 +216,12 @@ def diagnose(
     ``data``: (inputs [N, *shape], labels [N]) or a TensorDataset of *training* samples with
     every class present; at most ``per_class`` per class are used (seeded). ``lambda1``,
     ``lambda2``: what :func:`mnemo_fast.forget` is run with for the check (default: the
-    codes-only calibration). See the module docstring for the measures and the verdicts. The
-    model's parameters are not changed.
+    codes-only calibration). ``heldout``: (inputs, labels) or a TensorDataset of samples the
+    model was not trained on (not the test set either, if that decides anything later); with
+    it, the membership AUC of each forget class before and after, from at most
+    ``membership_samples`` of the class's samples on each side (the same number on both).
+    See the module docstring for the measures and the verdicts. The model's parameters are not
+    changed.
     """
     from .method import forget  # here: method imports the session, which this module also uses
 
@@ -184,12 +235,26 @@ def diagnose(
         raise ValueError(f"top must be a fraction in (0, 1), got {top}")
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    groups = _data_groups(data, codes.num_classes, per_class, seed)
+    if membership_samples < 1:
+        raise ValueError(f"membership_samples must be >= 1, got {membership_samples}")
+    if not 0 <= max_membership_gap < 0.5:
+        raise ValueError(f"max_membership_gap must be in [0, 0.5), got {max_membership_gap}")
+    groups = _data_groups(data, range(codes.num_classes), per_class, seed)
+    # membership: the same number of the class's training and held-out samples (seeded)
+    members = {}
+    if heldout is not None:
+        for c in classes:
+            (xm, ym), = _data_groups(data, [c], membership_samples, seed + 1)
+            (xh, yh), = _data_groups(heldout, [c], membership_samples, seed + 2, name="held-out samples")
+            n = min(len(ym), len(yh))
+            members[c] = (xm[:n], ym[:n], xh[:n], yh[:n])
     with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
         code_groups = [code_inputs(model, codes, [c]) for c in range(codes.num_classes)]
         device = code_groups[0][0].device
         dtype = code_groups[0][0].dtype
         groups = [(x.to(device, dtype), y.to(device)) for x, y in groups]
+        members = {c: tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in ts)
+                   for c, ts in members.items()}
         from_codes = _per_class_fishers(engine, model, code_groups, chunk_size, output_fn)
         from_data = _per_class_fishers(engine, model, groups, chunk_size, output_fn)
     x = torch.cat([g[0] for g in groups])
@@ -203,6 +268,9 @@ def diagnose(
         result = forget(model, codes, [c], lambda1=lambda1, lambda2=lambda2, eps=eps, chunk_size=chunk_size,
                         output_fn=output_fn, params=params, engine=engine)
         hits_after = _hits(result.model, x, y, chunk_size, output_fn)
+        membership = None
+        if c in members:
+            membership = tuple(_membership(m, *members[c], chunk_size, output_fn) for m in (model, result.model))
         mine = y == c
         f = (hits_before[mine].mean().item(), hits_after[mine].mean().item())
         r = (hits_before[~mine].mean().item(), hits_after[~mine].mean().item())
@@ -212,8 +280,24 @@ def diagnose(
             verdict = "costly"
         else:
             verdict = "ok"
-        results.append(ClassDiagnosis(c, rho, overlap, k, f, r, (result.lambda1, result.lambda2), verdict))
+        results.append(ClassDiagnosis(c, rho, overlap, k, f, r, (result.lambda1, result.lambda2), verdict,
+                                      membership, len(members[c][1]) if c in members else 0, max_membership_gap))
     return Diagnosis(results, max_forget_accuracy, max_retain_drop, {c: len(g[1]) for c, g in enumerate(groups)})
+
+
+@torch.no_grad()
+def _losses(model, x, y, chunk_size, output_fn) -> Tensor:
+    """[N] float64 per-sample cross-entropy of the model (eval mode), on the CPU."""
+    step = chunk_size or 1024
+    with eval_mode(model):
+        return torch.cat([torch.nn.functional.cross_entropy(output_fn(model(x[i:i + step])).float(), y[i:i + step],
+                                                            reduction="none")
+                          for i in range(0, len(x), step)]).double().cpu()
+
+
+def _membership(model, xm, ym, xh, yh, chunk_size, output_fn) -> float:
+    """:func:`membership_auc` of ``model`` on training (xm, ym) vs held-out (xh, yh) samples."""
+    return membership_auc(_losses(model, xm, ym, chunk_size, output_fn), _losses(model, xh, yh, chunk_size, output_fn))
 
 
 @torch.no_grad()

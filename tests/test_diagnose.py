@@ -104,3 +104,80 @@ def test_bad_input(tiny):
         mf.diagnose(model, codes, [7], data=data)                     # unknown class
     with pytest.raises(ValueError):
         mf.diagnose(model, codes, [0], data=data, top=1.5)
+
+
+# ---- membership: what forgetting leaves behind (diagnose(heldout=...)) ------------------------
+def test_membership_auc_by_hand_and_against_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from mnemo_fast.diagnose import membership_auc
+
+    # members' losses all below the held-out ones: certain; all above: never; equal sets: chance
+    assert membership_auc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4, 0.5])) == 1.0
+    assert membership_auc(torch.tensor([0.6, 0.7]), torch.tensor([0.3, 0.4])) == 0.0
+    assert membership_auc(torch.tensor([0.2, 0.4]), torch.tensor([0.4, 0.2])) == 0.5
+    # one tie of four pairs counts half: pairs (0.1<0.3), (0.1<0.5), (0.3=0.3), (0.3<0.5) -> 3.5/4
+    assert membership_auc(torch.tensor([0.1, 0.3]), torch.tensor([0.3, 0.5])) == 0.875
+    g = torch.Generator().manual_seed(0)
+    for m, h in ((1, 1), (7, 13), (200, 150)):
+        members = torch.randint(0, 6, (m,), generator=g).double()        # many ties
+        heldout = torch.randint(1, 7, (h,), generator=g).double()
+        labels = [1] * m + [0] * h
+        expected = roc_auc_score(labels, (-torch.cat([members, heldout])).tolist())  # low loss -> member
+        assert membership_auc(members, heldout) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError):
+        membership_auc(torch.tensor([]), torch.tensor([1.0]))
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """A 4-class MLP that can only memorise: pure-noise inputs with labels that carry no
+    signal, 16 training samples a class, many epochs; ``heldout`` draws fresh samples of the
+    same distribution (their loss is that of a guess)."""
+    def draw(n_per_class, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(4).repeat(n_per_class)
+        return torch.randn(len(y), 1, 4, 4, generator=g), y
+
+    x, y = draw(16, 1)
+    torch.manual_seed(0)
+    model = models.MLP((1, 4, 4), 4, hidden=128)
+    codes = mf.MnemonicCodes.generate(4, (1, 4, 4), seed=0)
+    mf.train_with_codes(model, torch.utils.data.TensorDataset(x, y), codes, t_mix=0.2, epochs=300,
+                        batch_size=16, lr=3e-3, seed=0, progress=False)
+    return model.eval(), codes, (x, y), draw(64, 2)
+
+
+def test_membership_of_a_memorised_class(memorised):
+    model, codes, data, heldout = memorised
+    before = [p.detach().clone() for p in model.parameters()]
+    d = mf.diagnose(model, codes, [1, 0], data=data, heldout=heldout, per_class=16, lambda1=1e-2, lambda2=10.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for c in d.classes:
+        assert c.membership_samples == 16   # all 16 training samples of the class, 16 held-out ones
+        auc_before, auc_after = c.membership_auc
+        assert auc_before > 0.65            # the training samples' losses are the lowest: memorised
+        assert 0.0 <= auc_after <= 1.0
+        assert c.membership_kept == (abs(auc_after - 0.5) > 0.05)
+        assert (f"class {c.cls} AUC {auc_before:.2f} -> {auc_after:.2f}" in str(d)) == c.membership_kept
+    # the same samples on both sides cannot be told apart: exactly chance, before and after
+    same = mf.diagnose(model, codes, [0], data=data, heldout=data, per_class=16, lambda1=1e-2, lambda2=10.0)
+    assert same.classes[0].membership_auc == (0.5, 0.5) and not same.classes[0].membership_kept
+    assert "membership" not in str(same)
+    # without held-out samples nothing is measured
+    plain = mf.diagnose(model, codes, [0], data=data, per_class=16, lambda1=1e-2, lambda2=10.0)
+    assert plain.classes[0].membership_auc is None and not plain.classes[0].membership_kept
+    # membership_samples caps both sides at the same count
+    few = mf.diagnose(model, codes, [0], data=data, heldout=heldout, per_class=16, membership_samples=5,
+                      lambda1=1e-2, lambda2=10.0)
+    assert few.classes[0].membership_samples == 5
+
+
+def test_membership_bad_input(memorised):
+    model, codes, data, (hx, hy) = memorised
+    with pytest.raises(mf.UnlearningError, match="held-out samples hold no sample of class 2"):
+        mf.diagnose(model, codes, [2], data=data, heldout=(hx[hy != 2], hy[hy != 2]), lambda1=1e-2, lambda2=10.0)
+    with pytest.raises(ValueError, match="membership_samples"):
+        mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy), membership_samples=0)
+    with pytest.raises(ValueError, match="max_membership_gap"):
+        mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy), max_membership_gap=0.5)

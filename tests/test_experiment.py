@@ -59,3 +59,21 @@ def test_forget_sets_and_unknown_method():
     assert experiment.forget_sets("0,2", 3) == [[0, 2]]
     with pytest.raises(ValueError, match="unknown method"):
         experiment.run_method("nope", None, None, None, None, [0], 0)
+
+
+def test_unused_training_is_the_rest_of_the_training_split(monkeypatch):
+    """load_data's seeded subset and unused_training split the training images between them
+    (no image in both, none lost); the test split is never part of either."""
+    x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1)
+    split = (torch.utils.data.TensorDataset(x, torch.arange(50) % 10),
+             torch.utils.data.TensorDataset(x[:5] + 100, torch.arange(5)))
+    monkeypatch.setattr(experiment.data_mod, "fashion_mnist", lambda *a, **k: split)
+    train, test = experiment.load_data("fashion-mnist", 20)
+    rest = experiment.unused_training("fashion-mnist", 20)
+    seen, unseen = train.tensors[0].flatten().tolist(), rest.tensors[0].flatten().tolist()
+    assert len(seen) == 20 and len(unseen) == 30 and sorted(seen + unseen) == list(range(50))
+    assert torch.equal(rest.tensors[1], rest.tensors[0].flatten().long() % 10)   # labels follow their images
+    assert test is split[1]
+    assert experiment.unused_training("fashion-mnist", None) is None
+    assert experiment.unused_training("fashion-mnist", 50) is None
+    assert experiment.unused_training("digits", 20) is None

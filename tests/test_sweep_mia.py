@@ -106,3 +106,20 @@ def test_report_gives_the_targets_of_auto_blocks_where_it_has_rows(tmp_path, cap
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     sweep.main(["--report", "--rows", str(path)])
     assert "`auto-blocks`" not in capsys.readouterr().out
+
+
+def test_diagnose_mia_rows_carry_membership_from_held_out_training_samples(tmp_path, monkeypatch):
+    case = _case(tmp_path, monkeypatch)
+    x, y = case.test.tensors
+    import pytest
+    with pytest.raises(ValueError, match="held-out training images"):
+        sweep.run_case(case, 1, "diagnose-mia", x, y)           # no held-out images on the case
+    g = torch.Generator().manual_seed(1)
+    case.heldout = TensorDataset(torch.rand(45, 1, 4, 4, generator=g), torch.arange(45) % 3)
+    row = sweep.run_case(case, 1, "diagnose-mia", x, y)
+    before, after = row["membership"]
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    assert row["membership_samples"] == 15                      # 20 training vs 15 held-out of class 1
+    assert row["membership_kept"] == (abs(after - 0.5) > 0.05)
+    plain = sweep.run_case(case, 1, "diagnose", x, y)           # the old method: no membership fields
+    assert "membership" not in plain and plain["verdict"] == row["verdict"]

@@ -81,10 +81,26 @@ def load_data(name: str, limit: int | None):
         return data_mod.digits()
     train, test = data_mod.fashion_mnist()
     if limit:
-        g = torch.Generator().manual_seed(1234)
-        idx = torch.randperm(len(train), generator=g)[:limit]
+        idx = _training_order(len(train))[:limit]
         train = torch.utils.data.TensorDataset(train.tensors[0][idx], train.tensors[1][idx])
     return train, test
+
+
+def unused_training(name: str, limit: int | None):
+    """The training-split images ``load_data(name, limit)`` leaves out (never the test set):
+    samples of the same distribution a model trained on the subset has not seen, for
+    membership checks (``diagnose(heldout=...)``). None when nothing is left out (digits, or
+    no ``limit``)."""
+    if name == "digits" or not limit:
+        return None
+    train, _ = data_mod.fashion_mnist()
+    idx = _training_order(len(train))[limit:]
+    return torch.utils.data.TensorDataset(train.tensors[0][idx], train.tensors[1][idx]) if len(idx) else None
+
+
+def _training_order(n: int) -> torch.Tensor:
+    """The seeded order of the training split whose first ``limit`` images are the subset."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1234))
 
 
 def _save(model, codes, path: Path, meta: dict) -> None:

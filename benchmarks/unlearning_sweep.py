@@ -554,6 +554,40 @@ def diagnose_report(rows: dict) -> str:
     return "\n".join(out)
 
 
+def membership_report(rows: dict, method: str = "auto-blocks") -> str:
+    """Does ``diagnose``'s membership flag (training images only: the class's training samples
+    against the training images the subset left out) predict the test-set MIA target of
+    ``method`` (its forget-set MIA AUC within the tolerance of the retrained model's, chance
+    where none was measured)? Confusion counts per (data, model), then every case."""
+    out = [f"\n| data / model | cases | flagged (kept) & `{method}` misses MIA | flagged & meets | "
+           "not flagged & meets | not flagged & misses | membership AUC before / after (mean) |",
+           "|---|---|---|---|---|---|---|"]
+    per_case = []
+    for data, model in sorted({(k[0], k[1]) for k in rows if k[4] == "diagnose-mia"}):
+        pairs = []
+        for (d, m, s, c, name), row in sorted(rows.items()):
+            target = rows.get((d, m, s, c, method))
+            if (d, m) != (data, model) or name != "diagnose-mia" or target is None or target.get("mia_auc") is None:
+                continue
+            ref, measured = mia_reference(rows, (d, m, s, c, method))
+            misses = abs(target["mia_auc"] - ref) > MIA_TOLERANCE
+            pairs.append((row, misses))
+            per_case.append(f"| {data} / {model} | {s} | {c} | {row['membership'][0]:.3f} -> {row['membership'][1]:.3f} "
+                            f"| {'kept' if row['membership_kept'] else '-'} | {target['mia_auc']:.3f} | "
+                            f"{ref:.3f}{'' if measured else ' (chance)'} | {'missed' if misses else 'met'} |")
+        if not pairs:
+            continue
+        n = [sum(1 for r, miss in pairs if r["membership_kept"] == kept and miss == want)
+             for kept, want in ((True, True), (True, False), (False, False), (False, True))]
+        before = sum(r["membership"][0] for r, _ in pairs) / len(pairs)
+        after = sum(r["membership"][1] for r, _ in pairs) / len(pairs)
+        out.append(f"| {data} / {model} | {len(pairs)} | {n[0]} | {n[1]} | {n[2]} | {n[3]} | {before:.3f} / {after:.3f} |")
+    out += ["", f"| data / model | seed | class | membership AUC (training images) before -> after | flag | "
+                f"`{method}` MIA AUC (test set) | retrained model's | MIA target |",
+            "|---|---|---|---|---|---|---|---|", *per_case]
+    return "\n".join(out)
+
+
 def select(rows: dict, only) -> dict:
     """The rows whose (data, model) is one of ``only`` ("data/model" strings; None: all)."""
     if not only:
@@ -610,6 +644,9 @@ def main(argv=None) -> int:
         text = report(rows, METHODS + ("retrain",) + tuple(REFINED))
         if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
             text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
+        if any(k[4] == "diagnose-mia" for k in rows):
+            text += ("\n\n#### diagnose's membership check (training images only) vs the MIA target on the test set\n"
+                     + membership_report(rows))
         if any(r.get("mia_auc") is not None for r in rows.values()):
             targets = [f"#### The issue's targets, `{m}`\n\n" + targets_report(rows, m) + "\n"
                        for m in ("auto", "auto-blocks") if m == "auto" or any(k[4] == m for k in rows)]

@@ -123,3 +123,24 @@ def test_diagnose_mia_rows_carry_membership_from_held_out_training_samples(tmp_p
     assert row["membership_kept"] == (abs(after - 0.5) > 0.05)
     plain = sweep.run_case(case, 1, "diagnose", x, y)           # the old method: no membership fields
     assert "membership" not in plain and plain["verdict"] == row["verdict"]
+
+
+def test_membership_report_counts_flags_against_the_mia_target():
+    base = {"data": "d", "model": "m", "seed": 0}
+    rows = {}
+    # case 0: flagged, auto-blocks 0.62 vs chance -> missed; case 1: not flagged, 0.52 vs retrain 0.50 -> met;
+    # case 2: not flagged but 0.57 vs chance -> missed
+    for c, (kept, membership, auc, retrain) in enumerate([(True, (0.66, 0.64), 0.62, None),
+                                                          (False, (0.51, 0.50), 0.52, 0.50),
+                                                          (False, (0.53, 0.54), 0.57, None)]):
+        rows[("d", "m", 0, c, "diagnose-mia")] = base | {"forget": c, "method": "diagnose-mia", "membership": membership,
+                                                         "membership_kept": kept, "verdict": "ok"}
+        rows[("d", "m", 0, c, "auto-blocks")] = base | {"forget": c, "method": "auto-blocks", "A_R": 0.9, "F": 0.0,
+                                                        "mia_auc": auc}
+        if retrain is not None:
+            rows[("d", "m", 0, c, "retrain")] = base | {"forget": c, "method": "retrain", "A_R": 0.9, "F": 0.0,
+                                                        "mia_auc": retrain}
+    text = sweep.membership_report(rows)
+    assert "| d / m | 3 | 1 | 0 | 1 | 1 | 0.567 / 0.560 |" in text
+    assert "| d / m | 0 | 0 | 0.660 -> 0.640 | kept | 0.620 | 0.500 (chance) | missed |" in text
+    assert "| d / m | 0 | 1 | 0.510 -> 0.500 | - | 0.520 | 0.500 | met |" in text

@@ -29,7 +29,9 @@ What is searched (``search``):
   either sign maximising ``min(forget depth, median retained margin ratio)`` among those that
   misclassify every forget code, over the scan (taken one decade further) and ``steps``
   halvings of a local search around the best (``feasible`` is then False and
-  ``diagnostics["balanced"]`` True).
+  ``diagnostics["balanced"]`` True). A balanced step under which the median retained code is
+  misclassified (min(depth, ratio) <= 0: most retained codes wrong) is not applied: the
+  *best-effort* step below is, as when no trial meets the forget side.
 - ``"lambda1"``: the first calibration: ``lambda1`` searched with ``lambda2`` fixed, the sign by
   the code accuracy A_R + E_F (the rule of :func:`mnemo_fast.forget`), which ``forget`` re-picks.
 
@@ -40,8 +42,14 @@ live parameters of a :class:`mnemo_fast.session.CandidateSession` (the one
 :func:`mnemo_fast.forget` then uses: the Fisher pair is computed once), scores them on the
 codes (at most ``chunk_size`` per forward) and undoes it: no copy of the model is made. If the
 retain side fails at that lambda1, ``feasible`` is False (the codes say the classes cannot be
-forgotten cleanly there); if no trial meets the forget side, lambda1 is the top of the range,
-``feasible`` is False and a :class:`CalibrationWarning` says so. With several lambda2
+forgotten cleanly there). If no trial meets the forget side, ``feasible`` and ``forget_reached``
+are False and a :class:`CalibrationWarning` says so; ``search="lambda1"`` then takes the top of
+the range (its fixed lambda2 bounds the step), ``search="scale"`` the *best-effort* step
+(``diagnostics["best_effort"]``): the balanced trial among those that misclassify every forget
+code with the retained margins still positive on the median, else the trial that forgets
+deepest while keeping the retain side, else the smallest step. Never the top of the range:
+there the paired lambda2 lets the step grow without bound, and on conv nets and a small
+transformer that step sent every input to one class. With several lambda2
 candidates, each gets its search and the feasible one whose remaining codes keep the largest
 median margin wins (ties: the smaller lambda2).
 """
@@ -65,7 +73,9 @@ Tensor = torch.Tensor
 
 
 class CalibrationWarning(UserWarning):
-    """No trial reached the forgetting criterion: lambda1 is the top of the searched range."""
+    """No trial reached the forgetting criterion (``search="scale"``: the best-effort step was
+    used, which may leave the class in place; ``search="lambda1"``: the top of the range), or
+    ``forget`` applied a step that met the forget side but not the retain side."""
 
 
 @dataclass
@@ -90,8 +100,9 @@ class Calibration:
     """The chosen ``lambda1``/``lambda2`` and how they were found.
 
     ``feasible``: the chosen trial meets both sides of the criterion; ``forget_reached``: some
-    trial met the forget side (False: lambda1 is the top of the range, with a
-    :class:`CalibrationWarning`); ``chosen``: that trial (None when not reached); ``trials``:
+    trial met the forget side (False: with a :class:`CalibrationWarning`, ``search="scale"``
+    chose the best-effort step of :func:`_best_effort`, ``search="lambda1"`` the top of the
+    range); ``chosen``: the chosen trial (None only for ``search="lambda1"`` when not reached); ``trials``:
     every trial in order; ``per_lambda2``: (lambda2, lambda1, trial) per lambda2 candidate;
     ``seconds``: the time taken; ``sign``: the sign :func:`mnemo_fast.forget` applies with
     this calibration (``search="scale"``), None where it re-picks it by code accuracy
@@ -226,10 +237,50 @@ def _balanced(prober, pair, first: int, steps: int, trials: list[Trial], lo: flo
     return best
 
 
-def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) -> tuple[float, Trial | None]:
-    """Smallest lambda1 in [lo, hi] meeting the forget side; ``pair(lambda1)`` is its lambda2.
-    With ``balance``, where that trial breaks the retain side, the balanced trial of
-    :func:`_balanced` instead (when some trial misclassifies every forget code)."""
+def _effort(t: Trial) -> tuple:
+    """The order of :func:`_best_effort`: a balanced trial (every forget code wrong, retained
+    margins positive on the median) by min(depth, margin ratio), then a trial keeping the
+    retain side by its depth, then anything else by the smaller step; ties: the smaller step."""
+    if t.forget_max_margin < 0 and _balance(t) > 0:
+        return (2, _balance(t), -t.lambda1)
+    if t.retain_ok:
+        return (1, t.forget_depth, -t.lambda1)
+    return (0, -t.lambda1, 0.0)
+
+
+def _best_effort(prober, pair, first: int, steps: int, trials: list[Trial], lo: float, hi: float) -> Trial | None:
+    """Where no trial meets the forget side (``search="scale"``): the step to apply instead of
+    the top of the range, whose paired lambda2 lets the step grow without bound (on conv nets
+    and a small transformer it sent every input to one class). The best trial of either sign
+    since ``first`` by :func:`_effort`: the balanced one among those misclassifying every
+    forget code with the retained margins still positive on the median, else the one forgetting
+    deepest while keeping the retain side, else the smallest step; then ``steps`` halvings of a
+    local search around it (its sign) by the same order. None if nothing was tried."""
+    tried = prober.both[first:]
+    if not tried:
+        return None
+    best = max(tried, key=_effort)
+    width = 0.5
+    for _ in range(steps):
+        for x in (-width, width):
+            l1 = min(hi, max(lo, 10 ** (math.log10(best.lambda1) + x)))
+            t = prober._one(l1, pair(l1), best.sign)
+            trials.append(t)
+            if _effort(t) > _effort(best):
+                best = t
+        width /= 2
+    return best
+
+
+def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) -> tuple[float, Trial | None, str]:
+    """(lambda1, its trial, how it was chosen): the smallest lambda1 in [lo, hi] meeting the
+    forget side (``"smallest"``); ``pair(lambda1)`` is its lambda2. With ``balance``
+    (``search="scale"``): where that trial breaks the retain side, the balanced trial of
+    :func:`_balanced` (``"balanced"``) when it keeps the median retained margin positive, else
+    the best-effort trial of :func:`_best_effort` (``"best effort"``: the forget codes go
+    wrong only where most retained codes do too); where no trial meets the forget side, the
+    best-effort trial too (``"best effort, unreached"``). Without ``balance``, where no trial
+    meets it: the top of the range and no trial (``"top"``)."""
     first = len(prober.both)
 
     def run(l1: float) -> Trial:
@@ -238,11 +289,14 @@ def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) 
         return t
 
     l1, chosen = _smallest(run, lo, hi, steps, prober)
-    if balance and chosen is not None and not chosen.retain_ok:
+    if not balance or (chosen is not None and chosen.retain_ok):
+        return l1, chosen, "smallest" if chosen is not None else "top"
+    if chosen is not None:
         fallback = _balanced(prober, pair, first, steps, trials, lo, hi)
-        if fallback is not None:
-            return fallback.lambda1, fallback
-    return l1, chosen
+        if fallback is not None and _balance(fallback) > 0:
+            return fallback.lambda1, fallback, "balanced"
+    fallback = _best_effort(prober, pair, first, steps, trials, lo, hi)
+    return fallback.lambda1, fallback, "best effort" if chosen is not None else "best effort, unreached"
 
 
 def _smallest(run, lo, hi, steps, prober=None) -> tuple[float, Trial | None]:
@@ -307,27 +361,36 @@ def calibrate_session(
     try:
         for l2 in lambda2s:
             pair = (lambda l1, l2=l2: l1 * l2 / PAIRED_LAMBDA1) if search == "scale" else (lambda l1, l2=l2: l2)
-            l1, t = _search_lambda1(prober, pair, lo, hi, steps, trials, balance=search == "scale")
-            choices.append((l1, pair(l1), t, l2))
+            l1, t, how = _search_lambda1(prober, pair, lo, hi, steps, trials, balance=search == "scale")
+            choices.append((l1, t.lambda2 if t is not None else pair(l1), t, l2, how))
     finally:
         session.restore()
 
     def rank(choice):
-        l1, _, t, l2 = choice  # ties: the smaller given lambda2
+        l1, _, t, l2, how = choice  # ties: the smaller given lambda2
         if t is None:
-            return (0, 0, -math.inf, -l2)
-        return (1, int(t.retain_ok), t.retain_margin_ratio, -l2)
+            return (0, (), -l2)
+        if how.startswith("best effort"):  # by the order of _best_effort, after any applied forget step
+            return (1, _effort(t), -l2)
+        return (2, (int(t.retain_ok), t.retain_margin_ratio), -l2)
 
-    l1, l2, chosen, _ = max(choices, key=rank)
-    feasible = bool(chosen is not None and chosen.retain_ok and chosen.forget_ok)
-    if chosen is None:
-        warnings.warn(
-            f"lambda1 calibration: no trial in {lambda1_range} reached the forgetting criterion "
-            f"(depth {criterion.depth}, max forget probability {criterion.max_forget_prob}); using the "
-            f"top of the range, lambda1 = {hi:g}",
-            CalibrationWarning,
-            stacklevel=3,
-        )
+    l1, l2, chosen, _, how = max(choices, key=rank)
+    reached = any(c[4] in ("smallest", "balanced", "best effort") for c in choices)
+    feasible = bool(how == "smallest" and chosen.retain_ok and chosen.forget_ok)
+    if how.startswith("best effort") or how == "top":
+        if chosen is None:  # search="lambda1": lambda2 is fixed, so it bounds the top of the range
+            fallback = f"using the top of the range, lambda1 = {hi:g}"
+        else:
+            kind = {2: "the balanced step (every forget code wrong, the retained margins positive)",
+                    1: "the deepest step that keeps the retained codes",
+                    0: "the smallest step tried (every step tried breaks the retained codes)"}[_effort(chosen)[0]]
+            fallback = (f"using {kind} instead (lambda1 = {l1:g}, lambda2 = {l2:g}; forget codes' depth "
+                        f"{chosen.forget_depth:.2f}): the class may not be forgotten")
+        what = (f"no trial in {lambda1_range} reached the forgetting criterion (depth {criterion.depth}, "
+                f"max forget probability {criterion.max_forget_prob})" if not reached else
+                "the forget codes were misclassified only at steps under which most retained codes are "
+                "misclassified too, which are not applied")
+        warnings.warn(f"lambda1 calibration: {what}; {fallback}", CalibrationWarning, stacklevel=3)
     seconds = time.perf_counter() - start
     per_lambda2 = [(c[1], c[0], c[2]) for c in choices]
     sign = chosen.sign if chosen is not None and search == "scale" else None
@@ -335,8 +398,9 @@ def calibrate_session(
         "search": search,
         "sign": sign,
         "feasible": feasible,
-        "forget_reached": chosen is not None,
-        "balanced": chosen is not None and not chosen.forget_ok,
+        "forget_reached": reached,
+        "balanced": how == "balanced" and not chosen.forget_ok,
+        "best_effort": how.startswith("best effort"),
         "chosen": chosen,
         "per_lambda2": per_lambda2,
         "trials": trials,
@@ -346,7 +410,7 @@ def calibrate_session(
         "seconds": seconds,
     }
     return Calibration(lambda1=l1, lambda2=l2, sign=sign, search=search, feasible=feasible,
-                       forget_reached=chosen is not None, chosen=chosen, trials=trials, per_lambda2=per_lambda2, seconds=seconds,
+                       forget_reached=reached, chosen=chosen, trials=trials, per_lambda2=per_lambda2, seconds=seconds,
                        diagnostics=diagnostics)
 
 

@@ -349,7 +349,8 @@ def forget(
             if generator_state is not None:
                 generator.set_state(generator_state)
             raise
-    if calibration is not None and not calibration.feasible and calibration.forget_reached:
+    if (calibration is not None and not calibration.feasible and calibration.forget_reached
+            and not calibration.diagnostics.get("best_effort")):  # a best-effort step: calibrate warned
         warnings.warn(
             f"lambda1='auto': the codes' criterion was not met (the forget side was reached at "
             f"lambda1={lambda1:g}, lambda2={lambda2:g}, but the remaining codes lost too much); the model "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mnemo_fast as mf
-from mnemo_fast.calibration import Calibration, calibrate
+from mnemo_fast.calibration import Calibration, CalibrationWarning, calibrate
 from mnemo_fast.validation import UnlearningError
 
 
@@ -158,6 +158,75 @@ def _codes_forget_late(s, sign):
         return torch.tensor([[4 + s, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
     r = 4 * (1 - s)
     return torch.tensor([[4 - 8 * s, 0, 0], [0, r, 0], [0, 0, r]])
+
+
+def _codes_never_forget(s, sign):
+    """The forget code's margin falls as 4 - s but its class stays the most probable (no step
+    misclassifies it), while the retained margins fall as 4 (1 - s / 3) for sign -1 and
+    4 (1 - s / 30) for sign +1: large steps wreck the retained codes (what the top of the
+    range did on a transformer: every input sent to one class)."""
+    m = max(4 - s, 0.5)
+    r = 4 * (1 - s / (3 if sign == -1 else 30))
+    return torch.tensor([[m, 0, 0], [0, r, 0], [0, 0, r]])
+
+
+def test_unreached_forget_side_takes_the_best_effort_step_not_the_top_of_the_range():
+    session = _Scripted(_codes_never_forget)
+    with pytest.warns(CalibrationWarning, match="deepest step that keeps the retained codes"):
+        cal = calibrate_session(session, [10.0], lambda1_range=(1e-5, 1e2))
+    assert not cal.forget_reached and not cal.feasible and cal.diagnostics["best_effort"]
+    assert not cal.diagnostics["balanced"]
+    t = cal.chosen
+    # the deepest forgetting among the trials that keep every retained code right with half its margin
+    safe = [x for x in cal.trials if x.retain_ok]
+    assert t.retain_ok and t.forget_depth == max(x.forget_depth for x in safe)
+    assert cal.lambda1 < 1e2 and cal.lambda1 / PAIRED_LAMBDA1 <= 15   # sign +1 keeps margins >= 0.5 up to s = 15
+    assert session.state == (0.0, -1)   # restored
+    # the retained codes of the chosen step are right: a top-of-range step (s = 1e5) would not be
+    assert (_codes_never_forget(cal.lambda1 / PAIRED_LAMBDA1, cal.sign).argmax(-1) == torch.arange(3)).all()
+
+
+def _codes_misclassified_shallowly(s, sign):
+    """Sign -1: the forget code turns wrong from s = 1 but never deeply (margin >= -0.5, so the
+    forget side's probability bound is never met), the retained margins fall as 4 (1 - s / 4)."""
+    if sign == 1:
+        return torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
+    r = 4 * (1 - s / 4)
+    return torch.tensor([[max(4 - 4 * s, -0.5), 0, 0], [0, r, 0], [0, 0, r]])
+
+
+def test_unreached_forget_side_prefers_a_balanced_step_that_misclassifies_the_forget_codes():
+    cal = calibrate_session(_Scripted(_codes_misclassified_shallowly), [10.0], lambda1_range=(1e-5, 1e2))
+    t = cal.chosen
+    assert not cal.forget_reached and cal.diagnostics["best_effort"] and cal.sign == -1
+    assert t.forget_max_margin < 0 and t.retain_margin_ratio > 0     # wrong, retained codes still right
+    s = cal.lambda1 / PAIRED_LAMBDA1
+    assert 1 < s < 4
+
+
+def _codes_forget_only_by_wrecking(s, sign):
+    """Sign -1: the forget code turns wrong (and deep) only from s = 2, where the retained
+    codes' margins 4 (1 - s) are already negative: every step meeting the forget side sends
+    most retained codes elsewhere. Sign +1 changes nothing."""
+    if sign == 1:
+        return torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
+    r = 4 * (1 - s)
+    return torch.tensor([[4 - 2 * s if s < 2 else 40 * (2 - s), 0, 0], [0, r, 0], [0, 0, r]])
+
+
+def test_a_balanced_step_that_wrecks_the_retained_codes_is_not_applied():
+    with pytest.warns(CalibrationWarning, match="most retained codes are misclassified too.*deepest step that keeps"):
+        cal = calibrate_session(_Scripted(_codes_forget_only_by_wrecking), [10.0], lambda1_range=(1e-5, 1e2))
+    assert cal.forget_reached and not cal.feasible
+    assert cal.diagnostics["best_effort"] and not cal.diagnostics["balanced"]
+    assert cal.chosen.retain_ok and cal.lambda1 / PAIRED_LAMBDA1 <= 0.5     # margins keep half: s <= 1/2
+    assert any(t.forget_ok for t in cal.trials)                           # the forget side was met, elsewhere
+    # a balanced step that keeps the median retained margin positive is still applied, unwarned
+    import warnings as w
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        late = calibrate_session(_Scripted(_codes_forget_late), [10.0], lambda1_range=(1e-5, 1e-1))
+    assert not caught and late.diagnostics["balanced"] and not late.diagnostics["best_effort"]
 
 
 def test_scale_search_moves_lambda2_with_lambda1(setup):

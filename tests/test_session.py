@@ -103,10 +103,22 @@ def test_calibration_scores_in_chunks():
 def test_unreached_criterion_warns_and_is_not_feasible():
     model, codes = _tiny()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(CalibrationWarning, match="top of the range"):
+    # search="scale" (the default): the best-effort step among the trials, never past the range
+    # (this untrained model misclassifies some retained code before any step: every step
+    # "breaks" the retain side, so the smallest step is taken)
+    with pytest.warns(CalibrationWarning, match="no trial .* reached the forgetting criterion.*the smallest step tried"):
         cal = calibrate(model, codes, [1], lambda1_range=(1e-12, 1e-11), engine=REFERENCE)
-    assert cal.lambda1 == 1e-11 and not cal.feasible and not cal.forget_reached and cal.chosen is None
+    assert not cal.feasible and not cal.forget_reached and cal.diagnostics["best_effort"]
+    assert cal.chosen is not None and not cal.chosen.retain_ok and not cal.chosen.forget_ok
+    assert (cal.lambda1, cal.lambda2, cal.sign) == (cal.chosen.lambda1, cal.chosen.lambda2, cal.chosen.sign)
+    assert cal.lambda1 == 1e-12
     assert cal.diagnostics["feasible"] is False and cal.trials == cal.diagnostics["trials"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # search="lambda1": its lambda2 is fixed and bounds the step, so the top of the range
+    with pytest.warns(CalibrationWarning, match="top of the range"):
+        first = calibrate(model, codes, [1], lambda1_range=(1e-12, 1e-11), search="lambda1", engine=REFERENCE)
+    assert first.lambda1 == 1e-11 and not first.forget_reached and first.chosen is None
+    assert not first.diagnostics["best_effort"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

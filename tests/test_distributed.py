@@ -90,6 +90,28 @@ def _fsdp_problem(case_id: str):
     return model, codes
 
 
+def _blocks_problem():
+    """The small CNN of "fsdp-cnn" after 50 full-batch Adam steps on its own codes, so that it
+    knows them (an untrained model misclassifies most retained codes before any step, and the
+    calibration then applies only its smallest best-effort step, with nothing for the block
+    search to rescale). One thread while training: every process gets the same weights."""
+    model, codes = _fsdp_problem("fsdp-cnn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x, y = codes.batch(range(codes.num_classes))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(50):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), codes
+
+
 def _fully_shard(model: torch.nn.Module, *units: tuple[type, ...]) -> torch.nn.Module:
     return shard(model, torch.device("cpu"), *units)
 
@@ -112,13 +134,13 @@ def _fsdp_runs(rank: int) -> dict:
             "same_object": result.model is model,
         }
     # lambda1="auto" with the global step alone: the calibration's probes perturb the shards and score the codes
-    model, codes = _fsdp_problem("fsdp-cnn")
+    model, codes = _blocks_problem()
     model = _fully_shard(model)
     result = forget_distributed(model, codes, FORGET, inplace=True, lambda1="auto", lambda2=10.0, chunk_size=4,
                                 calibration={"blocks": False})
     results["fsdp-auto"] = {"lambda1": result.lambda1, "model": _full(dict(model.named_parameters()))}
     # per-block steps (calibration={"blocks": "module"}): the block search scores on the shards too
-    model, codes = _fsdp_problem("fsdp-cnn")
+    model, codes = _blocks_problem()
     model = _fully_shard(model)
     result = forget_distributed(model, codes, FORGET, inplace=True, **AUTO_BLOCKS)
     results["fsdp-auto-blocks"] = _blocks_run(result, _full(dict(model.named_parameters())))
@@ -195,7 +217,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "model": result.model.state_dict(), "scores": result.candidate_scores,
             }
         # per-block steps on a replicated model (a small CNN: its block search shrinks a block)
-        model, codes = _fsdp_problem("fsdp-cnn")
+        model, codes = _blocks_problem()
         result = forget_distributed(model, codes, FORGET, **AUTO_BLOCKS)
         results["auto-blocks"] = _blocks_run(result, result.model.state_dict())
         model, codes = _problem(CASES["k3-shift"])
@@ -324,8 +346,9 @@ def test_fsdp_sharded_model_equals_one_process(runs, case_id):
 
 
 def test_fsdp_calibrated_lambda_equals_one_process(runs):
-    model, codes = _fsdp_problem("fsdp-cnn")
+    model, codes = _blocks_problem()
     single = mf.forget(model, codes, FORGET, lambda1="auto", lambda2=10.0, calibration={"blocks": False})
+    assert single.calibration.feasible and single.code_accuracy_after.forget == 0.0  # a real forgetting step
     for rank, run in enumerate(runs):
         assert run["fsdp-auto"]["lambda1"] == pytest.approx(single.lambda1, rel=1e-6)
         diff, name = _max_rel_diff(run["fsdp-auto"]["model"], {n: p.detach() for n, p in single.model.named_parameters()})
@@ -334,8 +357,9 @@ def test_fsdp_calibrated_lambda_equals_one_process(runs):
 
 @pytest.fixture(scope="module")
 def single_blocks():
-    """One process's lambda1="auto" with per-block steps on the small CNN of "fsdp-cnn"."""
-    model, codes = _fsdp_problem("fsdp-cnn")
+    """One process's lambda1="auto" with per-block steps on the small CNN of "fsdp-cnn",
+    trained on its codes (:func:`_blocks_problem`)."""
+    model, codes = _blocks_problem()
     return mf.forget(model, codes, FORGET, **AUTO_BLOCKS)
 
 

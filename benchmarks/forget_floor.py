@@ -41,17 +41,13 @@ from mnemo_fast.evaluation.models import MLP  # noqa: E402
 from mnemo_fast.fast import _ext  # noqa: E402
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    if not _ext.available():
-        raise SystemExit("the compiled extension is not built: the floor uses its kernels")
+def problem(classes: int) -> dict:
+    """{"plain", "floor", "forget"}: the three timed callables on one model and its codes
+    (and "model": that model, which none of them changes).
+    ``floor()`` returns the parameters after both candidates (the -1 one applied, as the
+    method leaves them when -1 wins); ``forget()`` returns the ForgetResult."""
     ops = torch.ops.mnemo_fast
-    c = args.classes
+    c = classes
     torch.manual_seed(0)
     model = MLP((1, 28, 28), c).eval()
     codes = MnemonicCodes.generate(c, (1, 28, 28))
@@ -92,10 +88,24 @@ def main(argv=None) -> None:
                 torch._foreach_copy_(live, params)
         return live
 
-    def forget() -> None:
-        mnemo_fast.forget(model, codes, [0], lambda1=1e-3, lambda2=10.0)
+    def forget():
+        return mnemo_fast.forget(model, codes, [0], lambda1=1e-3, lambda2=10.0)
 
-    runs = {"plain": plain, "floor": floor, "forget": forget}
+    return {"plain": plain, "floor": floor, "forget": forget, "model": model}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if not _ext.available():
+        raise SystemExit("the compiled extension is not built: the floor uses its kernels")
+    c = args.classes
+    runs = problem(c)
+    del runs["model"]
     times = {name: [] for name in runs}
     for _ in range(10):
         for fn in runs.values():

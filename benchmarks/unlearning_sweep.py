@@ -519,16 +519,19 @@ def codes_report(rows: dict, methods=("auto", "auto-heldout")) -> str:
     return "\n".join(out)
 
 
-def diagnose_report(rows: dict) -> str:
-    """Does diagnose's verdict (training samples) predict whether ``auto`` meets the target on
-    the test set? Confusion counts per (data, model), and the Fisher measures by outcome."""
-    out = ["\n| data / model | cases | verdict ok & auto met | ok & missed | not ok & missed | not ok & met | "
+def diagnose_report(rows: dict, diag: str = "diagnose", method: str = "auto") -> str:
+    """Does diagnose's verdict (training samples; rows ``diag``) predict whether ``method`` meets
+    the target on the test set? Confusion counts per (data, model), the Fisher measures by
+    outcome, then the cases that miss or are not "ok". (``diagnose`` rows ran with the
+    default of their day, the global step, against ``auto``; ``diagnose-mia`` rows with
+    today's, per-block steps, against ``auto-blocks``.)"""
+    out = [f"\n| data / model | cases | verdict ok & {method} met | ok & missed | not ok & missed | not ok & met | "
            "Spearman rho (met / missed) | top-1% overlap (met / missed) |", "|---|---|---|---|---|---|---|---|"]
     for data, model in sorted({(k[0], k[1]) for k in rows}):
         cases = sorted({(k[2], k[3]) for k in rows if k[:2] == (data, model)})
-        trip = [(rows[(data, model, s, c, "diagnose")], rows[(data, model, s, c, "auto")],
+        trip = [(rows[(data, model, s, c, diag)], rows[(data, model, s, c, method)],
                  rows[(data, model, s, c, "original")]) for s, c in cases
-                if all((data, model, s, c, m) in rows for m in ("diagnose", "auto", "original"))]
+                if all((data, model, s, c, m) in rows for m in (diag, method, "original"))]
         if not trip:
             continue
         met = [(d, ok(a, b)) for d, a, b in trip]
@@ -540,13 +543,13 @@ def diagnose_report(rows: dict) -> str:
             return f"{sum(v) / len(v):.2f}" if v else "-"
         out.append(f"| {data} / {model} | {len(trip)} | {n[0]} | {n[1]} | {n[2]} | {n[3]} | "
                    f"{mean('rho', True)} / {mean('rho', False)} | {mean('overlap', True)} / {mean('overlap', False)} |")
-    out.append("\nPer case where `auto` misses the target or the verdict is not \"ok\" (samples: forget acc "
+    out.append(f"\nPer case where `{method}` misses the target or the verdict is not \"ok\" (samples: forget acc "
                "after / others' change on the 64-a-class training samples; test: forget acc / A_R change):\n")
-    out.append("| data / model | seed | class | verdict | samples | test | auto met |")
+    out.append(f"| data / model | seed | class | verdict | samples | test | {method} met |")
     out.append("|---|---|---|---|---|---|---|")
     for (data, model, s, c, m), d in sorted(rows.items()):
-        a, b = rows.get((data, model, s, c, "auto")), rows.get((data, model, s, c, "original"))
-        if m != "diagnose" or a is None or b is None or (d["verdict"] == "ok" and ok(a, b)):
+        a, b = rows.get((data, model, s, c, method)), rows.get((data, model, s, c, "original"))
+        if m != diag or a is None or b is None or (d["verdict"] == "ok" and ok(a, b)):
             continue
         sf, sr = d["sample_forget"], d["sample_retain"]
         out.append(f"| {data} / {model} | {s} | {c} | {d['verdict']} | {100 * sf[1]:.0f}% / {100 * (sr[1] - sr[0]):+.1f} | "
@@ -645,6 +648,8 @@ def main(argv=None) -> int:
         if any(k[4] == "diagnose" for k in rows) or not any(r.get("mia_auc") is not None for r in rows.values()):
             text += "\n\n#### diagnose (training samples) vs auto on the test set\n" + diagnose_report(rows)
         if any(k[4] == "diagnose-mia" for k in rows):
+            text += ("\n\n#### diagnose with today's default (per-block steps, training samples) vs auto-blocks on "
+                     "the test set\n" + diagnose_report(rows, "diagnose-mia", "auto-blocks"))
             text += ("\n\n#### diagnose's membership check (training images only) vs the MIA target on the test set\n"
                      + membership_report(rows))
         if any(r.get("mia_auc") is not None for r in rows.values()):

@@ -376,7 +376,7 @@ def calibrate_session(
 
     l1, l2, chosen, _, how = max(choices, key=rank)
     reached = any(c[4] in ("smallest", "balanced", "best effort") for c in choices)
-    feasible = bool(how == "smallest" and chosen.retain_ok and chosen.forget_ok)
+    feasible = bool(how in ("smallest", "balanced") and chosen.retain_ok and chosen.forget_ok)
     if how.startswith("best effort") or how == "top":
         if chosen is None:  # search="lambda1": lambda2 is fixed, so it bounds the top of the range
             fallback = f"using the top of the range, lambda1 = {hi:g}"

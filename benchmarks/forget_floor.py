@@ -41,9 +41,9 @@ from mnemo_fast.evaluation.models import MLP  # noqa: E402
 from mnemo_fast.fast import _ext  # noqa: E402
 
 
-def problem(classes: int) -> dict:
-    """{"plain", "floor", "forget"}: the three timed callables on one model and its codes
-    (and "model": that model, which none of them changes).
+def problem(classes: int) -> tuple[torch.nn.Module, dict]:
+    """(model, {"plain", "floor", "forget"}): one model, which none of them changes, and the
+    three timed callables on it and its codes.
     ``floor()`` returns the parameters after both candidates (the -1 one applied, as the
     method leaves them when -1 wins); ``forget()`` returns the ForgetResult."""
     ops = torch.ops.mnemo_fast
@@ -91,7 +91,7 @@ def problem(classes: int) -> dict:
     def forget():
         return mnemo_fast.forget(model, codes, [0], lambda1=1e-3, lambda2=10.0)
 
-    return {"plain": plain, "floor": floor, "forget": forget, "model": model}
+    return model, {"plain": plain, "floor": floor, "forget": forget}
 
 
 def main(argv=None) -> None:
@@ -104,8 +104,7 @@ def main(argv=None) -> None:
     if not _ext.available():
         raise SystemExit("the compiled extension is not built: the floor uses its kernels")
     c = args.classes
-    runs = problem(c)
-    del runs["model"]
+    _, runs = problem(c)
     times = {name: [] for name in runs}
     for _ in range(10):
         for fn in runs.values():

@@ -225,13 +225,21 @@ def _balanced(prober, pair, first: int, steps: int, trials: list[Trial], lo: flo
     if not candidates:
         return None
     best = max(candidates, key=lambda t: (_balance(t), -t.lambda1))
-    width = 0.25
+    return _local_search(prober, pair, best, steps, trials, lo, hi, 0.25,
+                         lambda t, best: t.forget_max_margin < 0 and _balance(t) > _balance(best))
+
+
+def _local_search(prober, pair, best: Trial, steps: int, trials: list[Trial], lo: float, hi: float,
+                  width: float, better: Callable[[Trial, Trial], bool]) -> Trial:
+    """``steps`` halvings (from ``width`` decades) of a search around ``best`` for its sign:
+    a trial at ``best.lambda1 * 10^(+-width)`` (clamped to [lo, hi]) replaces ``best`` when
+    ``better(trial, best)``. Every trial goes to ``trials``."""
     for _ in range(steps):
         for x in (-width, width):
             l1 = min(hi, max(lo, 10 ** (math.log10(best.lambda1) + x)))
             t = prober._one(l1, pair(l1), best.sign)
             trials.append(t)
-            if t.forget_max_margin < 0 and _balance(t) > _balance(best):
+            if better(t, best):
                 best = t
         width /= 2
     return best
@@ -259,17 +267,8 @@ def _best_effort(prober, pair, first: int, steps: int, trials: list[Trial], lo: 
     tried = prober.both[first:]
     if not tried:
         return None
-    best = max(tried, key=_effort)
-    width = 0.5
-    for _ in range(steps):
-        for x in (-width, width):
-            l1 = min(hi, max(lo, 10 ** (math.log10(best.lambda1) + x)))
-            t = prober._one(l1, pair(l1), best.sign)
-            trials.append(t)
-            if _effort(t) > _effort(best):
-                best = t
-        width /= 2
-    return best
+    return _local_search(prober, pair, max(tried, key=_effort), steps, trials, lo, hi, 0.5,
+                         lambda t, best: _effort(t) > _effort(best))
 
 
 def _search_lambda1(prober, pair, lo, hi, steps, trials, balance: bool = False) -> tuple[float, Trial | None, str]:

@@ -259,13 +259,9 @@ def test_blocks_with_the_lambda1_search_apply_the_sign_they_were_searched_for(cn
 # ---- the block search's trials on input layers -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mlp_short(digits_split):
+def mlp_short(digits_mlp_with_codes):
     """The paper's MLP on digits, 3 epochs with codes (t_mix 0.2): its block search shrinks a block."""
-    train, _ = digits_split
-    torch.manual_seed(0)
-    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=0)
-    model = models.build("mlp", (1, 8, 8), 10)
-    mf.train_with_codes(model, train, codes, 0.2, 3, seed=0, progress=False)
+    model, codes = digits_mlp_with_codes(0.2, 3)
     return model.eval(), codes
 
 

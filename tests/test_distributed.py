@@ -20,6 +20,7 @@ from mnemo_fast.validation import UnlearningError
 import models_zoo as zoo
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
 from mnemo_fast.session import correct_predictions
+from mnemo_fast.train import train
 
 WORLD = 2
 CASES = {
@@ -91,22 +92,18 @@ def _fsdp_problem(case_id: str):
 
 
 def _blocks_problem():
-    """The small CNN of "fsdp-cnn" after 50 full-batch Adam steps on its own codes, so that it
-    knows them (an untrained model misclassifies most retained codes before any step, and the
-    calibration then applies only its smallest best-effort step, with nothing for the block
-    search to rescale). One thread while training: every process gets the same weights."""
+    """The small CNN of "fsdp-cnn" after 50 full-batch Adam steps on its own codes
+    (:func:`mnemo_fast.train.train`), so that it knows them (an untrained model misclassifies
+    most retained codes before any step, and the calibration then applies only its smallest
+    best-effort step, with nothing for the block search to rescale). One thread while
+    training: every process gets the same weights."""
     model, codes = _fsdp_problem("fsdp-cnn")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        x, y = codes.batch(range(codes.num_classes))
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        model.train()
-        for _ in range(50):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        data = torch.utils.data.TensorDataset(*codes.batch(range(codes.num_classes)))
+        train(model, data, 50, lr=1e-2, batch_size=len(data), cosine=False)
     finally:
         torch.set_num_threads(threads)
     return model.eval(), codes

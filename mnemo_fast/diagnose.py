@@ -166,18 +166,31 @@ def _log_ratio(per_class: list[Tensor], c: int, eps: float) -> Tensor:
     return torch.log(per_class[c] + eps) - torch.log((rest + eps) / (len(per_class) - 1))
 
 
-def _tensors(data) -> tuple[Tensor, Tensor]:
-    """(inputs, labels) of a TensorDataset or of an (inputs, labels) pair."""
+def _tensors(data, name: str = "data") -> tuple[Tensor, Tensor]:
+    """(inputs [N, ...], labels [N]) of a TensorDataset or of an (inputs, labels) pair; labels
+    must be integer class indices (float labels would be read as class probabilities)."""
     if isinstance(data, torch.utils.data.TensorDataset):
-        return data.tensors[0], data.tensors[1]
-    x, y = data
+        pair = data.tensors[:2]
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        pair = tuple(data)
+    else:
+        pair = ()
+    if len(pair) != 2 or not all(torch.is_tensor(t) for t in pair):
+        raise TypeError(f"diagnose: {name} must be (inputs, labels) tensors or a TensorDataset, "
+                        f"got {type(data).__name__}")
+    x, y = pair
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"diagnose: the labels of {name} must be integer class indices, got {y.dtype}")
+    if y.dim() != 1 or x.shape[:1] != y.shape:
+        raise ValueError(f"diagnose: {name} needs inputs [N, ...] and labels [N], got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
     return x, y
 
 
 def _data_groups(data, classes: Iterable[int], per_class: int, seed: int,
                  name: str = "data") -> list[tuple[Tensor, Tensor]]:
     """Per class of ``classes``: at most ``per_class`` of its samples, seeded."""
-    x, y = _tensors(data)
+    x, y = _tensors(data, name)
     g = torch.Generator().manual_seed(seed)
     groups = []
     for c in classes:
@@ -213,7 +226,7 @@ def diagnose(
 ) -> Diagnosis:
     """Compare the codes' forget/remain Fisher ratio with real data's, per forget class.
 
-    ``data``: (inputs [N, *shape], labels [N]) or a TensorDataset of *training* samples with
+    ``data``: (inputs [N, *shape], integer labels [N]) or a TensorDataset of *training* samples with
     every class present; at most ``per_class`` per class are used (seeded). ``lambda1``,
     ``lambda2``: what :func:`mnemo_fast.forget` is run with for the check (default: the
     codes-only calibration). ``heldout``: (inputs, labels) or a TensorDataset of samples the

@@ -181,3 +181,13 @@ def test_membership_bad_input(memorised):
         mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy), membership_samples=0)
     with pytest.raises(ValueError, match="max_membership_gap"):
         mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy), max_membership_gap=0.5)
+    # what a careless caller passes: float labels (cross-entropy would read them as class
+    # probabilities), a list of (input, label) pairs, labels that do not match the inputs
+    with pytest.raises(TypeError, match="labels of held-out samples must be integer class indices"):
+        mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy.float()), lambda1=1e-2, lambda2=10.0)
+    with pytest.raises(TypeError, match="labels of data must be integer class indices"):
+        mf.diagnose(model, codes, [0], data=(data[0], data[1].float()), lambda1=1e-2, lambda2=10.0)
+    with pytest.raises(TypeError, match=r"held-out samples must be \(inputs, labels\) tensors"):
+        mf.diagnose(model, codes, [0], data=data, heldout=[(hx[i], hy[i]) for i in range(4)])
+    with pytest.raises(ValueError, match="needs inputs"):
+        mf.diagnose(model, codes, [0], data=data, heldout=(hx, hy[:-1]))

@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
+from .reference.fisher import logits_of
 from .train import cross_entropy, fit, make_optimizer
 
 OPTIMIZERS = ("sgd", "adam")
@@ -119,6 +121,7 @@ def adapt_with_codes(
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    output_fn: Callable = logits_of,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` in place for ``steps`` steps on ``dataset`` mixed with ``codes``.
 
@@ -132,8 +135,9 @@ def adapt_with_codes(
     every ``checkpoint_every`` steps and at the end; with ``resume`` a run finding it continues
     from its step and ends with the same weights as an uninterrupted run. Resuming is refused
     (ValueError) when the settings differ, the codes differ, or the checkpoint already did
-    more than ``steps`` steps (a longer ``steps`` extends a finished run). Returns ``model``
-    (in eval mode).
+    more than ``steps`` steps (a longer ``steps`` extends a finished run). ``output_fn`` picks
+    the logits from the model's output, as in ``forget`` (a Hugging Face model's ``.logits``
+    by default). Returns ``model`` (in eval mode).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -175,6 +179,6 @@ def adapt_with_codes(
         if path is not None and (done % checkpoint_every == 0 or done == steps):
             _save(path, done, model, opt, config, run)
 
-    fit(model, opt, batches(), cross_entropy, on_step=after_step)
+    fit(model, opt, batches(), lambda net, batch: cross_entropy(net, batch, output_fn), on_step=after_step)
     bar.close()
     return model

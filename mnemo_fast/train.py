@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
+from .reference.fisher import logits_of
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -75,10 +76,12 @@ def fit(
     return model
 
 
-def cross_entropy(model: torch.nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy of one (x [B, ...], y [B]) batch."""
+def cross_entropy(model: torch.nn.Module, batch, output_fn: Callable = logits_of) -> torch.Tensor:
+    """Mean cross-entropy of one (x [B, ...], y [B]) batch; ``output_fn`` picks the [B, C]
+    logits from what the model returns (default: the tensor itself, ``.logits`` or
+    ``["logits"]``, as ``forget`` reads them)."""
     x, y = to_model(model, *batch)
-    return F.cross_entropy(model(x), y)
+    return F.cross_entropy(output_fn(model(x)), y)
 
 
 def train_with_codes(
@@ -97,13 +100,15 @@ def train_with_codes(
     num_workers: int = 0,
     progress: bool = True,
     code_shift: int = 0,
+    output_fn: Callable = logits_of,
 ) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` with each sample replaced by its class's code
     with probability ``t_mix`` (:class:`MnemonicMix`), cross-entropy, a cosine learning-rate
     schedule over all steps, and a seeded shuffle (docs/METHOD.md, "Training with codes").
     ``code_shift`` > 0 rolls each replacing code by up to that many elements per spatial dim
-    (``MnemonicMix(shift=...)``; 0, the paper's training, by default). Returns the per-epoch
-    history.
+    (``MnemonicMix(shift=...)``; 0, the paper's training, by default). ``output_fn`` picks the
+    logits from the model's output, as in ``forget`` (a Hugging Face model's ``.logits`` by
+    default, no wrapper needed). Returns the per-epoch history.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -122,7 +127,7 @@ def train_with_codes(
 
     def loss_fn(net, batch):
         x, y = to_model(net, *batch)
-        logits = net(x)
+        logits = output_fn(net(x))
         loss = F.cross_entropy(logits, y)
         totals[0] += loss.item() * len(y)
         totals[1] += (logits.argmax(-1) == y).sum().item()
@@ -157,9 +162,10 @@ def train(
     seed: int = 0,
     progress: bool = False,
     desc: str = "train",
+    output_fn: Callable = logits_of,
 ) -> torch.nn.Module:
     """Plain cross-entropy training in place (seeded shuffle, optional cosine schedule over
-    all steps); returns ``model`` in eval mode."""
+    all steps; ``output_fn`` as in :func:`cross_entropy`); returns ``model`` in eval mode."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,4 +177,5 @@ def train(
         for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
             yield from loader
 
-    return fit(model, opt, epochs_of_batches(), cross_entropy, schedule=schedule)
+    return fit(model, opt, epochs_of_batches(), lambda net, batch: cross_entropy(net, batch, output_fn),
+               schedule=schedule)

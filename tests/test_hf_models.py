@@ -18,6 +18,7 @@ from mnemo_fast.codes import MnemonicCodes
 from mnemo_fast.explain import GenericPathWarning
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+from mnemo_fast.train import train
 
 #: the fast engine: compiled kernels, or their pure-PyTorch twins when the extension is off
 FAST = EXTENSION if _ext.available() else HOOKS_ATEN
@@ -84,3 +85,37 @@ def test_forget_runs_on_a_transformers_model(family):
     changed = [not torch.equal(p, b) for p, b in zip(result.model.parameters(), before)]
     assert any(changed)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("trainer", ["train_with_codes", "adapt_with_codes"])
+def test_training_with_codes_reads_the_logits_of_a_transformers_model(trainer):
+    """A Hugging Face classifier returns a ModelOutput, not a tensor: both trainers read its
+    ``.logits`` (the same ``output_fn`` as ``forget``), so the model learns its codes without
+    a wrapper. Data: random token sequences with random labels (nothing to learn but the codes)."""
+    hf = build("bert")
+    codes = MnemonicCodes.generate_tokens(hf.num_classes, length=8, vocab_size=64, per_class=1, low=1)
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randint(1, 64, (64, 8), generator=generator),
+                                          torch.randint(0, hf.num_classes, (64,), generator=generator))
+    x, y = codes.batch(range(codes.num_classes))
+    with torch.no_grad():
+        assert not torch.equal(hf.model(x).logits.argmax(-1), y)  # not known before training
+    torch.manual_seed(0)
+    if trainer == "train_with_codes":
+        mf.train_with_codes(hf.model, data, codes, t_mix=0.5, epochs=15, lr=3e-3, batch_size=16, progress=False)
+    else:
+        mf.adapt_with_codes(hf.model, data, codes, 60, t_mix=0.5, lr=3e-3, optimizer="adam", batch_size=16,
+                            progress=False)
+    with torch.no_grad():
+        assert torch.equal(hf.model(x).logits.argmax(-1), y)
+
+
+def test_training_refuses_an_output_without_logits():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    tupled = torch.nn.Module()
+    tupled.inner = model
+    tupled.forward = lambda x: (model(x),)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(TypeError, match="output_fn"):
+        train(tupled, data, 1)
+    train(tupled, data, 1, output_fn=lambda out: out[0])  # the caller says where the logits are

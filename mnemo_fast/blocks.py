@@ -35,8 +35,9 @@ from .session import CandidateSession, code_logits
 
 Tensor = torch.Tensor
 
-#: What ``calibration={"blocks": ...}`` accepts: a block is a top-level child module or a tensor.
-BLOCKS = ("module", "tensor")
+#: What ``calibration={"blocks": ...}`` accepts: a block is a top-level child module, a layer
+#: of a repeated stack (a numbered child: ``encoder.layer.3``) or a tensor (:func:`block_names`).
+BLOCKS = ("module", "layer", "tensor")
 #: Relative scales tried for a block in each shrink pass (its current scale times each).
 SHRINK = (0.0, 0.25, 0.5)
 #: The grow stage multiplies every scale by 2^(k/2), k = 1, 2, ... up to this factor; the
@@ -122,21 +123,53 @@ def split_codes(codes: MnemonicCodes, heldout: bool | int) -> tuple[MnemonicCode
 
 
 def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
-    """(block names, block index per tensor). ``"tensor"``: one block per parameter.
-    ``"module"``: parameters grouped by their top-level child module, descending through
-    prefixes shared by every parameter (a wrapper ``model.net.*`` groups by ``net.<child>``)."""
+    """(block names, block index per tensor), blocks in the order they first appear.
+
+    - ``"tensor"``: one block per parameter.
+    - ``"module"``: parameters grouped by their top-level child module, descending through
+      prefixes shared by every parameter (a wrapper ``model.net.*`` groups by ``net.<child>``).
+    - ``"layer"``: each layer of a repeated stack is a block: a parameter whose name has a
+      numbered part (an ``nn.ModuleList``/``nn.Sequential`` index) belongs to the prefix up to
+      its first one (``bert.encoder.layer.3.attention.self.query.weight`` ->
+      ``bert.encoder.layer.3``); any other parameter to its shortest prefix that holds no layer
+      (``bert.embeddings``, ``bert.pooler``, ``classifier``). A Hugging Face transformer gets
+      embeddings, one block per layer and the head, where ``"module"`` gives body and head.
+    """
     if by == "tensor":
         return list(names), list(range(len(names)))
     parts = [n.split(".") for n in names]
-    depth = 1
-    while (len({tuple(p[:depth]) for p in parts}) == 1 and all(len(p) > depth + 1 for p in parts)):
-        depth += 1
-    keys = [".".join(p[:depth]) if len(p) > depth else ".".join(p[:-1]) or p[0] for p in parts]
+    if by == "layer":
+        keys = [_layer_key(p) for p in parts]
+        layers = {k for k, p in zip(keys, parts) if any(q.isdigit() for q in p)}
+        holds_layer = {".".join(k.split(".")[:i]) for k in layers for i in range(1, k.count(".") + 2)}
+        keys = [k if k in layers else _shortest_free_prefix(p, holds_layer) for k, p in zip(keys, parts)]
+    else:
+        depth = 1
+        while (len({tuple(p[:depth]) for p in parts}) == 1 and all(len(p) > depth + 1 for p in parts)):
+            depth += 1
+        keys = [".".join(p[:depth]) if len(p) > depth else ".".join(p[:-1]) or p[0] for p in parts]
     blocks: list[str] = []
     for key in keys:
         if key not in blocks:
             blocks.append(key)
     return blocks, [blocks.index(k) for k in keys]
+
+
+def _layer_key(parts: list[str]) -> str:
+    """The name up to its first numbered part (a layer of a stack), else the whole name."""
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts)
+
+
+def _shortest_free_prefix(parts: list[str], holds_layer: set[str]) -> str:
+    """The shortest prefix of a parameter's name that is not (a prefix of) a layer block."""
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix not in holds_layer:
+            return prefix
+    return ".".join(parts)
 
 
 class _Scaler:

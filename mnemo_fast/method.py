@@ -254,7 +254,8 @@ def forget(
     :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
     ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
     steps and held-out scoring"): ``"blocks"`` scales the chosen step per block, by top-level
-    module (``"module"``, **the default** in shift mode) or per tensor (``"tensor"``); the scales
+    module (``"module"``, **the default** in shift mode), per layer of a repeated stack
+    (``"layer"``: a transformer's encoder layers) or per tensor (``"tensor"``); the scales
     are in ``result.calibration.diagnostics["blocks"]``; ``"blocks": False`` keeps the global
     step alone (the calibration before per-block steps). ``"heldout": True`` (or a number of
     codes, K >= 2) takes the Fisher from some of each class's codes and scores the search on
@@ -351,10 +352,19 @@ def forget(
             raise
     if (calibration is not None and not calibration.feasible and calibration.forget_reached
             and not calibration.diagnostics.get("best_effort")):  # a best-effort step: calibrate warned
+        if before.forget < 1.0 or before.retain < 1.0:  # it does not know its codes: say so
+            why = (f"the model classifies only {before.forget:.0%} of the forget codes and {before.retain:.0%} of "
+                   f"the others before forgetting: it may not have been trained with these codes "
+                   f"(train_with_codes, adapt_with_codes)")
+        else:  # a model that knows its codes, where the codes admit no step meeting both sides
+            after = accuracies[best]
+            why = (f"the step applied balances the two sides (codes after: {after.forget:.0%} of the forget codes, "
+                   f"{after.retain:.0%} of the others correct); check the class on a few real samples "
+                   f"(mnemo_fast.diagnose)")
         warnings.warn(
             f"lambda1='auto': the codes' criterion was not met (the forget side was reached at "
-            f"lambda1={lambda1:g}, lambda2={lambda2:g}, but the remaining codes lost too much); the model "
-            f"may not have been trained with these codes (train_with_codes, adapt_with_codes)",
+            f"lambda1={lambda1:g}, lambda2={lambda2:g}, but only with the remaining codes misclassified or "
+            f"their margins below the criterion's); {why}",
             CalibrationWarning,
             stacklevel=2,
         )

@@ -45,7 +45,7 @@ def test_refinement_options_split_and_check():
     assert refinement_options({"blocks": False, "heldout": False}) == ({}, {})
     assert refinement_options(None) == ({}, {})
     with pytest.raises(UnlearningError, match="blocks"):
-        refinement_options({"blocks": "layer"})
+        refinement_options({"blocks": "layers"})
     with pytest.raises(UnlearningError, match="heldout"):
         refinement_options({"heldout": 0})
     with pytest.raises(TypeError, match="heldout"):
@@ -68,6 +68,27 @@ def test_block_names_group_by_top_level_child_or_tensor():
     wrapped = ["net.0.weight", "net.0.bias", "net.2.weight"]  # one wrapper: group one level down
     assert block_names(wrapped, "module") == (["net.0", "net.2"], [0, 0, 1])
     assert block_names(["weight", "bias"], "module") == (["weight", "bias"], [0, 1])
+
+
+def test_block_names_by_layer_split_a_stack_into_its_layers():
+    """A Hugging Face BERT's parameter names: by module a body and a head; by layer the
+    embeddings, each encoder layer, the pooler and the head."""
+    names = ["bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+             "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.output.dense.bias",
+             "bert.encoder.layer.1.attention.self.query.weight", "bert.encoder.layer.10.output.dense.bias",
+             "bert.pooler.dense.weight", "classifier.weight", "classifier.bias"]
+    assert block_names(names, "module") == (["bert", "classifier"], [0] * 7 + [1, 1])
+    assert block_names(names, "layer") == (
+        ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.10",
+         "bert.pooler", "classifier"], [0, 0, 1, 1, 2, 3, 4, 5, 5])
+    # nested stacks: the first number names the block (a Swin stage); a parameter beside a
+    # stack, in a module that holds it, is its own block; no stack at all: the top-level children
+    nested = ["enc.stages.0.blocks.1.weight", "enc.stages.1.blocks.0.weight", "enc.scale", "head.weight"]
+    assert block_names(nested, "layer") == (["enc.stages.0", "enc.stages.1", "enc.scale", "head"], [0, 1, 2, 3])
+    flat = ["0.weight", "0.bias", "3.weight", "8.weight", "8.bias"]  # nn.Sequential: its children
+    assert block_names(flat, "layer") == block_names(flat, "module")
+    plain = ["conv.weight", "conv.bias", "fc.weight", "cls"]
+    assert block_names(plain, "layer") == (["conv", "fc", "cls"], [0, 0, 1, 2])
 
 
 def test_split_codes_and_its_errors():
@@ -129,7 +150,7 @@ def test_heldout_is_the_fisher_of_some_codes_scored_on_the_others(cnn_k2):
 
 # ---- per-block steps ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("by", ["module", "tensor"])
+@pytest.mark.parametrize("by", ["module", "layer", "tensor"])
 def test_blocks_scale_the_global_step_per_block(cnn_k2, by):
     model, codes = cnn_k2
     source = _params(model)

@@ -7,7 +7,10 @@ position tables and ConvNeXt's channels-first norms and layer scales are taken a
 operation level (mnemo_fast/fast/rules/operations.py); the rest by the layer rules.
 """
 
+import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +122,43 @@ def test_training_refuses_an_output_without_logits():
     with pytest.raises(TypeError, match="output_fn"):
         train(tupled, data, 1)
     train(tupled, data, 1, output_fn=lambda out: out[0])  # the caller says where the logits are
+
+
+def test_blocks_by_layer_on_a_transformers_model():
+    """calibration={"blocks": "layer"} gives a BERT one block per encoder layer (by module: the
+    body and the head), and the per-block scales reach the forgotten model."""
+    hf = build("bert")
+    codes = MnemonicCodes.generate_tokens(hf.num_classes, length=8, vocab_size=64, per_class=2, low=1)
+    before = [p.detach().clone() for p in hf.model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model: the calibration may warn
+        result = mf.forget(hf.model, codes, [1], lambda1="auto", lambda2=10.0, calibration={"blocks": "layer"})
+    steps = result.calibration.diagnostics["blocks"]
+    assert steps.blocks == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler",
+                            "classifier"]
+    assert all(torch.equal(p, b) for p, b in zip(hf.model.parameters(), before))
+    names = [n for n, _ in hf.model.named_parameters()]
+    for name, p0, p1, s in zip(names, before, result.model.parameters(), steps.tensor_scales):
+        if s == 0.0:
+            assert torch.equal(p1, p0), name
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_text_benchmark_runs_on_a_transformers_model(tmp_path):
+    """benchmarks/unlearning_text.py end to end on a tiny problem: the package's model and a
+    BERT, every method's row, the diagnose verdict on the auto rows, a section per model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import unlearning_text
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "text.md"
+    unlearning_text.main(["--model", "text", "bert", "--seeds", "0", "--classes", "3", "--train", "150",
+                          "--test", "60", "--epochs", "1", "--per-class", "2", "--out", str(out)])
+    rows = [json.loads(line) for line in (tmp_path / "text-rows.jsonl").read_text().splitlines()]
+    per_model = {m: {r["method"] for r in rows if r["model"] == m} for m in ("text", "bert")}
+    assert per_model["bert"] == per_model["text"] | {"auto (blocks by layer)", "auto (blocks by tensor)"}
+    assert len(rows) == 3 * (len(per_model["text"]) + len(per_model["bert"]))
+    assert all(r["diagnose"] in ("ok", "not forgotten", "costly") for r in rows if r["method"] == "auto")
+    text = out.read_text()
+    assert text.count("## Model: ") == 2 and text.count("`diagnose`") == 2

@@ -342,6 +342,20 @@ def test_auto_on_a_model_not_trained_with_the_codes_warns(api, setup):
     assert result.calibration.forget_reached and not result.calibration.feasible
 
 
+def test_auto_where_the_codes_admit_no_step_for_both_sides_says_so(trained_digits_mlp):
+    """A model that knows its codes, under a retain criterion no step can meet (retained
+    margins at 3x their value before): the balanced step, and a warning that says what the
+    codes gave, not that the model was never trained with them."""
+    model, codes = trained_digits_mlp
+    assert mf.code_accuracy(model, codes, [0]) == mf.CodeAccuracy(1.0, 1.0)
+    with pytest.warns(CalibrationWarning, match="the step applied balances the two sides") as record:
+        result = mf.forget(model, codes, [0], lambda1="auto", lambda2=10.0, calibration={"min_retain_margin": 3.0})
+    assert not any("may not have been trained" in str(w.message) for w in record)
+    assert result.calibration.forget_reached and not result.calibration.feasible
+    after = result.code_accuracy_after
+    assert f"{after.forget:.0%} of the forget codes, {after.retain:.0%} of the others" in str(record[0].message)
+
+
 # ---- 10. the lower-level functions ------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [-1, 0])

@@ -139,10 +139,9 @@ def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
         return list(names), list(range(len(names)))
     parts = [n.split(".") for n in names]
     if by == "layer":
-        keys = [_layer_key(p) for p in parts]
-        layers = {k for k, p in zip(keys, parts) if any(q.isdigit() for q in p)}
-        holds_layer = {".".join(k.split(".")[:i]) for k in layers for i in range(1, k.count(".") + 2)}
-        keys = [k if k in layers else _shortest_free_prefix(p, holds_layer) for k, p in zip(keys, parts)]
+        layers = [_layer_key(p) for p in parts]
+        holds_layer = {".".join(k.split(".")[:i]) for k in layers if k for i in range(1, k.count(".") + 2)}
+        keys = [k or _shortest_free_prefix(p, holds_layer) for k, p in zip(layers, parts)]
     else:
         depth = 1
         while (len({tuple(p[:depth]) for p in parts}) == 1 and all(len(p) > depth + 1 for p in parts)):
@@ -155,12 +154,12 @@ def block_names(names: Sequence[str], by: str) -> tuple[list[str], list[int]]:
     return blocks, [blocks.index(k) for k in keys]
 
 
-def _layer_key(parts: list[str]) -> str:
-    """The name up to its first numbered part (a layer of a stack), else the whole name."""
-    for i, part in enumerate(parts[:-1]):
+def _layer_key(parts: list[str]) -> str | None:
+    """The name up to its first numbered part (a layer of a stack), None if no part is numbered."""
+    for i, part in enumerate(parts):
         if part.isdigit():
             return ".".join(parts[:i + 1])
-    return ".".join(parts)
+    return None
 
 
 def _shortest_free_prefix(parts: list[str], holds_layer: set[str]) -> str:

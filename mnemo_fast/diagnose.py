@@ -53,7 +53,7 @@ import torch
 from . import engines, validation
 from .codes import MnemonicCodes
 from .reference.fisher import eval_mode, logits_of
-from .session import code_inputs, only_parameters
+from .session import code_inputs, code_logits, only_parameters
 
 Tensor = torch.Tensor
 VERDICTS = ("ok", "not forgotten", "costly")
@@ -301,11 +301,8 @@ def diagnose(
 @torch.no_grad()
 def _losses(model, x, y, chunk_size, output_fn) -> Tensor:
     """[N] float64 per-sample cross-entropy of the model (eval mode), on the CPU."""
-    step = chunk_size or 1024
-    with eval_mode(model):
-        return torch.cat([torch.nn.functional.cross_entropy(output_fn(model(x[i:i + step])).float(), y[i:i + step],
-                                                            reduction="none")
-                          for i in range(0, len(x), step)]).double().cpu()
+    logits = code_logits(model, x, chunk_size or 1024, output_fn)
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none").double().cpu()
 
 
 def _membership(model, xm, ym, xh, yh, chunk_size, output_fn) -> float:
@@ -316,7 +313,4 @@ def _membership(model, xm, ym, xh, yh, chunk_size, output_fn) -> float:
 @torch.no_grad()
 def _hits(model, x, y, chunk_size, output_fn) -> Tensor:
     """[N] float: 1 where the model (eval mode) classifies x[n] as y[n]."""
-    step = chunk_size or 1024
-    with eval_mode(model):
-        pred = torch.cat([output_fn(model(x[i:i + step])).argmax(-1) for i in range(0, len(x), step)])
-    return (pred == y).float().cpu()
+    return (code_logits(model, x, chunk_size or 1024, output_fn).argmax(-1) == y).float().cpu()

@@ -1,6 +1,7 @@
 """Lambda calibration from the codes alone (mnemo_fast.calibration)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -222,9 +223,8 @@ def test_a_balanced_step_that_wrecks_the_retained_codes_is_not_applied():
     assert cal.chosen.retain_ok and cal.lambda1 / PAIRED_LAMBDA1 <= 0.5     # margins keep half: s <= 1/2
     assert any(t.forget_ok for t in cal.trials)                           # the forget side was met, elsewhere
     # a balanced step that keeps the median retained margin positive is still applied, unwarned
-    import warnings as w
-    with w.catch_warnings(record=True) as caught:
-        w.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         late = calibrate_session(_Scripted(_codes_forget_late), [10.0], lambda1_range=(1e-5, 1e-1))
     assert not caught and late.diagnostics["balanced"] and not late.diagnostics["best_effort"]
 

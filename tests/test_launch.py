@@ -13,6 +13,7 @@ import torch
 import mnemo_fast as mf
 from mnemo_fast.evaluation import models
 from mnemo_fast.cli import DEFAULT_LAMBDAS
+from rounding import float32_fisher_bound, float32_model_bound
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
@@ -53,7 +54,10 @@ def test_torchrun_job_equals_one_process(saved, tmp_path, extra):
     got, _ = models.load_checkpoint(tmp_path / "forgotten.safetensors")
     expected, original = single.model.state_dict(), model.state_dict()
     assert any(not torch.equal(expected[n], original[n]) for n in expected), "nothing was forgotten"
+    # two ranks sum the squares in another order: the float32 rounding that can give (tests/rounding.py)
+    fisher_bound = float32_fisher_bound(codes.num_classes * codes.per_class, model)
     for name, value in got.state_dict().items():
         scale = expected[name].abs().max().clamp_min(1e-30)
         diff = ((value - expected[name]).abs().max() / scale).item()
-        assert diff <= 4e-6, f"{name}: max relative difference {diff:.3g} from one process"
+        bound = float32_model_bound(fisher_bound, expected[name] - original[name], expected[name])
+        assert diff <= bound, f"{name}: max relative difference {diff:.3g} from one process (bound {bound:.3g})"

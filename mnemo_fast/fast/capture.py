@@ -6,6 +6,14 @@ pre-in-place version). Parameters are frozen during the pass, so autograd comput
 weight gradients at all: the rules do that work once, squared. A layer output that carries
 no graph (the first layer, when neither the input nor the parameters require grad) becomes
 a leaf the backward is asked for, and a copy of it flows on, so in-place ops stay legal.
+
+What runs after a layer can invalidate what was caught of it (:class:`Versions`): an
+in-place op on a saved input (``y = lin(h); h.relu_()``) changes the saved values, and one on
+an output that is an autograd view (a Linear on [N, T, d]) rewrites the view's history, so
+its hook never fires. Version counters tell: the pass reads them after the forward, and a
+layer whose input or view output changed is caught again with its own copy of that tensor
+(``protect``; the chunk is run again, and the plan remembers it). docs/FAST_PATH.md,
+"What runs after a capture".
 """
 
 from __future__ import annotations
@@ -17,11 +25,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .versions import Versions
+
 Tensor = torch.Tensor
 
 
-def _detached(value):
-    return value.detach() if isinstance(value, Tensor) else value
+def _detached(value, copy: bool = False):
+    if not isinstance(value, Tensor):
+        return value
+    return value.detach().clone() if copy else value.detach()
 
 
 class Capture:
@@ -32,14 +44,21 @@ class Capture:
     With ``move`` (position-wise layers) that dimension is moved first in the saved input and
     in the output gradient, so rules always see [N, ...]. A tuple output
     (nn.MultiheadAttention) is followed through its first element.
+
+    ``protect[module]``: what of the module's calls is caught on a copy, {"input", "output"}
+    (learned from :attr:`versions`, see the module docstring). An output gradient is
+    watched too: autograd writing into it after the hook would be caught after the backward.
     """
 
-    def __init__(self, layouts: dict[nn.Module, tuple[set[int], bool]], keep: tuple = ()):
+    def __init__(self, layouts: dict[nn.Module, tuple[set[int], bool]], keep: tuple = (),
+                 protect: dict[nn.Module, set[str]] | None = None):
         self.layouts = layouts
         self.keep = {id(p) for p in keep}  # parameters other paths need gradients through
+        self.protect = protect or {}
         self.calls: dict[nn.Module, list[list]] = defaultdict(list)
         self.leaves: list[Tensor] = []
         self.batch_mismatch = False
+        self.versions = Versions()
         self._batch = None
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -52,19 +71,29 @@ class Capture:
             self.batch_mismatch = True
             return None
         dim = dims[0] if move else 0
+        protect = self.protect.get(module, ())
+        copy = "input" in protect
         args = (args[0].movedim(dim, 0), *args[1:])
-        record = [tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}, None]
+        record = [tuple(_detached(a, copy) for a in args), {k: _detached(v, copy) for k, v in kwargs.items()}, None]
+        if not copy:  # the saved tensors alias the caller's: a later in-place op would show
+            self.versions.watch(module, "input", (*record[0], *record[1].values()))
         self.calls[module].append(record)
         replacement = None
-        if not first.requires_grad:
-            first = first.detach().requires_grad_()
-            self.leaves.append(first)
+        if not first.requires_grad or "output" in protect:
+            # the hook on ``first`` sees the gradient of what flows on: a copy, which later
+            # in-place ops may write (a leaf when nothing upstream needs a gradient)
+            if not first.requires_grad:
+                first = first.detach().requires_grad_()
+                self.leaves.append(first)
             replacement = first.clone()
             if isinstance(output, tuple):
                 replacement = (replacement, *output[1:])
+        elif first._is_view():  # an in-place op on it would orphan the hook
+            self.versions.watch(module, "output", (first,))
 
         def keep(grad: Tensor) -> None:
             record[2] = grad.movedim(dim, 0)
+            self.versions.watch(module, "gradient", (grad,))
 
         first.register_hook(keep)
         return replacement

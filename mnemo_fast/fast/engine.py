@@ -177,6 +177,34 @@ def _one_passable(plan: Plan, params) -> bool:
             and not any(is_sharded(p) for p in params.values()))
 
 
+def _protect_written(plan: Plan, capture: Capture, used: OperationsCapture | None) -> bool:
+    """After a chunk's forward: whether it wrote in place into a tensor caught of a layer or an
+    operation-level use (a saved input, or an output that is a view, whose hook that write
+    orphans). Those are added to the plan's protection (caught on copies from now on) and the
+    chunk must run again; the other watched outputs are let go."""
+    found = False
+    for watcher, protect in ((capture.versions, plan.protect),
+                             (used.versions if used else None, plan.operations.protect if used else None)):
+        if watcher is None:
+            continue
+        for key, whats in watcher.changed(("input", "output")).items():
+            protect.setdefault(key, set()).update(whats)
+            found = True
+        watcher.forget(("output",))
+    return found
+
+
+def _written_after_backward(model, capture: Capture, used: OperationsCapture | None) -> str | None:
+    """Why the captures cannot be trusted after the backward (a saved input or an output
+    gradient written in place during it), naming the module; None when they can."""
+    for module, whats in capture.versions.changed().items():
+        name = next((name for name, m in model.named_modules() if m is module), type(module).__name__)
+        return f"the {' and '.join(sorted(whats))} caught of {name or type(model).__name__} changed during the backward"
+    for index, whats in (used.versions.changed() if used else {}).items():
+        return f"the {' and '.join(sorted(whats))} caught of operation-level use {index} changed during the backward"
+    return None
+
+
 def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
     """(inputs, targets) of each block of consecutive rows (views)."""
     start = 0
@@ -334,25 +362,31 @@ class FastEngine:
             # the blocks' rows within this chunk: (block, first row, end row), chunk-relative
             cuts = [(k, max(a, start) - start, min(b, start + x.shape[0]) - start)
                     for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if min(b, start + x.shape[0]) > max(a, start)]
-            capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()},
-                              keep=tuple(op_params.values()) + tuple(broadcast.values()))
-            caught = BroadcastCapture(broadcast)
-            used = OperationsCapture(operations, params, x, self.kernels, model) if operations else None
             rest = [p for name, p in params.items() if name not in broadcast and name not in op_params]
-            with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
-                with used.recorder if used else contextlib.nullcontext():
-                    loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                # The operation level's hooks fire on its uses' outputs: asking for those
-                # gradients (not the parameters') spares the parameters' own gradients.
-                wanted = capture.leaves + list(broadcast.values()) + (used.outputs if used else [])
-                wanted = wanted or ([x] if x.requires_grad else [])
-                if loss.requires_grad and wanted:
-                    caught.attach(loss)
-                    torch.autograd.grad(loss, wanted, allow_unused=True)
-            if capture.batch_mismatch or caught.failed or (used and used.failed):
+            while True:  # once more for each newly found in-place write into a capture
+                capture = Capture({m: (plan.batch_dims[m], rule.position_wise) for m, (rule, _) in plan.rule_modules.items()},
+                                  keep=tuple(op_params.values()) + tuple(broadcast.values()), protect=plan.protect)
+                caught = BroadcastCapture(broadcast)
+                used = OperationsCapture(operations, params, x, self.kernels, model) if operations else None
+                with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
+                    with used.recorder if used else contextlib.nullcontext():
+                        loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
+                    if _protect_written(plan, capture, used):
+                        continue  # the forward wrote into a capture: catch those on copies
+                    # The operation level's hooks fire on its uses' outputs: asking for those
+                    # gradients (not the parameters') spares the parameters' own gradients.
+                    wanted = capture.leaves + list(broadcast.values()) + (used.outputs if used else [])
+                    wanted = wanted or ([x] if x.requires_grad else [])
+                    if loss.requires_grad and wanted:
+                        caught.attach(loss)
+                        torch.autograd.grad(loss, wanted, allow_unused=True)
+                break
+            written = _written_after_backward(model, capture, used)
+            if capture.batch_mismatch or caught.failed or (used and used.failed) or written:
                 return ("a layer's input did not hold the batch where the plan found it" if capture.batch_mismatch
                         else "a broadcast parameter's gradient did not have the planned shape" if caught.failed
-                        else f"an operation-level use failed: {used.failed}")
+                        else f"an operation-level use failed: {used.failed}" if used and used.failed
+                        else written)
             if used:
                 for name, value in used.sums.items():
                     add(first, name, value)

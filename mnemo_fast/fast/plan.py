@@ -50,12 +50,18 @@ class Plan:
     #: parameters taken at the operation level (:mod:`.rules.operations`), None if none
     operations: OperationsPlan | None = None
 
+    #: rule module -> what of its calls the batched pass catches on a copy, {"input",
+    #: "output"}: learned when a later in-place op wrote it (:mod:`.capture`)
+    protect: dict[nn.Module, set[str]] = field(default_factory=dict)
+
     def routes(self) -> dict[str, "Route"]:
         """name -> :class:`Route` for every parameter of the plan."""
         out = {}
         for module, (rule, local_names) in self.rule_modules.items():
             for local, full in local_names.items():
-                out[full] = Route(full, "rule", f"{type(rule).__name__} on {type(module).__name__}.{local}")
+                copied = " and ".join(sorted(self.protect.get(module, ())))
+                note = f" ({copied} copied: written in place later in the forward)" if copied else ""
+                out[full] = Route(full, "rule", f"{type(rule).__name__} on {type(module).__name__}.{local}{note}")
         for name in self.broadcast:
             out[name] = Route(name, "broadcast", "broadcast over the samples (expand / add / subtract)")
         if self.operations is not None:

@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...dtypes import accumulation_dtype
+from ..versions import Versions
 from .embedding import embedding_sums
 
 Tensor = torch.Tensor
@@ -134,6 +135,9 @@ class OperationsPlan:
     names: list[str] = field(default_factory=list)
     uses: list[UsePlan] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    #: use index -> what of it the batched pass catches on a copy ({"input", "output"}):
+    #: learned when a later in-place op wrote it (:class:`OperationsCapture`)
+    protect: dict[int, set[str]] = field(default_factory=dict)
 
 
 class _IdMap:
@@ -158,7 +162,8 @@ class _IdMap:
 class Recorder(TorchFunctionMode):
     """Follows tensors computed from ``params`` alone and tensors holding samples (seeded
     with ``inputs``); records every operation that takes both (:class:`Use`).
-    ``on_use(use)`` is called as each use is recorded (to hook its output)."""
+    ``on_use(use)`` is called as each use is recorded (to hook its output); a tensor it
+    returns flows on in place of the use's output (a copy the hook's tensor is safe from)."""
 
     def __init__(self, params: dict[str, Tensor], inputs: list[Tensor], on_use=None, model=None):
         super().__init__()
@@ -218,7 +223,10 @@ class Recorder(TorchFunctionMode):
                           outputs[0] if len(outputs) == 1 else None)
                 self.uses.append(use)
                 if self.on_use is not None:
-                    self.on_use(use)
+                    replacement = self.on_use(use)
+                    if replacement is not None and out is use.output:  # a copy flows on
+                        self.batched[replacement] = True
+                        out = replacement
         elif params:
             names = {origin.name for origin in params.values()}
             if len(names) > 1:
@@ -492,6 +500,9 @@ class OperationsCapture:
         self.sums: dict[str, Tensor] = {}
         self.samples: dict[str, Tensor] = {}
         self.failed: str | None = None
+        #: the uses' sample-holding operands and view outputs, by use index (see
+        #: :class:`..capture.Versions`); ``plan.protect[index]`` is caught on copies
+        self.versions = Versions()
         #: the hooked uses' outputs: the backward asks for their gradients, not the
         #: parameters' (a parameter's own gradient, e.g. a weight-gradient GEMM, is never needed)
         self.outputs: list[Tensor] = []
@@ -504,10 +515,23 @@ class OperationsCapture:
         if not plans or any(u.op != use.op or u.name not in use.names for u in plans):
             self.failed = f"the forward's operations differ from the plan's (use {index}: {use.op})"
             return
+        protect = self.plan.protect.get(index, ())
+        batched = set(use.batch_leaves)
+        if "input" in protect:  # the hook reads the operands after the forward: its own copies
+            use.leaves = [leaf.detach().clone() if i in batched else leaf for i, leaf in enumerate(use.leaves)]
+            use.args, use.kwargs = tree_unflatten(use.leaves, use.spec)
+        else:
+            self.versions.watch(index, "input", [use.leaves[i] for i in batched])
         if use.output is None or not use.output.requires_grad:
-            return  # no gradient reaches it: zero contribution
+            return None  # no gradient reaches it: zero contribution
         use.output.register_hook(lambda grad, use=use, plans=plans: self._gradient(use, plans, grad))
         self.outputs.append(use.output)
+        if "output" in protect:
+            return use.output.clone()
+        # an in-place op on it would orphan the hook (a view's history is rewritten) or stop
+        # the backward short of it (the backward asks for the gradient of its newest version)
+        self.versions.watch(index, "output", [use.output])
+        return None
 
     def _gradient(self, use: Use, plans: list[UsePlan], grad: Tensor) -> None:
         try:

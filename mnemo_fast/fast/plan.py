@@ -148,14 +148,20 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     # parameter for its gathered (unsharded) tensor and its post-forward hook swaps it back.
     live: dict[int, int] = {}
 
+    # module -> [(first, last)] autograd sequence numbers of the nodes each call created: a
+    # parameter's use counts as its module's only if the node that uses it lies in one
+    windows: dict[nn.Module, list[list[int]]] = defaultdict(list)
+
     def resolve(module, args):
         for local, p in rule_params[module].items():
             now = rules[module].parameters(module).get(local)
             if now is not None:
                 live[id(p)] = id(now)
+        windows[module].append([_next_node_number(), -1])
 
     def count(module, args, output):
         calls[module] += 1
+        windows[module][-1][1] = _next_node_number()
         seen = rules[module].batch_candidates(module, args[0]) if args and torch.is_tensor(args[0]) else set()
         batch_dims[module] = batch_dims.get(module, seen) & seen
 
@@ -174,6 +180,12 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
     parents = {key: parents[used_id] for key, used_id in used.items() if used_id in parents}
     uses = Counter({key: len(nodes) for key, nodes in parents.items()})
 
+    def within(key: int, module: nn.Module) -> bool:
+        """Every use of the parameter is a node one of ``module``'s calls created (not one of a
+        use elsewhere, while the module's own call is detached from the loss)."""
+        spans = [span for span in windows.get(module, []) if span[1] >= 0]
+        return all(any(a <= node._sequence_nr() < b for a, b in spans) for node in parents.get(key, []))
+
     plan = Plan(batch_dims=batch_dims)
     candidates = []  # raw parameters with one use, through a broadcast node
     for name, p in params.items():
@@ -181,12 +193,13 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
         if len(called) == 1:
             module, local = called[0]
             rule = rules[module]
-            within = rule.max_calls is None or calls[module] <= rule.max_calls
-            if within and batch_dims[module] and uses[id(p)] == calls[module]:
+            fits = rule.max_calls is None or calls[module] <= rule.max_calls
+            own = within(id(p), module)
+            if fits and batch_dims[module] and uses[id(p)] == calls[module] and own:
                 plan.rule_modules.setdefault(module, (rule, {}))[1][local] = name
                 continue
             plan.send_generic(name, _why_not_taken(type(module).__name__, rule, calls[module],
-                                                   batch_dims[module], uses[id(p)]))
+                                                   batch_dims[module], uses[id(p)], own))
         elif len(called) > 1:
             plan.send_generic(name, f"tied: the weight of {len(called)} called modules with a rule")
         elif claims[id(p)]:
@@ -247,12 +260,24 @@ def _keep_growing_dims(model, rules, batch_dims: dict, x2, output_fn) -> None:
         batch_dims[module] = grown.get(module, set())
 
 
-def _why_not_taken(kind: str, rule, calls: int, dims: set[int], uses: int) -> str:
+def _why_not_taken(kind: str, rule, calls: int, dims: set[int], uses: int, own: bool = True) -> str:
     if rule.max_calls is not None and calls > rule.max_calls:
         return f"its {kind} is called {calls} times; the rule takes at most {rule.max_calls}"
     if not dims:
         return f"no input dimension of its {kind} is shown to index samples (size 1 at batch 1, 2 at batch 2)"
+    if not own:
+        return f"used outside its {kind} (whose own call does not reach the loss, e.g. detached)"
     return f"used {uses} times but its {kind} is called {calls} times (also used outside it)"
+
+
+def _next_node_number() -> int:
+    """The sequence number the next autograd node will get (numbers grow in creation order,
+    per thread): a throwaway node's number."""
+    with torch.enable_grad():
+        return (_COUNTER * 1.0).grad_fn._sequence_nr() + 1
+
+
+_COUNTER = torch.zeros((), requires_grad=True)
 
 
 def _plan_broadcast(plan: Plan, model, candidates: dict[str, nn.Parameter], parents, x1, y1, output_fn) -> None:

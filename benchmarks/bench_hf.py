@@ -148,7 +148,8 @@ def table(rows: list[dict], args) -> list[str]:
     lines += ["", "(a) per tensor, relative to its largest entry floored at 1e-6 of the model's largest "
               "(a tensor whose true Fisher is zero, like attention key biases, holds rounding noise only).",
               "(b) peak CPU allocation of the whole call without `chunk_size`: the batched pass's activations "
-              "grow with N, as a plain forward+backward's do; `chunk_size` bounds them (README, Large models).",
+              "grow with N, as a plain forward+backward's do; `chunk_size` bounds them "
+              "(docs/USAGE.md, \"Large models\").",
               "", "Side by side (same inputs, same rounds; error relative to the reference as in (a)):", "",
               "| model | Opacus | BackPACK |", "|---|---|---|"]
     for r in rows:

@@ -22,7 +22,7 @@ from .diagnose import ClassDiagnosis, Diagnosis, diagnose
 from .adapt import adapt_with_codes
 from .explain import Explanation, explain
 from .train import TrainHistory, train_with_codes
-from .validation import UnlearningError
+from .validation import ForgetWarning, UnlearningError
 
 from .fast._ext import note_missing_cuda as _note_missing_cuda
 
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "ForgetWarning", "backend",
     "explain", "Explanation",
     "diagnose", "Diagnosis", "ClassDiagnosis",
 ]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
 from .reference.fisher import logits_of
+from .stack import user_stacklevel
 from .train import cross_entropy, fit, make_optimizer
 
 OPTIMIZERS = ("sgd", "adam")
@@ -85,7 +86,7 @@ def _load(path: Path, model, opt, config: dict, run: dict) -> int:
         )
     if "codes_sha256" not in state:
         warnings.warn(f"{path} records neither its steps nor its codes (an older checkpoint): "
-                      f"resuming from step {step} without checking them", stacklevel=3)
+                      f"resuming from step {step} without checking them", stacklevel=user_stacklevel())
     elif state["codes_sha256"] != run["codes_sha256"]:
         raise ValueError(
             f"{path} was written with other codes (sha256 {state['codes_sha256'][:12]}..., these are "

@@ -68,11 +68,12 @@ from . import engines, validation
 from .codes import MnemonicCodes
 from .reference.fisher import logits_of
 from .session import CandidateSession, better_sign
+from .stack import user_stacklevel
 
 Tensor = torch.Tensor
 
 
-class CalibrationWarning(UserWarning):
+class CalibrationWarning(validation.ForgetWarning):
     """No trial reached the forgetting criterion (``search="scale"``: the best-effort step was
     used, which may leave the class in place; ``search="lambda1"``: the top of the range), or
     ``forget`` applied a step that met the forget side but not the retain side."""
@@ -144,6 +145,9 @@ SEARCHES = ("scale", "lambda1")
 #: search="scale": a trial at lambda1 uses lambda2 = lambda1 * L2 / PAIRED_LAMBDA1 (the paper's
 #: MNIST pair (1e-3, 10) scaled as a whole when L2 = 10).
 PAIRED_LAMBDA1 = 1e-3
+#: The lambda2 the search starts from when none is given (``calibrate`` and
+#: ``forget(lambda1="auto")``): the paper's MNIST lambda2, which search="scale" moves with lambda1.
+DEFAULT_LAMBDA2 = 10.0
 
 
 class _Prober:
@@ -389,7 +393,7 @@ def calibrate_session(
                 f"max forget probability {criterion.max_forget_prob})" if not reached else
                 "the forget codes were misclassified only at steps under which most retained codes are "
                 "misclassified too, which are not applied")
-        warnings.warn(f"lambda1 calibration: {what}; {fallback}", CalibrationWarning, stacklevel=3)
+        warnings.warn(f"lambda1 calibration: {what}; {fallback}", CalibrationWarning, stacklevel=user_stacklevel())
     seconds = time.perf_counter() - start
     per_lambda2 = [(c[1], c[0], c[2]) for c in choices]
     sign = chosen.sign if chosen is not None and search == "scale" else None
@@ -418,7 +422,7 @@ def calibrate(
     codes: MnemonicCodes,
     forget_classes: Iterable[int] | int,
     *,
-    lambda2: float | Sequence[float] = 10.0,
+    lambda2: float | Sequence[float] = DEFAULT_LAMBDA2,
     depth: float = 1.0,
     max_forget_prob: float = 1e-3,
     min_retain_margin: float = 0.5,
@@ -444,7 +448,7 @@ def calibrate(
     start = time.perf_counter()
     options = dict(depth=depth, max_forget_prob=max_forget_prob, min_retain_margin=min_retain_margin,
                    lambda1_range=lambda1_range, steps=steps)
-    options = validation.calibration_options(options, options)  # README, "What it refuses, and how"
+    options = validation.calibration_options(options, options)  # docs/REFUSALS.md
     depth, max_forget_prob, min_retain_margin, lambda1_range, steps = options.values()
     eps, chunk_size = validation.number("eps", eps), validation.chunk_size(chunk_size)
     validation.usable_codes(codes)

@@ -8,17 +8,20 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 from .evaluation import data, models
+from .calibration import DEFAULT_LAMBDA2
 from .codes import MnemonicCodes
 from .engines import backend
 from .evaluation import Evaluation, evaluate
 from .method import ForgetResult, forget
 from .reference.engine import REFERENCE
 from .train import train_with_codes
+from .validation import ForgetWarning
 
 #: lambda1, lambda2 that forget class 0 on the demo's models (see benchmarks/UNLEARNING.md).
 DEFAULT_LAMBDAS = {"mlp": (1e-3, 10.0), "cnn": (1e-2, 10.0), "resnet18": (1e-2, 10.0)}
@@ -166,23 +169,33 @@ def format_table(before: Evaluation, after: Evaluation | None, forget_classes: l
 
 
 def forget_lambdas(args, model_name: str) -> tuple[float | str, float]:
-    """(lambda1, lambda2) from the command line, each defaulting to the model's."""
+    """(lambda1, lambda2) from the command line, each defaulting to the model's; with
+    ``--lambda1 auto``, lambda2 defaults to the calibration's own (``forget``'s default)."""
     lambda1, lambda2 = DEFAULT_LAMBDAS.get(model_name, DEFAULT_LAMBDAS["mlp"])
-    return (lambda1 if args.lambda1 is None else args.lambda1,
-            lambda2 if args.lambda2 is None else args.lambda2)
+    lambda1 = lambda1 if args.lambda1 is None else args.lambda1
+    if args.lambda2 is None and lambda1 == "auto":
+        lambda2 = DEFAULT_LAMBDA2
+    return lambda1, lambda2 if args.lambda2 is None else args.lambda2
 
 
-def _run_forget(model, codes, args, model_name: str) -> ForgetResult:
-    """The method on ``model``; its refusals (and a non-finite result) become a UserError."""
+def _run_forget(model, codes, args, model_name: str) -> tuple[ForgetResult, list[str]]:
+    """The method on ``model`` and what it warned (a :class:`ForgetWarning`: the codes say it
+    may not have worked); its refusals (and a non-finite result) become a UserError."""
     lambda1, lambda2 = forget_lambdas(args, model_name)
     try:
-        result = forget(
-            model, codes, args.forget, lambda1=lambda1, lambda2=lambda2,
-            mode=args.mode,
-            engine=REFERENCE if args.engine == "reference" else None,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ForgetWarning)
+            result = forget(
+                model, codes, args.forget, lambda1=lambda1, lambda2=lambda2,
+                mode=args.mode,
+                engine=REFERENCE if args.engine == "reference" else None,
+            )
     except (ValueError, TypeError) as error:  # UnlearningError is a ValueError
         raise UserError(f"cannot forget: {error}") from error
+    for other in caught:  # anything else is shown as Python would have shown it
+        if not issubclass(other.category, ForgetWarning):
+            warnings.showwarning(other.message, other.category, other.filename, other.lineno)
+    said = [str(w.message) for w in caught if issubclass(w.category, ForgetWarning)]
     bad = [name for name, t in result.model.state_dict().items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -190,7 +203,16 @@ def _run_forget(model, codes, args, model_name: str) -> ForgetResult:
             f"forgetting with lambda1={lambda1}, lambda2={lambda2} made {len(bad)} tensor(s) NaN or inf "
             f"(first: {bad[0]}); nothing saved: try smaller lambdas"
         )
-    return result
+    return result, said
+
+
+def _say(warned: list[str]) -> None:
+    """forget's warnings, one line each on stderr after the summary (``--lambda1 auto`` spelled as here)."""
+    sys.stdout.flush()
+    for message in warned:
+        message = message.replace("lambda1='auto'", "--lambda1 auto")
+        print(f"mnemo-fast: warning: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _load_model(path: Path):
@@ -278,11 +300,12 @@ def demo(args) -> int:
     _save(model, args.out / "model.safetensors", **meta)  # kept even if forgetting fails:
     _save(codes, args.out / "codes.safetensors")          # `mnemo-fast forget` can retry
     before = evaluate(model, test, args.forget)
-    result = _run_forget(model, codes, args, args.model)
+    result, warned = _run_forget(model, codes, args, args.model)
     after = evaluate(result.model, test, args.forget)
     print(f"test accuracy on {args.data}, forgetting classes {args.forget}:")
     print(format_table(before, after, args.forget))
     print(_describe(result))
+    _say(warned)
     _save(result.model, args.out / "forgotten.safetensors", **meta)
     print(f"saved model.safetensors, codes.safetensors and forgotten.safetensors in {args.out}")
     return 0
@@ -297,10 +320,11 @@ def forget_command(args) -> int:
             f"{args.codes} does not fit {args.checkpoint}: codes of shape {list(codes.shape)} for "
             f"{codes.num_classes} classes, a model for inputs {list(input_shape)} and {num_classes} classes"
         )
-    result = _run_forget(model, codes, args, meta["model"])
+    result, warned = _run_forget(model, codes, args, meta["model"])
     _save(result.model, args.output, name=meta["model"], input_shape=input_shape,
           num_classes=num_classes, forgotten=" ".join(map(str, args.forget)))
     print(_describe(result))
+    _say(warned)
     print(f"saved {args.output}")
     return 0
 

@@ -114,10 +114,26 @@ def local_of(engine: Engine) -> Callable[[Tensor], Tensor]:
     return getattr(engine, "local", None) or (lambda t: t)
 
 
+#: What :func:`backend` answers for a GPU this machine does not have.
+NO_GPU = "no-gpu"
+
+
+def missing_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device this machine lacks (no GPU visible, or fewer than its index)."""
+    if device.type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return True
+    return device.index is not None and device.index >= torch.cuda.device_count()
+
+
 def backend(device: str | torch.device = "cpu") -> str:
     """Which path ``mnemo_fast`` takes for tensors on ``device``: "cpu-ext", "cuda-ext",
-    "hooks-aten" (a device the build has no kernels for) or "reference"."""
+    "hooks-aten" (a device the build has no kernels for) or "reference"; ``"no-gpu"`` for a
+    CUDA device this machine does not have (no path runs there: no tensor can be put on it)."""
     device = torch.device(device)
+    if missing_gpu(device):
+        return NO_GPU
     return select(device=device).backend_for(device)
 
 

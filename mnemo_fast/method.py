@@ -16,11 +16,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import blocks as _blocks, engines, validation
-from .calibration import Calibration, CalibrationWarning, calibrate_session
+from .calibration import DEFAULT_LAMBDA2, Calibration, CalibrationWarning, calibrate_session
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
 from .reference.fisher import eval_mode, logits_of
+from .stack import user_stacklevel
+from .validation import ForgetWarning
 from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
     CandidateSession,
     CodeAccuracy,
@@ -227,7 +229,7 @@ def forget(
     forget_classes: Iterable[int] | int,
     *,
     lambda1: float | str,
-    lambda2: float | Sequence[float],
+    lambda2: float | Sequence[float] | None = None,
     mode: str = "shift",
     tau: float = 1.0,
     draws: int = 2,
@@ -249,7 +251,8 @@ def forget(
     undone on one copy of the parameters; no model is copied per candidate.
 
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
-    ``lambda2`` may then be a list to search too; ``calibration`` passes its criterion options,
+    ``lambda2`` may then be left out, for the search's own ``DEFAULT_LAMBDA2`` = 10, or be a list
+    to search too; a fixed ``lambda1`` needs ``lambda2``; ``calibration`` passes its criterion options,
     e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
     :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
     ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
@@ -269,12 +272,20 @@ def forget(
     at all (any failure restores the parameters and, in Gaussian mode, the generator's state).
     Bad input raises ``UnlearningError`` (a ValueError), a value of the wrong kind ``TypeError``,
     before the model is touched; a chosen candidate that leaves a parameter NaN or inf is undone
-    and raises (docs/METHOD.md, "Inputs that are refused").
+    and raises (docs/METHOD.md, "Inputs that are refused"). A result that the codes say did not
+    work (a forget class still recognised, or most retained codes lost) warns with
+    :class:`ForgetWarning` (docs/METHOD.md, "When forget warns").
     """
     start = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    # every check before anything runs on the model (the README's "What it refuses, and how")
+    # every check before anything runs on the model (docs/REFUSALS.md)
+    if lambda2 is None:  # "auto" starts its search from the calibration's own lambda2
+        if not (isinstance(lambda1, str) and lambda1 == "auto"):
+            validation.lambdas(lambda1, DEFAULT_LAMBDA2)  # a bad lambda1 is named first
+            raise TypeError(f"forget() with a fixed lambda1={lambda1!r} needs lambda2 (a number > 0, e.g. "
+                            f"{DEFAULT_LAMBDA2:g}); only lambda1='auto' has a default lambda2")
+        lambda2 = DEFAULT_LAMBDA2
     lambda1, lambda2 = validation.lambdas(lambda1, lambda2)
     auto = lambda1 == "auto"
     lambda2s = lambda2 if auto else None
@@ -366,8 +377,11 @@ def forget(
             f"lambda1={lambda1:g}, lambda2={lambda2:g}, but only with the remaining codes misclassified or "
             f"their margins below the criterion's); {why}",
             CalibrationWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
+    after = accuracies[best]
+    if calibration is None or calibration.feasible:  # an infeasible calibration has warned already
+        _warn_if_not_forgotten(session, classes, before, after, lambda1, auto, mode)
     return ForgetResult(
         model=target,
         sign=candidates[best] if mode == "shift" else None,
@@ -381,3 +395,43 @@ def forget(
         backend=engine.backend_for(session.live[0].device),
         calibration=calibration,
     )
+
+
+#: A forget class counts as still recognised when more than this fraction of its codes is
+#: still classified as the class after the step (with one code per class: that code); the
+#: retained codes count as lost when at most this fraction of them is still right after it.
+RECOGNISED = 0.5
+
+
+def _warn_if_not_forgotten(session: CandidateSession, classes: Sequence[int], before: CodeAccuracy,
+                           after: CodeAccuracy, lambda1: float, auto: bool, mode: str) -> None:
+    """A :class:`ForgetWarning` when the codes say the step did not work: a forget class whose
+    codes are still recognised (:data:`RECOGNISED`), or retained codes mostly right before and
+    mostly wrong after. The per-class count runs only when some forget code is still right."""
+    problems = []
+    if after.forget > 0:
+        kept = session.class_accuracy(session.hits, classes)
+        still = [(c, a) for c, a in zip(classes, kept) if a > RECOGNISED]
+        if still:
+            was = dict(zip(classes, session.class_accuracy(session.hits_before, classes)))
+            more = f" and {len(still) - 10} more" if len(still) > 10 else ""
+            names = ", ".join(str(c) for c, _ in still[:10]) + more
+            shown = ", ".join(f"class {c} {was[c]:.0%} -> {a:.0%}" for c, a in still[:10])
+            if not auto:
+                hint = f"try lambda1='auto' or a larger lambda1 than {lambda1:g}"
+            elif mode == "gaussian":
+                hint = "the Gaussian draws did not move its codes: try more draws or mode='shift'"
+            else:
+                hint = "check that the codes stand for the class in this model (mnemo_fast.diagnose)"
+            one = len(still) == 1
+            problems.append(f"{'class' if one else 'classes'} {names} still recognised after the step (codes "
+                            f"classified as their class, before -> after: {shown}), so "
+                            f"{'it' if one else 'they'} may not be forgotten; {hint}")
+    if after.retain <= RECOGNISED < before.retain:
+        hint = ("check the model on real samples" if auto else
+                f"try lambda1='auto' or a smaller lambda1 than {lambda1:g}")
+        problems.append(f"the step left {after.retain:.0%} of the retained classes' codes classified correctly "
+                        f"(before: {before.retain:.0%}), so the model may be damaged; {hint}")
+    if problems:
+        warnings.warn(f"forget {list(classes)}: " + "; and ".join(problems), ForgetWarning,
+                      stacklevel=user_stacklevel())

@@ -363,6 +363,8 @@ class CandidateSession:
         self._layers_key: tuple | None = None
         self._layers: _InputLayers | None = None
         self.logits_before: Tensor | None = None
+        self.hits: Tensor | None = None  # [N] bool: the codes right under the last candidate scored
+        self.hits_before: Tensor | None = None  # [N] bool: right before any candidate
         if forget_logits is not None and remain_logits is not None and not hasattr(engine, "correct"):
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
             logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
@@ -499,19 +501,30 @@ class CandidateSession:
         return score(self.model, self.inputs, self.labels, self.chunk_size, self.output_fn)
 
     def accuracy(self) -> CodeAccuracy:
-        """The code accuracy of the model as it is now."""
-        return accuracy_of(self.correct(), self.is_forget)
+        """The code accuracy of the model as it is now; its [N] hits stay in ``hits``."""
+        self.hits = self.correct()
+        return accuracy_of(self.hits, self.is_forget)
 
     def accuracy_before(self) -> CodeAccuracy:
         """The code accuracy before any candidate, from the Fisher's forwards where they gave
         the logits, else from one plain pass kept as ``logits_before`` (the method checks them
         finite); an engine that scores the codes itself (``correct``) scores them (call before
-        applying a candidate)."""
+        applying a candidate). Its [N] hits stay in ``hits_before``."""
         if self.logits_before is None and not hasattr(self.engine, "correct"):
             self.logits_before = self.logits()
         if self.logits_before is not None:
-            return accuracy_of(self.logits_before.argmax(-1) == self.labels, self.is_forget)
-        return self.accuracy()
+            self.hits_before = self.logits_before.argmax(-1) == self.labels
+            return accuracy_of(self.hits_before, self.is_forget)
+        accuracy = self.accuracy()
+        self.hits_before = self.hits
+        return accuracy
+
+    def class_accuracy(self, hits: Tensor, classes: Sequence[int]) -> list[float]:
+        """The fraction of each of ``classes``' codes that ``hits`` [N] marks correct (one transfer)."""
+        right = torch.zeros(int(self.labels.max()) + 1, device=hits.device).index_add_(0, self.labels, hits.float())
+        count = torch.bincount(self.labels, minlength=right.shape[0]).to(right.dtype)
+        index = torch.tensor(list(classes), device=hits.device)
+        return (right.index_select(0, index) / count.index_select(0, index)).tolist()
 
     def logits(self) -> Tensor:
         """[N, C] float32 logits of all codes (every rank computes all of them); after
@@ -557,10 +570,11 @@ class CandidateSession:
                 self.gaussian(lambda1, lambda2, tau, generator)
 
         try:
-            accuracies = []
+            accuracies, hits = [], []
             for k, candidate in enumerate(candidates):
                 apply(candidate)
                 accuracies.append(self.accuracy())
+                hits.append(self.hits)
                 if k < len(candidates) - 1:
                     self.restore()
             scores = [accuracy.score for accuracy in accuracies]
@@ -574,6 +588,7 @@ class CandidateSession:
                 apply(candidates[best])
                 if final_state is not None:
                     generator.set_state(final_state)
+            self.hits = hits[best]  # the hits of the candidate left applied
         except BaseException:
             self.restore()
             raise

@@ -3,9 +3,9 @@
 Every input check runs before the model is touched, so a failure leaves the caller's model as
 it was. A bad value raises :class:`UnlearningError` (a ValueError) and a value of the wrong
 kind (a string or a bool for a number, a float for a class) raises ``TypeError``; the message
-names the argument, the value and what is allowed. The README's "What it refuses, and how"
-lists every case. The result checks (:func:`result_finite`) run after the chosen candidate is
-applied and leave the rollback to the caller's session.
+names the argument, the value and what is allowed. docs/REFUSALS.md lists every case. The
+result checks (:func:`result_finite`) run after the chosen candidate is applied and leave the
+rollback to the caller's session.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ GAUSSIAN_BOUND = 1e3
 
 class UnlearningError(ValueError):
     """Bad input to an unlearning call (a ValueError, so ``except ValueError`` catches it)."""
+
+
+class ForgetWarning(UserWarning):
+    """A forget whose result on the codes says it may not have worked: a forget class whose
+    codes are still recognised after the step, or retained codes mostly misclassified by it
+    (:func:`mnemo_fast.forget`; docs/METHOD.md, "When forget warns"). The calibration's
+    :class:`mnemo_fast.calibration.CalibrationWarning` is one too."""
 
 
 # ---- numbers -------------------------------------------------------------------------------

@@ -268,3 +268,29 @@ def test_entry_point_prints_one_line_and_exits_2(saved, tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mnemo-fast: error: {garbage}: not a readable safetensors file"), done.stderr
+
+
+def test_python_dash_m_is_the_command_line(saved, tmp_path):
+    """``python -m mnemo_fast`` runs ``mnemo-fast`` (issue 27)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "mnemo_fast", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout and "forget" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-m", "mnemo_fast", "evaluate", tmp_path / "missing.safetensors"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("mnemo-fast: error: "), done.stderr
+
+
+def test_a_forget_that_did_nothing_says_so(capsys, trained_digits_mlp, tmp_path):
+    """The library's ForgetWarning, as one line on stderr after the summary (issue 27)."""
+    model, codes = trained_digits_mlp
+    models.save_checkpoint(model, tmp_path / "model.safetensors", name="mlp", input_shape=(1, 8, 8), num_classes=10)
+    codes.save(tmp_path / "codes.safetensors")
+    inputs = [tmp_path / "model.safetensors", tmp_path / "codes.safetensors", "--output", tmp_path / "out.safetensors"]
+    code, out, err = run(capsys, "forget", *inputs, "--forget", "3", "--lambda1", "1e-9", "--lambda2", "1e-9")
+    assert code == 0 and "forget acc 1.00 -> 1.00" in out
+    [line] = err.strip().splitlines()
+    assert line.startswith("mnemo-fast: warning: forget [3]: class 3 still recognised"), line
+    assert "class 3 100% -> 100%" in line and "try --lambda1 auto or a larger lambda1 than 1e-09" in line, line
+    code, out, err = run(capsys, "forget", *inputs, "--forget", "3", "--lambda1", "auto")  # no --lambda2 needed
+    assert code == 0 and "forget acc 1.00 -> 0.00" in out and not err.strip(), err

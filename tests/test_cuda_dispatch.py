@@ -1,10 +1,12 @@
 """The CPU-testable half of the CUDA path: which GPU and generator a tensor means, the
-per-device grouping of the fused perturbation, the kernel-image check with its fallback, and
-the note for a GPU machine whose build has no CUDA kernels (GPUs faked with mocks)."""
+per-device grouping of the fused perturbation, the kernel-image check with its fallback, the
+note for a GPU machine whose build has no CUDA kernels (GPUs faked with mocks), and where the
+extension's warnings point (the caller's line)."""
 
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 import warnings
 
@@ -203,5 +205,52 @@ def test_backend_says_the_gpu_path_is_not_the_extension(fresh_ext, monkeypatch):
     if not fresh_ext.available():
         pytest.skip("mnemo_fast._C unavailable")
     monkeypatch.setattr(fresh_ext, "_cuda_registered", lambda: False)
-    assert mnemo_fast.backend("cuda") != "cuda-ext"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (faked)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert mnemo_fast.backend("cuda") == "hooks-aten"  # its tensors run the pure-PyTorch hooks
     assert mnemo_fast.backend("cpu") == "cpu-ext"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: no path, said plainly
+    assert mnemo_fast.backend("cuda") == "no-gpu"
+
+
+# --- the fallback warning points at the caller's line ---------------------------------------
+
+def test_missing_extension_warning_names_the_callers_line(monkeypatch):
+    """However deep in the package the first use is (backend(), a forget through the public
+    wrapper), the warning names this file's line, not engines.py (issue 27)."""
+    import mnemo_fast
+
+    def missing(name):
+        raise ImportError(f"no module named {name}")
+
+    monkeypatch.delenv(_ext._DISABLE_VAR, raising=False)  # `make test-reference` sets it: then no warning
+    monkeypatch.setattr(_ext, "importlib", types.SimpleNamespace(import_module=missing))
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    calls = {"backend": lambda: mnemo_fast.backend(), "fisher": lambda: mnemo_fast.fisher_diagonal(model, x, y)}
+    for name, call in calls.items():
+        monkeypatch.setattr(_ext, "_state", {})  # a first use, restored after the test
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        [w] = [w for w in caught if "could not be loaded" in str(w.message)]
+        assert w.filename == __file__, (name, w.filename, w.lineno)
+        assert _ext.available() is False and "no module named mnemo_fast._C" in _ext.load_error()
+
+
+def test_user_stacklevel_skips_the_package_frames():
+    from pathlib import Path
+
+    import mnemo_fast
+    from mnemo_fast.stack import user_stacklevel
+
+    assert user_stacklevel() == 1  # called from outside the package: this very line
+    inside = str(Path(mnemo_fast.__file__).parent / "made_up.py")  # functions "in" the package
+    scope = {"user_stacklevel": user_stacklevel, "warnings": warnings}
+    exec(compile("def warn():\n    warnings.warn('w', UserWarning, stacklevel=user_stacklevel())\n"
+                 "def deeper():\n    warn()\n", inside, "exec"), scope)
+    for call in (scope["warn"], scope["deeper"]):  # one and two package frames above this one
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, sys._getframe().f_lineno - 1)]

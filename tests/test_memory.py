@@ -1,4 +1,4 @@
-"""Peak memory of the fast path against its documented formula (README, "Memory").
+"""Peak memory of the fast path against its documented formula (docs/USAGE.md, "Large models"; docs/FAST_PATH.md, "Memory").
 
 Allocations are read from the CPU allocator (:func:`mnemo_fast.evaluation.memory.peak_allocated_bytes`,
 torch.profiler's memory events): the peak of the bytes the call itself held -- the caller's

@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -175,9 +176,23 @@ def test_backend_is_the_one_this_build_gives():
 
     assert mf.backend() == ("cpu-ext" if _ext.available() else "reference")
     assert mf.backend("cpu") == mf.backend(torch.device("cpu"))
-    assert ref.backend() == ref.backend("cuda") == "reference"
+    assert ref.backend() == "reference"
+    if torch.cuda.is_available():
+        assert ref.backend("cuda") == "reference"
     if os.environ.get("MNEMO_FAST_DISABLE_EXT") == "1":
         assert not _ext.available() and mf.backend() == "reference"
+
+
+def test_backend_of_a_gpu_this_machine_lacks_says_so(monkeypatch):
+    """Not the path a GPU would take: no tensor can be put there (issue 27)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for api in (mf, ref):
+        assert api.backend("cuda") == api.backend(torch.device("cuda", 0)) == "no-gpu"
+        assert api.backend("cpu") != "no-gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:1 is not there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert mf.backend("cuda:1") == ref.backend("cuda:1") == "no-gpu"
+    assert ref.backend("cuda:0") == "reference" and mf.backend("cuda:0") != "no-gpu"
 
 
 # --- bad input: a clear error naming the problem, the model bit-identical afterwards ---
@@ -313,3 +328,72 @@ def test_finite_check_is_not_fooled_by_an_overflowing_sum():
         model.bias[1] = math.nan
     with pytest.raises(mf.UnlearningError, match="'bias' contains NaN or inf"):
         validation.trainable_model(model)
+
+
+# --- issue 27: lambda2's default under "auto", and a forget that did nothing says so ---
+
+@pytest.mark.parametrize("api", [mf, ref], ids=["fast", "reference"])
+def test_auto_needs_no_lambda2(trained_digits_mlp, api):
+    """The README's call: lambda2 defaults to the calibration's own (calibration.DEFAULT_LAMBDA2)."""
+    from mnemo_fast.calibration import DEFAULT_LAMBDA2
+
+    model, codes = trained_digits_mlp
+    result = api.forget(model, codes, [3], lambda1="auto")
+    given = api.forget(model, codes, [3], lambda1="auto", lambda2=DEFAULT_LAMBDA2)
+    assert result.calibration is not None and result.code_accuracy_after.forget == 0.0
+    assert (result.lambda1, result.lambda2) == (given.lambda1, given.lambda2)
+    for a, b in zip(result.model.parameters(), given.model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"fixed lambda1=0.001 needs lambda2"):  # fixed lambdas: both required
+        api.forget(model, codes, [3], lambda1=1e-3)
+
+
+def _forget_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [w for w in caught if issubclass(w.category, mf.ForgetWarning)]
+
+
+@pytest.mark.parametrize("api", [mf, ref], ids=["fast", "reference"])
+def test_a_forget_that_left_the_class_recognised_warns(trained_digits_mlp, api):
+    """A step too small to move the codes: class 3's code is still right, and the warning says
+    so at the caller's line, with the numbers and what to try."""
+    model, codes = trained_digits_mlp
+    result, said = _forget_warnings(lambda: api.forget(model, codes, [3, 5], lambda1=1e-9, lambda2=1e-9))
+    assert result.code_accuracy_after.forget == 1.0
+    [w] = said
+    assert w.category is mf.ForgetWarning and w.filename == __file__
+    message = str(w.message)
+    assert "classes 3, 5 still recognised" in message and "class 3 100% -> 100%" in message, message
+    assert "lambda1='auto' or a larger lambda1 than 1e-09" in message, message
+
+
+def test_a_forget_that_lost_the_retained_codes_warns(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    result, said = _forget_warnings(lambda: mf.forget(model, codes, [3, 4], lambda1=10, lambda2=1e3))
+    assert result.code_accuracy_after.retain <= 0.5 < result.code_accuracy_before.retain
+    [w] = said
+    assert w.filename == __file__
+    assert "of the retained classes' codes classified correctly (before: 100%)" in str(w.message)
+    assert "a smaller lambda1 than 10" in str(w.message)
+
+
+def test_a_forget_that_worked_does_not_warn(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    for kwargs in (dict(lambda1=DEMO_LAMBDAS[0], lambda2=DEMO_LAMBDAS[1]), dict(lambda1="auto")):
+        result, said = _forget_warnings(lambda: mf.forget(model, codes, [0], **kwargs))
+        assert result.code_accuracy_after.forget == 0.0 and not said, [str(w.message) for w in said]
+
+
+def test_auto_that_warned_already_does_not_warn_twice():
+    """An untrained model: the calibration's CalibrationWarning (a ForgetWarning) is the one warning."""
+    torch.manual_seed(0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    codes = mf.MnemonicCodes.generate(10, (1, 8, 8), seed=0)
+    with torch.no_grad():
+        known = (model(codes.tensor[:, 0]).argmax(1) == torch.arange(10)).nonzero().view(-1).tolist()
+    assert known, "seed 0 gives an untrained model that classifies some code right"
+    result, said = _forget_warnings(lambda: mf.forget(model, codes, known[:1], lambda1="auto"))
+    assert result.code_accuracy_after.forget == 1.0 and not result.calibration.feasible
+    assert [w.category.__name__ for w in said] == ["CalibrationWarning"] and said[0].filename == __file__

@@ -1,4 +1,4 @@
-"""What the method refuses, and how (README, "What it refuses, and how"), on both namespaces.
+"""What the method refuses, and how (docs/REFUSALS.md), on both namespaces.
 
 Every case runs on ``mnemo_fast`` and on ``mnemo_fast.reference`` with a tiny MLP (6 inputs,
 4 classes), so the whole file takes seconds: bad numbers, class lists, codes, buffers and

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ..stack import user_stacklevel
 from .devices import cuda_index
 
 _DISABLE_VAR = "MNEMO_FAST_DISABLE_EXT"
@@ -46,7 +47,7 @@ def _load() -> None:
             "pure-PyTorch path. Details: mnemo_fast.fast._ext.load_error(). Build them with "
             "`pip install --no-build-isolation -e .`.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's line, however deep in the package the first use is
         )
         return
     _state.update(available=True, error=None)
@@ -117,7 +118,7 @@ def kernel_image(index: int) -> bool:
 def _note(key: str, message: str) -> None:
     if key not in _noted:
         _noted.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def missing_cuda_message() -> str | None:

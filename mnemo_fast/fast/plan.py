@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stack import user_stacklevel
 from .rules import rule_for
 from .rules.broadcast import BROADCAST_NODES, BroadcastUse, parent_nodes, plan_use
 from .rules.operations import OperationsPlan, plan_operations
@@ -109,7 +110,7 @@ def warn_generic(model: nn.Module, plan: Plan) -> None:
         f"per-sample path (exact, slower): {shown}{more}. mnemo_fast.explain(model, inputs, targets) "
         f"lists every parameter's path",
         GenericPathWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
 
 

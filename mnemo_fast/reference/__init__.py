@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "backend",
+    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "ForgetWarning", "backend",
     "explain", "Explanation",
     "diagnose", "Diagnosis", "ClassDiagnosis",
 ]
@@ -23,14 +25,18 @@ _PLAIN = {
     "MnemonicCodes": "..codes", "MnemonicMix": "..codes", "Evaluation": "..evaluation",
     "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
     "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
-    "TrainHistory": "..train", "UnlearningError": "..validation", "Explanation": "..explain",
+    "TrainHistory": "..train", "UnlearningError": "..validation", "ForgetWarning": "..validation",
+    "Explanation": "..explain",
     "Diagnosis": "..diagnose", "ClassDiagnosis": "..diagnose",
 }
 
 
 def backend(device: str = "cpu") -> str:
-    """Which path runs here: always "reference"."""
-    return "reference"
+    """Which path runs here: "reference", or "no-gpu" for a CUDA device this machine does not
+    have (as :func:`mnemo_fast.backend` answers)."""
+    from ..engines import NO_GPU, missing_gpu
+
+    return NO_GPU if missing_gpu(torch.device(device)) else "reference"
 
 
 def __getattr__(name: str):

@@ -91,9 +91,11 @@ class Capture:
         elif first._is_view():  # an in-place op on it would orphan the hook
             self.versions.watch(module, "output", (first,))
 
+        versions = self.versions  # not ``self``: a leaf's hook would then hold the capture
+
         def keep(grad: Tensor) -> None:
             record[2] = grad.movedim(dim, 0)
-            self.versions.watch(module, "gradient", (grad,))
+            versions.watch(module, "gradient", (grad,))
 
         first.register_hook(keep)
         return replacement

@@ -104,7 +104,7 @@ def hf_cases(repeats, families, n, layers, width, heads, seq_len, image):
     plain fwd+bwd, mnemo_fast, the reference, the error, and the tensors on the generic path."""
     from mnemo_fast.evaluation.hf_models import build
     from mnemo_fast.fast.plan import make_plan
-    from mnemo_fast.reference import fisher as ref_fisher
+    from mnemo_fast.modeling import logits_of, trainable_parameters
 
     for family in families:
         try:
@@ -114,8 +114,8 @@ def hf_cases(repeats, families, n, layers, width, heads, seq_len, image):
             gen = torch.Generator().manual_seed(0)
             x = hf.inputs(n, gen).to(CUDA)
             y = torch.randint(0, 10, (n,), generator=gen).to(CUDA)
-            params = ref_fisher.trainable_parameters(model)
-            plan = make_plan(model, params, x[:1], y[:1], ref_fisher.logits_of)
+            params = trainable_parameters(model)
+            plan = make_plan(model, params, x[:1], y[:1], logits_of)
 
             def plain():
                 model.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ from mnemo_fast.evaluation.compare import max_relative_error
 from mnemo_fast.evaluation.hf_models import FAMILIES, build
 from mnemo_fast.evaluation.memory import peak_allocated_bytes
 from mnemo_fast.fast.plan import make_plan
-from mnemo_fast.reference import fisher as ref_fisher
+from mnemo_fast.modeling import logits_of, trainable_parameters
 
 
 def interleaved_medians(fns: dict, rounds: int) -> dict:
@@ -78,8 +78,8 @@ def bench_family(family: str, args) -> dict:
     x = hf.inputs(args.n, generator)
     y = torch.randint(0, hf.num_classes, (args.n,), generator=generator)
     model = hf.model
-    params = ref_fisher.trainable_parameters(model)
-    plan = make_plan(model, params, x[:1], y[:1], ref_fisher.logits_of)
+    params = trainable_parameters(model)
+    plan = make_plan(model, params, x[:1], y[:1], logits_of)
     fast = lambda: mnemo_fast.fisher_diagonal(model, x, y)  # noqa: E731
     ref = lambda: mnemo_fast.reference.fisher_diagonal(model, x, y)  # noqa: E731
     expected = ref()
@@ -88,7 +88,7 @@ def bench_family(family: str, args) -> dict:
     others, worst = {}, {}
     for label, build_fn in (("opacus", bm.opacus_sums), ("backpack", bm.backpack_sums)):
         try:
-            run = as_mean(build_fn(model, x, y, ref_fisher.logits_of), len(x))
+            run = as_mean(build_fn(model, x, y, logits_of), len(x))
             got = run()
             others[label] = max_relative_error(got, expected)
             worst[label] = max(expected, key=lambda k: max_relative_error({k: got[k]}, {k: expected[k]}))

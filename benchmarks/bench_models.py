@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnemo_fast.evaluation.models import MLP, SmallCNN
-from mnemo_fast.reference.fisher import logits_of
+from mnemo_fast.modeling import logits_of
 
 Tensor = torch.Tensor
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mnemo_fast as mf
+from mnemo_fast.modeling import logits_of, trainable_parameters
 from mnemo_fast.reference import fisher as ref_fisher
 from mnemo_fast.reference.engine import ReferenceEngine
 
@@ -99,7 +100,7 @@ class LoopEngine(ReferenceEngine):
 
     name = "loop"
 
-    def sum_squared_grads(self, model, inputs, targets, chunk_size=None, output_fn=ref_fisher.logits_of):
+    def sum_squared_grads(self, model, inputs, targets, chunk_size=None, output_fn=logits_of):
         return ref_fisher.sum_squared_grads(model, inputs, targets, method="loop", output_fn=output_fn)
 
 
@@ -161,7 +162,7 @@ def run_fisher(engine_name: str, chunk: int | None, num_codes: int) -> dict:
     inputs, labels = _code_batch(codes, num_codes)
     engine = engines.resolve(_engine(engine_name))
     start = time.perf_counter()
-    engine.sum_squared_grads(model, inputs, labels, chunk, ref_fisher.logits_of)
+    engine.sum_squared_grads(model, inputs, labels, chunk, logits_of)
     seconds = time.perf_counter() - start
     return {"kind": "fisher", "engine": engine_name, "chunk_size": chunk, "codes": num_codes,
             "seconds": round(seconds, 2), "seconds_per_code": round(seconds / num_codes, 3)}
@@ -174,18 +175,18 @@ def run_breakdown(chunk: int, num_codes: int) -> dict:
 
     model, codes = _setup()
     inputs, labels = _code_batch(codes, num_codes)
-    params = ref_fisher.trainable_parameters(model)
+    params = trainable_parameters(model)
     out = {"kind": "breakdown", "chunk_size": chunk, "codes": num_codes}
     with torch.no_grad():
         start = time.perf_counter()
         model(inputs[:chunk])
         out["forward_chunk_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    plan = make_plan(model, params, inputs[:1], labels[:1], ref_fisher.logits_of)
+    plan = make_plan(model, params, inputs[:1], labels[:1], logits_of)
     out["plan_seconds"] = round(time.perf_counter() - start, 2)
     out["generic"] = plan.generic
     start = time.perf_counter()
-    EXTENSION._rule_pass(model, plan, params, inputs, labels, chunk, ref_fisher.logits_of)
+    EXTENSION._rule_pass(model, plan, params, inputs, labels, chunk, logits_of)
     out["rule_pass_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     ref_fisher.sum_squared_grads(model, inputs, labels, plan.generic, chunk_size=chunk)
@@ -211,7 +212,7 @@ def run_profile(chunk: int, num_codes: int) -> dict:
     inputs, labels = _code_batch(codes, num_codes)
     engine = engines.default_engine()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        engine.sum_squared_grads(model, inputs, labels, chunk, ref_fisher.logits_of)
+        engine.sum_squared_grads(model, inputs, labels, chunk, logits_of)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return {"kind": "profile", "chunk_size": chunk, "codes": num_codes, "table": table}
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
-from .reference.fisher import logits_of
+from .modeling import logits_of
 from .stack import user_stacklevel
 from .train import cross_entropy, fit, make_optimizer
 

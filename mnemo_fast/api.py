@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 
 from . import method
+from .diagnose import diagnose  # the codes-vs-data check, on the same engine
+from .explain import explain
 
 #: Public functions that take an ``engine`` argument.
 ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget", "code_accuracy", "explain",
@@ -19,12 +21,8 @@ ENGINE_FUNCTIONS = ("fisher_diagonal", "class_fishers", "perturbation", "forget"
 def engine_function(name: str):
     """The unbound function behind ``name`` of :data:`ENGINE_FUNCTIONS`."""
     if name == "explain":
-        from .explain import explain
-
         return explain
     if name == "diagnose":
-        from .diagnose import diagnose  # the codes-vs-data check, on the same engine
-
         return diagnose
     return getattr(method, name)
 

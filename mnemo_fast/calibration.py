@@ -66,7 +66,7 @@ import torch
 
 from . import engines, validation
 from .codes import MnemonicCodes
-from .reference.fisher import logits_of
+from .modeling import logits_of
 from .session import CandidateSession, better_sign
 from .stack import user_stacklevel
 

@@ -108,7 +108,8 @@ def class_index(text: str) -> int:
     return _integer(text, 0, "a class index (an integer >= 0)")
 
 
-def _add_forget_options(parser: argparse.ArgumentParser) -> None:
+def add_forget_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a forget (classes, lambdas, mode, engine): demo, forget and the torchrun job."""
     parser.add_argument("--forget", type=class_index, nargs="+", default=[0], metavar="CLASS",
                         help="classes to forget")
     parser.add_argument("--lambda1", type=lambda1_value, metavar="L1",
@@ -133,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=seed_value, default=0)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="directory (created if missing) for the trained model, its codes and the forgotten model")
-    _add_forget_options(demo)
+    add_forget_options(demo)
 
     fg = sub.add_parser("forget", help="forget classes of a saved model (from its codes only)")
     fg.add_argument("checkpoint", type=Path)
     fg.add_argument("codes", type=Path)
     fg.add_argument("--output", type=Path, required=True,
                     help="file to write; its directory must exist")
-    _add_forget_options(fg)
+    add_forget_options(fg)
 
     ev = sub.add_parser("evaluate", help="per-class accuracy of a saved model")
     ev.add_argument("checkpoint", type=Path)
@@ -271,7 +272,8 @@ def _save(what, path: Path, **meta) -> None:
         raise UserError(f"cannot write {path} ({error.strerror or error})") from error
 
 
-def _describe(result: ForgetResult) -> str:
+def describe_result(result: ForgetResult) -> str:
+    """One line on a forget: the sign or draw, the lambdas, the backend, the time, the code accuracies."""
     sign = f"sign {result.sign:+d}" if result.sign is not None else "gaussian draw"
     return (
         f"forgot with {sign} (lambda1={result.lambda1:g}, lambda2={result.lambda2:g}, "
@@ -304,7 +306,7 @@ def demo(args) -> int:
     after = evaluate(result.model, test, args.forget)
     print(f"test accuracy on {args.data}, forgetting classes {args.forget}:")
     print(format_table(before, after, args.forget))
-    print(_describe(result))
+    print(describe_result(result))
     _say(warned)
     _save(result.model, args.out / "forgotten.safetensors", **meta)
     print(f"saved model.safetensors, codes.safetensors and forgotten.safetensors in {args.out}")
@@ -323,7 +325,7 @@ def forget_command(args) -> int:
     result, warned = _run_forget(model, codes, args, meta["model"])
     _save(result.model, args.output, name=meta["model"], input_shape=input_shape,
           num_classes=num_classes, forgotten=" ".join(map(str, args.forget)))
-    print(_describe(result))
+    print(describe_result(result))
     _say(warned)
     print(f"saved {args.output}")
     return 0

@@ -52,7 +52,8 @@ import torch
 
 from . import engines, validation
 from .codes import MnemonicCodes
-from .reference.fisher import eval_mode, logits_of
+from .method import forget
+from .modeling import eval_mode, logits_of
 from .session import code_inputs, code_logits, only_parameters
 
 Tensor = torch.Tensor
@@ -236,8 +237,6 @@ def diagnose(
     See the module docstring for the measures and the verdicts. The model's parameters are not
     changed.
     """
-    from .method import forget  # here: method imports the session, which this module also uses
-
     wanted = [forget_classes] if isinstance(forget_classes, int) else list(forget_classes)
     classes = sorted({validation.forget_classes(codes, [c])[0] for c in wanted})  # each is checked alone
     if not classes:

@@ -16,7 +16,7 @@ import torch
 
 from . import engines
 from .fast.plan import GenericPathWarning, Route  # noqa: F401 (part of this module's API)
-from .reference.fisher import eval_mode, logits_of
+from .modeling import eval_mode, logits_of
 from .session import ParamSelector, only_parameters
 
 Tensor = torch.Tensor

@@ -11,7 +11,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from .calibration import DEFAULT_LAMBDA2, Calibration, CalibrationWarning, calib
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
-from .reference.fisher import eval_mode, logits_of
+from .modeling import OutputFn, eval_mode, logits_of
 from .stack import user_stacklevel
 from .validation import ForgetWarning
 from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
@@ -37,7 +37,6 @@ from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
 )
 
 Tensor = torch.Tensor
-OutputFn = Callable[[object], Tensor]
 MODES = ("shift", "gaussian")
 #: The options ``calibration=`` may pass to the lambda1 search.
 _CALIBRATION_OPTIONS = [name for name, p in inspect.signature(calibrate_session).parameters.items()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import validation
 from .codes import MnemonicCodes
-from .reference.fisher import eval_mode, logits_of
+from .modeling import eval_mode, logits_of
 from .session import code_inputs, code_logits
 from .train import make_optimizer
 

@@ -22,11 +22,10 @@ import torch
 
 from . import engines, validation
 from .codes import MnemonicCodes
-from .reference.fisher import eval_mode, logits_of, trainable_parameters
+from .modeling import OutputFn, eval_mode, logits_of, trainable_parameters
 from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
-OutputFn = Callable[[object], Tensor]
 ParamSelector = Callable[[str], bool] | str | Iterable[str] | None
 
 

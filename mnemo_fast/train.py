@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codes import MnemonicCodes, MnemonicMix
-from .reference.fisher import logits_of
+from .modeling import logits_of
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -23,8 +23,8 @@ import torch
 
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
-from .reference.fisher import eval_mode
-from .distributed.sharding import any_sharded, local
+from .modeling import eval_mode
+from .sharding import any_sharded, local
 
 Tensor = torch.Tensor
 

@@ -11,7 +11,7 @@ from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
 from mnemo_fast.fast.plan import make_plan
 from mnemo_fast.fast.rules.broadcast import BroadcastUse, per_sample
-from mnemo_fast.reference.fisher import eval_mode, logits_of, trainable_parameters
+from mnemo_fast.modeling import eval_mode, logits_of, trainable_parameters
 
 ENGINES = [pytest.param(HOOKS_ATEN, id="hooks-aten"),
            pytest.param(EXTENSION, id="ext", marks=pytest.mark.skipif(not _ext.available(), reason="extension not built"))]

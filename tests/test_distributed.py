@@ -15,7 +15,7 @@ import mnemo_fast.reference
 from mnemo_fast.reference import perturb
 from mnemo_fast.evaluation import models
 from mnemo_fast.distributed.launch import shard
-from mnemo_fast.distributed.sharding import gathered
+from mnemo_fast.sharding import gathered
 from mnemo_fast.validation import UnlearningError
 import models_zoo as zoo
 from rounding import float32_fisher_bound, float32_model_bound

@@ -9,7 +9,7 @@ import mnemo_fast.reference as ref
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
 from mnemo_fast.fast.plan import make_plan
-from mnemo_fast.reference.fisher import eval_mode, logits_of, trainable_parameters
+from mnemo_fast.modeling import eval_mode, logits_of, trainable_parameters
 import models_zoo as zoo
 
 ENGINES = [pytest.param(HOOKS_ATEN, id="hooks-aten"),

@@ -13,7 +13,7 @@ import mnemo_fast as mf
 from mnemo_fast.fast import engine as fast_engine
 from mnemo_fast.fast.engine import HOOKS_ATEN
 from mnemo_fast.reference.engine import REFERENCE
-from mnemo_fast.reference.fisher import eval_mode
+from mnemo_fast.modeling import eval_mode
 from mnemo_fast.codes import MnemonicCodes
 from test_fast_engine import ENGINES, MODELS, assert_fisher_close, problem
 

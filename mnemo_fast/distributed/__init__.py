@@ -2,11 +2,13 @@
 
 - :mod:`.engine`: :class:`DistributedEngine` (the codes split across ranks, sums all-reduced,
   FSDP2 shards handled behind the engine) and :func:`forget_distributed`;
-- :mod:`.sharding`: DTensor detection, local shards, reduce-scatter into a parameter's layout;
-- :mod:`.launch`: ``torchrun ... -m mnemo_fast.distributed.launch`` for a saved checkpoint.
+- :mod:`.launch`: ``torchrun ... -m mnemo_fast.distributed.launch`` for a saved checkpoint;
+- the sharding helpers (DTensor detection, local shards, reduce-scatter into a parameter's
+  layout) live on the ground floor, :mod:`mnemo_fast.sharding`, since the reference, the fast
+  engine and the validation need them too; ``gathered``, ``is_sharded``, ``any_sharded`` and
+  ``local`` are re-exported here.
 
-The names below load on first use, so low-level modules can import :mod:`.sharding`
-without pulling in the method (and with it the whole public namespace).
+The names below load on first use: importing the package itself loads nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 _EXPORTS = {
     "DistributedEngine": ".engine", "RankDisagreement": ".engine", "forget_distributed": ".engine",
     "share": ".engine", "unwrap": ".engine", "all_reduce_flat_": ".engine",
-    "gathered": ".sharding", "is_sharded": ".sharding", "any_sharded": ".sharding", "local": ".sharding",
+    "gathered": "..sharding", "is_sharded": "..sharding", "any_sharded": "..sharding", "local": "..sharding",
     "shard": ".launch",
 }
 

@@ -48,9 +48,11 @@ import torch
 import torch.distributed as dist
 
 from .. import engines
-from ..reference.fisher import logits_of, trainable_parameters, zero_accumulator
+from ..method import forget
+from ..modeling import logits_of, trainable_parameters, zero_accumulator
 from ..session import correct_predictions
-from .sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, resharded_forwards
+from ..sharding import any_sharded, is_sharded, local, reduce_to_layout, reject_flat_parameters, resharded_forwards
+from ..validation import UnlearningError, all_finite
 
 Tensor = torch.Tensor
 
@@ -254,8 +256,6 @@ def _agree(values: Tensor, group) -> bool:
 def _check_finite_everywhere(model: torch.nn.Module, group, device: torch.device) -> None:
     """Every rank raises if any rank holds a NaN or inf in a trainable parameter (its shard or
     replica): a check on one rank only would leave the others waiting in a collective."""
-    from ..validation import UnlearningError, all_finite
-
     finite = all_finite([local(p) for p in model.parameters() if p.requires_grad])
     flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
@@ -294,8 +294,6 @@ def forget_distributed(
     otherwise. Returns the :class:`mnemo_fast.ForgetResult` (``model`` is the unwrapped module
     or its copy).
     """
-    from ..method import forget
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("forget_distributed needs torch.distributed initialised (init_process_group)")
     module = unwrap(model)

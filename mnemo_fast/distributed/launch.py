@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from ..evaluation import models
-from ..cli import _add_forget_options, _describe, forget_lambdas
+from ..cli import add_forget_options, describe_result, forget_lambdas
 from ..codes import MnemonicCodes
 from ..reference.engine import REFERENCE
 from .engine import forget_distributed
-from .sharding import gathered
+from ..sharding import gathered
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) first")
     parser.add_argument("--chunk-size", type=int, default=None, help="codes per forward pass on a rank")
-    _add_forget_options(parser)
+    add_forget_options(parser)
     return parser
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             plain.load_state_dict(state)
             models.save_checkpoint(plain, args.output, name=meta["model"], input_shape=tuple(codes.shape),
                                    num_classes=codes.num_classes, forgotten=" ".join(map(str, args.forget)))
-            print(f"{dist.get_world_size()} ranks{' (FSDP2)' if args.fsdp else ''}: {_describe(result)}")
+            print(f"{dist.get_world_size()} ranks{' (FSDP2)' if args.fsdp else ''}: {describe_result(result)}")
             print(f"saved {args.output}")
         dist.barrier()
     finally:

@@ -7,6 +7,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..modeling import eval_mode, logits_of
+
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,6 @@ def predictions(model: torch.nn.Module, data, output_fn: Callable | None = None)
     ``output_fn`` picks the logits from the model's output (default: the method's
     ``logits_of``: a tensor, ``.logits`` or ``["logits"]``).
     """
-    # imported here: mnemo_fast.reference re-exports evaluate, so a module-level import of
-    # mnemo_fast.reference.fisher would make reference/__init__ -> evaluation -> reference a cycle
-    from ..reference.fisher import eval_mode, logits_of
-
     output_fn = logits_of if output_fn is None else output_fn
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .accuracy import evaluate
-from ..reference.fisher import eval_mode
+from ..modeling import eval_mode
 
 
 def _classes(forget_classes) -> list[int]:

@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import accumulation_dtype
+from ..modeling import logits_of, trainable_parameters, zero_accumulator
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
 from . import _ext, devices
 from .capture import Capture, frozen
+from .ops import COMPILED, TWINS
 from .plan import Plan, Route, all_generic, make_plan, warn_generic
 from .rules.base import Rule
 from .rules.broadcast import BroadcastCapture, per_sample
 from .rules.operations import OperationsCapture
-from ..distributed.sharding import is_sharded
+from ..sharding import is_sharded
 
 Tensor = torch.Tensor
 
@@ -247,7 +249,7 @@ class FastEngine:
         inputs: Tensor,
         targets: Tensor,
         chunk_size: int | None = None,
-        output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+        output_fn: Callable[[object], Tensor] = logits_of,
     ) -> dict[str, Tensor]:
         if not self.runs_on(inputs.device):
             return self.fallback.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
@@ -260,7 +262,7 @@ class FastEngine:
         targets: Tensor,
         sizes: Sequence[int],
         chunk_size: int | None = None,
-        output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+        output_fn: Callable[[object], Tensor] = logits_of,
         one_pass: bool = False,
     ) -> list[dict[str, Tensor]]:
         """:meth:`sum_squared_grads` of each block of consecutive rows of ``inputs`` [N, ...]
@@ -283,7 +285,7 @@ class FastEngine:
         sizes = [int(n) for n in sizes]
         if sum(sizes) != inputs.shape[0]:
             raise ValueError(f"group sizes {sizes} do not add up to the {inputs.shape[0]} inputs")
-        params = ref_fisher.trainable_parameters(model)
+        params = trainable_parameters(model)
         if not params:
             return [{} for _ in sizes]
         if not self.runs_on(inputs.device):
@@ -306,12 +308,12 @@ class FastEngine:
         return [self._sums(model, params, plan, x, y, chunk_size, output_fn)
                 for x, y in _blocks(inputs, targets, sizes)]
 
-    def routes(self, model, inputs: Tensor, targets: Tensor, output_fn=ref_fisher.logits_of) -> dict[str, Route]:
+    def routes(self, model, inputs: Tensor, targets: Tensor, output_fn=logits_of) -> dict[str, Route]:
         """name -> :class:`.plan.Route` for every trainable parameter (the plan a Fisher call on
         these inputs would make; model in eval mode). Backs :func:`mnemo_fast.explain`."""
         if not self.runs_on(inputs.device):
             return self.fallback.routes(model, inputs, targets, output_fn)
-        params = ref_fisher.trainable_parameters(model)
+        params = trainable_parameters(model)
         if not params:
             return {}
         return one_pass_if_cheaper(_plan(model, params, inputs, targets, output_fn), params, inputs.shape[0]).routes()
@@ -412,7 +414,7 @@ class FastEngine:
             capture = caught = used = loss = wanted = records = calls = value = None
         for sums in blocks:
             for name in names - sums.keys():  # a parameter no code reached: zero Fisher
-                sums[name] = ref_fisher.zero_accumulator(params[name])
+                sums[name] = zero_accumulator(params[name])
         return blocks
 
     # ---- perturbation -------------------------------------------------------------------
@@ -474,14 +476,10 @@ def _ratio_for(max_ratio: Tensor, positions: list[int], device: torch.device, gr
 
 
 def _aten_engine() -> FastEngine:
-    from .ops import TWINS
-
     return FastEngine(TWINS, "hooks-aten", fused_perturbation=False)
 
 
 def _extension_engine() -> FastEngine:
-    from .ops import COMPILED
-
     return FastEngine(COMPILED, "ext", fused_perturbation=True, compiled=True, fallback=HOOKS_ATEN)
 
 

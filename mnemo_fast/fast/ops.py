@@ -3,14 +3,18 @@
 ``sum_sq_grad_linear`` etc. call the compiled operators ``torch.ops.mnemo_fast.*`` (calling
 one without the extension raises RuntimeError, see :func:`mnemo_fast.fast._ext.load_error`);
 ``twin_sum_sq_grad_linear`` etc. compute the same in ATen ops only, with bounded memory
-(samples in blocks). :data:`OPS` pairs them by name; :data:`COMPILED` and :data:`TWINS` give
-one path of every op as attributes, which is what an engine's layer rules call. The tests
-(tests/test_ops_cpu.py) and benchmarks/bench_kernels.py iterate :data:`OPS`.
+(samples in blocks). The perturbation's twins are the reference's own formula on lists of
+tensors (:func:`mnemo_fast.reference.perturb.max_ratios`, ``shift_``, ``gaussian_``), which the
+reference engine runs too: the formula is written once. :data:`OPS` pairs them by name;
+:data:`COMPILED` and :data:`TWINS` give one path of every op as attributes, which is what an
+engine's layer rules call. The tests (tests/test_ops_cpu.py) and benchmarks/bench_kernels.py
+iterate :data:`OPS`.
 
-Importing this module never loads ``mnemo_fast._C``: the reference engine runs the twins
-without the extension. The fake kernels (shapes only, for torch.compile) are registered when
-the extension loads. Arithmetic follows :func:`mnemo_fast.dtypes.accumulation_dtype`.
-docs/FAST_PATH.md, "Each compiled op has a pure-PyTorch twin" and "The fused perturbation".
+Importing this module never loads ``mnemo_fast._C``: the twins run without the extension (the
+ATen-only hooks engine, ``HOOKS_ATEN``). The fake kernels (shapes only, for torch.compile) are
+registered when the extension loads. Arithmetic follows
+:func:`mnemo_fast.dtypes.accumulation_dtype`. docs/FAST_PATH.md, "Each compiled op has a
+pure-PyTorch twin" and "The fused perturbation".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import accumulation_dtype
+from ..reference import perturb
 from . import _ext
 
 Tensor = torch.Tensor
@@ -41,14 +46,6 @@ def _library():
 
 def _pair(v: Ints) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
-
-
-def _formula():
-    """The paper's formula, tensor by tensor (:mod:`mnemo_fast.reference.perturb`), imported on
-    first use: the table stays a leaf module, which the reference package itself imports."""
-    from ..reference import perturb
-
-    return perturb
 
 
 def _block(n: int, per_sample_elements: int) -> int:
@@ -171,14 +168,6 @@ def perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Ten
     return _library().perturb_max_ratio.default(list(forget), list(remain))
 
 
-def twin_perturb_max_ratio(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-    """Twin of :func:`perturb_max_ratio`, tensor by tensor with the paper's formula."""
-    if len(forget) == 0:
-        return torch.zeros(0)
-    formula = _formula()
-    return torch.stack([formula.max_finite_ratio(f, r) for f, r in zip(forget, remain)])
-
-
 def perturb_shift_(
     params: Sequence[Tensor],
     forget: Sequence[Tensor],
@@ -194,23 +183,6 @@ def perturb_shift_(
     """
     _library().perturb_shift_.default(list(params), list(forget), list(remain), max_ratio,
                                       float(lambda1), float(lambda2), float(sign))
-
-
-def twin_perturb_shift_(
-    params: Sequence[Tensor],
-    forget: Sequence[Tensor],
-    remain: Sequence[Tensor],
-    max_ratio: Tensor,
-    lambda1: float,
-    lambda2: float,
-    sign: float,
-) -> None:
-    """Twin of :func:`perturb_shift_`: ``p += sign * alpha_l * eta_l``, the paper's formula."""
-    formula = _formula()
-    for p, f, r, m in zip(params, forget, remain, max_ratio):
-        m = m.to(accumulation_dtype(f.dtype))
-        shift = formula.alpha(m, lambda1, lambda2) * formula.ratio(f, r, m)
-        p.add_((sign * shift).to(p.dtype))
 
 
 def perturb_gaussian_(
@@ -232,26 +204,6 @@ def perturb_gaussian_(
                                          float(lambda1), float(lambda2), float(tau), generator)
 
 
-def twin_perturb_gaussian_(
-    params: Sequence[Tensor],
-    forget: Sequence[Tensor],
-    remain: Sequence[Tensor],
-    max_ratio: Tensor,
-    lambda1: float,
-    lambda2: float,
-    tau: float,
-    generator: torch.Generator | None = None,
-) -> None:
-    """Twin of :func:`perturb_gaussian_`, the same draws from ``generator`` on the CPU."""
-    formula = _formula()
-    for p, f, r, m in zip(params, forget, remain, max_ratio):
-        m = m.to(accumulation_dtype(f.dtype))
-        eta = formula.ratio(f, r, m)
-        z = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-        update = formula.alpha(m, lambda1, lambda2) * eta * z.to(eta.dtype)
-        p.add_(torch.where(eta > tau, update, torch.zeros_like(update)).to(p.dtype))
-
-
 # ---- the table -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -269,9 +221,9 @@ OPS: dict[str, Op] = {
         Op("sum_sq_grad_linear", sum_sq_grad_linear, twin_sum_sq_grad_linear),
         Op("sum_sq_grad_conv2d", sum_sq_grad_conv2d, twin_sum_sq_grad_conv2d),
         Op("sum_sq_grad_conv1d", sum_sq_grad_conv1d, twin_sum_sq_grad_conv1d),
-        Op("perturb_max_ratio", perturb_max_ratio, twin_perturb_max_ratio),
-        Op("perturb_shift_", perturb_shift_, twin_perturb_shift_),
-        Op("perturb_gaussian_", perturb_gaussian_, twin_perturb_gaussian_),
+        Op("perturb_max_ratio", perturb_max_ratio, perturb.max_ratios),
+        Op("perturb_shift_", perturb_shift_, perturb.shift_),
+        Op("perturb_gaussian_", perturb_gaussian_, perturb.gaussian_),
     )
 }
 #: Every op's compiled version as an attribute (``COMPILED.sum_sq_grad_linear``).

@@ -2,9 +2,10 @@
 
 ``import mnemo_fast.reference as mf`` and ``import mnemo_fast as mf`` are interchangeable;
 nothing this namespace exposes loads the compiled extension (the method's functions, including
-``code_accuracy``, are bound to the reference engine). The names load on first use, so that
-low-level modules importing ``mnemo_fast.reference.fisher`` or ``.engine`` do not pull in the
-public namespace (and the method) with them.
+``code_accuracy``, are bound to the reference engine). The names load on first use: the
+package's modules (``engine``, ``fisher``, ``perturb``) stand on a floor below the method (the
+fast engine and the engine choice import them), and importing one of them must not pull in
+this namespace, which stands above the method (docs/LAYOUT.md, "Import rules").
 """
 
 from __future__ import annotations

@@ -5,13 +5,11 @@ See :class:`mnemo_fast.engines.Engine` for the interface every engine implements
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from . import fisher as ref_fisher
-from ..fast.ops import TWINS  # the op table: a leaf module that never loads the extension
-from ..distributed.sharding import any_sharded
+from . import fisher as ref_fisher, perturb
+from ..modeling import OutputFn, logits_of
+from ..sharding import any_sharded
 
 Tensor = torch.Tensor
 
@@ -32,7 +30,7 @@ class ReferenceEngine:
         inputs: Tensor,
         targets: Tensor,
         chunk_size: int | None = None,
-        output_fn: Callable[[object], Tensor] = ref_fisher.logits_of,
+        output_fn: OutputFn = logits_of,
     ) -> dict[str, Tensor]:
         if any_sharded(model.parameters()):
             raise NotImplementedError(
@@ -44,20 +42,21 @@ class ReferenceEngine:
             model, inputs, targets, chunk_size=chunk_size, output_fn=output_fn
         )
 
-    # The perturbation is the fused ops' pure-PyTorch twins, so there is one copy of the formula.
+    # The perturbation is the paper's formula on lists of tensors (reference/perturb.py), which
+    # the op table also takes as the fused ops' pure-PyTorch twins: one copy of the formula.
     @staticmethod
     def max_ratio(forget, remain) -> Tensor:
-        return TWINS.perturb_max_ratio(forget, remain)
+        return perturb.max_ratios(forget, remain)
 
     @staticmethod
     @torch.no_grad()
     def shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        TWINS.perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+        perturb.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
 
     @staticmethod
     @torch.no_grad()
     def gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        TWINS.perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+        perturb.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
 
 
 REFERENCE = ReferenceEngine()

@@ -11,44 +11,18 @@ must not mix or drop samples, so the model runs in eval mode (restored afterward
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ..dtypes import accumulation_dtype
-from ..distributed.sharding import local
+from ..modeling import OutputFn, logits_of, trainable_parameters, zero_accumulator
 
 Tensor = torch.Tensor
 
 # Per-sample gradients of a chunk are held at once: keep them near this many bytes.
 _VMAP_BYTES = 256 * 2**20
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name -> parameter for every parameter that requires grad (tied ones listed once)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (BatchNorm on running stats), restoring each module's mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def zero_accumulator(p: Tensor) -> Tensor:
-    """A contiguous zero sum for parameter ``p``: its (global) shape, its accumulation dtype,
-    its device. Always a plain tensor, also for a sharded (DTensor) parameter, whose sums the
-    distributed engine assembles into shards."""
-    return torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=local(p).device)
 
 
 def _zeros_like_accumulators(params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -67,7 +41,7 @@ def _vmap_sum_sq(
     inputs: Tensor,
     targets: Tensor,
     chunk_size: int,
-    output_fn: Callable[[object], Tensor],
+    output_fn: OutputFn,
 ) -> dict[str, Tensor]:
     frozen = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -93,7 +67,7 @@ def _loop_sum_sq(
     params: dict[str, Tensor],
     inputs: Tensor,
     targets: Tensor,
-    output_fn: Callable[[object], Tensor],
+    output_fn: OutputFn,
 ) -> dict[str, Tensor]:
     names = list(params)
     sums = _zeros_like_accumulators(params)
@@ -106,19 +80,6 @@ def _loop_sum_sq(
     return sums
 
 
-def logits_of(output: object) -> Tensor:
-    """The default ``output_fn``: a tensor as is, else its ``.logits`` or ``["logits"]``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    raise TypeError(
-        f"model returned {type(output).__name__}; pass output_fn= to pick the logits from it"
-    )
-
-
 def sum_squared_grads(
     model: torch.nn.Module,
     inputs: Tensor,
@@ -127,14 +88,14 @@ def sum_squared_grads(
     *,
     chunk_size: int | None = None,
     method: str = "auto",
-    output_fn: Callable[[object], Tensor] = logits_of,
+    output_fn: OutputFn = logits_of,
 ) -> dict[str, Tensor]:
     """``{name: sum_n (dL_n/dw)^2}`` for the trainable parameters ``names`` (default all).
 
     inputs [N, *input_shape], targets [N] (class indices). ``method``: "vmap", "loop" or
     "auto" (vmap, falling back to the batch-1 loop when vmap cannot trace the model).
     Float16/bfloat16 parameters get float32 sums. The model must already be in the mode
-    the caller wants (see :func:`eval_mode`).
+    the caller wants (see :func:`mnemo_fast.modeling.eval_mode`).
     """
     params = trainable_parameters(model)
     if names is not None:

@@ -11,11 +11,15 @@ For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_
 Arithmetic is done in float32 (float64 when the Fisher is float64), whatever the
 parameter's dtype (:func:`mnemo_fast.dtypes.accumulation_dtype`), and the result is cast
 back on write.
+
+:func:`max_ratios`, :func:`shift_` and :func:`gaussian_` apply the formula to lists of tensors
+in place: they are the reference engine's perturbation and the pure-PyTorch twins of the fused
+ops in the op table (:data:`mnemo_fast.fast.ops.TWINS`), one copy of the formula for both.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -96,3 +100,50 @@ def gaussian_noise(
     z = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     update = alpha(max_ratio, lambda1, lambda2) * eta * z.to(eta.dtype)
     return torch.where(eta > tau, update, torch.zeros_like(update))
+
+
+# ---- lists of tensors, in place: the reference engine, and the fused ops' twins ------------
+
+def max_ratios(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
+    """[L]: per tensor, the largest finite eta (:func:`max_finite_ratio`); twin of the fused
+    ``perturb_max_ratio`` (:mod:`mnemo_fast.fast.ops`)."""
+    if len(forget) == 0:
+        return torch.zeros(0)
+    return torch.stack([max_finite_ratio(f, r) for f, r in zip(forget, remain)])
+
+
+def shift_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    max_ratio: Tensor,
+    lambda1: float,
+    lambda2: float,
+    sign: float,
+) -> None:
+    """In place, tensor by tensor: ``p += sign * alpha_l * eta_l``; twin of the fused
+    ``perturb_shift_``."""
+    for p, f, r, m in zip(params, forget, remain, max_ratio):
+        m = m.to(accumulation_dtype(f.dtype))
+        step = alpha(m, lambda1, lambda2) * ratio(f, r, m)
+        p.add_((sign * step).to(p.dtype))
+
+
+def gaussian_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    max_ratio: Tensor,
+    lambda1: float,
+    lambda2: float,
+    tau: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """In place: ``p += [eta > tau] * alpha_l * eta * z``, z drawn like ``torch.randn(p.shape)``
+    tensor by tensor in list order from ``generator``; twin of the fused ``perturb_gaussian_``."""
+    for p, f, r, m in zip(params, forget, remain, max_ratio):
+        m = m.to(accumulation_dtype(f.dtype))
+        eta = ratio(f, r, m)
+        z = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+        update = alpha(m, lambda1, lambda2) * eta * z.to(eta.dtype)
+        p.add_(torch.where(eta > tau, update, torch.zeros_like(update)).to(p.dtype))

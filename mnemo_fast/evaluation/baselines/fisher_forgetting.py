@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...method import fisher_diagonal
-from ...reference.fisher import eval_mode, trainable_parameters
+from ...modeling import eval_mode, trainable_parameters
 from ._common import as_classes, device_dtype, split, tensors
 
 ESTIMATORS = ("sampled", "original", "empirical")

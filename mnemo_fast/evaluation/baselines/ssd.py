@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ...method import fisher_diagonal
-from ...reference.fisher import eval_mode, trainable_parameters
+from ...modeling import eval_mode, trainable_parameters
 from ._common import device_dtype, split, tensors
 
 ESTIMATORS = ("per_sample", "original_batch")

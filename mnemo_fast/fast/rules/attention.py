@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...distributed.sharding import is_sharded
+from ...sharding import is_sharded
 from .base import Rule, Tensor, acc
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")

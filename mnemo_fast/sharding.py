@@ -6,6 +6,9 @@ parameters in the Fisher pass and the scoring of the codes (FSDP's own forwards,
 gather each layer's weights while it runs, in lockstep on every rank), the perturbation
 (elementwise: each rank edits its own shard) and the per-tensor maximum of the ratio (an
 all-reduce MAX); :mod:`mnemo_fast.distributed` puts these together.
+
+A ground-floor module (docs/LAYOUT.md): the reference, the fast engine, the validation and the
+distributed engine all ask these questions, so it imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import Callable, ContextManager, Protocol, Sequence, runtime_checkab
 
 import torch
 
+from .devices import NO_GPU, missing_gpu
+
 Tensor = torch.Tensor
 
 
@@ -112,19 +114,6 @@ def forwards(engine: Engine, model: torch.nn.Module) -> ContextManager[None]:
 def local_of(engine: Engine) -> Callable[[Tensor], Tensor]:
     """The engine's view of what this process holds of a tensor (itself by default)."""
     return getattr(engine, "local", None) or (lambda t: t)
-
-
-#: What :func:`backend` answers for a GPU this machine does not have.
-NO_GPU = "no-gpu"
-
-
-def missing_gpu(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA device this machine lacks (no GPU visible, or fewer than its index)."""
-    if device.type != "cuda":
-        return False
-    if not torch.cuda.is_available():
-        return True
-    return device.index is not None and device.index >= torch.cuda.device_count()
 
 
 def backend(device: str | torch.device = "cpu") -> str:

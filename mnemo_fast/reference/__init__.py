@@ -14,6 +14,8 @@ import importlib
 
 import torch
 
+from ..devices import NO_GPU, missing_gpu
+
 __all__ = [
     "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
@@ -35,8 +37,6 @@ _PLAIN = {
 def backend(device: str = "cpu") -> str:
     """Which path runs here: "reference", or "no-gpu" for a CUDA device this machine does not
     have (as :func:`mnemo_fast.backend` answers)."""
-    from ..engines import NO_GPU, missing_gpu
-
     return NO_GPU if missing_gpu(torch.device(device)) else "reference"
 
 

@@ -23,6 +23,7 @@ from .adapt import adapt_with_codes
 from .explain import Explanation, explain
 from .train import TrainHistory, train_with_codes
 from .validation import ForgetWarning, UnlearningError
+from .public import NAMES as _NAMES
 
 from .fast._ext import note_missing_cuda as _note_missing_cuda
 
@@ -30,10 +31,4 @@ _note_missing_cuda()  # once: a GPU machine whose build has no CUDA kernels runs
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
-    "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "ForgetWarning", "backend",
-    "explain", "Explanation",
-    "diagnose", "Diagnosis", "ClassDiagnosis",
-]
+__all__ = list(_NAMES)  # mnemo_fast/public.py: the one list of both namespaces

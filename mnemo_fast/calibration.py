@@ -59,15 +59,15 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from . import engines, validation
 from .codes import MnemonicCodes
 from .modeling import logits_of
-from .session import CandidateSession, better_sign
+from .session import CandidateSession, CodeAccuracy, better_sign
 from .stack import user_stacklevel
 
 Tensor = torch.Tensor
@@ -131,6 +131,49 @@ class Criterion:
     depth: float = 1.0
     max_forget_prob: float = 1e-3
     min_retain_margin: float = 0.5
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The search's options and their defaults, written once: the keywords of :func:`calibrate`
+    and :func:`calibrate_session`, and the search options of ``forget(calibration={...})``
+    (docs/REFUSALS.md for the values each accepts)."""
+
+    depth: float = 1.0
+    max_forget_prob: float = 1e-3
+    min_retain_margin: float = 0.5
+    lambda1_range: tuple[float, float] = (1e-7, 10.0)
+    steps: int = 6
+    search: str = "scale"
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, object], caller: str, *, base: SearchOptions | None = None,
+           checked: bool = False) -> SearchOptions:
+        """``base`` (the defaults if None) with a function's keyword arguments: an unknown one is
+        refused as Python refuses it; ``checked``: every value, in the fields' order, checked and
+        converted first (:func:`mnemo_fast.validation.calibration_options`)."""
+        unknown = [name for name in keywords if name not in SEARCH_OPTIONS]
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        base = base or cls()
+        if checked:
+            values = {name: keywords.get(name, getattr(base, name)) for name in SEARCH_OPTIONS}
+            return cls(**validation.calibration_options(values, SEARCH_OPTIONS))
+        return replace(base, **keywords)
+
+    @classmethod
+    def from_calibration(cls, options: Mapping[str, object]) -> SearchOptions:
+        """``forget``'s ``calibration=`` search options, each name and value checked in the
+        caller's order (:func:`mnemo_fast.validation.calibration_options`)."""
+        return cls(**validation.calibration_options(options, SEARCH_OPTIONS))
+
+    @property
+    def criterion(self) -> Criterion:
+        return Criterion(self.depth, self.max_forget_prob, self.min_retain_margin)
+
+
+#: The names of the search options (:class:`SearchOptions`' fields, in order).
+SEARCH_OPTIONS = tuple(f.name for f in fields(SearchOptions))
 
 
 def _margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -336,19 +379,17 @@ def lambda2_candidates(lambda2: float | Sequence[float]) -> list[float]:
 def calibrate_session(
     session: CandidateSession,
     lambda2s: Sequence[float],
-    *,
-    depth: float = 1.0,
-    max_forget_prob: float = 1e-3,
-    min_retain_margin: float = 0.5,
-    lambda1_range: tuple[float, float] = (1e-7, 10.0),
-    steps: int = 6,
-    search: str = "scale",
+    options: SearchOptions | None = None,
+    **search_options,
 ) -> Calibration:
     """The search of :func:`calibrate` on an open session (its Fisher pair, its live
-    parameters, left as they were). Cost: 2 forwards of the codes per trial, each after one
-    elementwise pass that writes the candidate from the original values."""
+    parameters, left as they were), with ``options`` and the keywords of :class:`SearchOptions`
+    over them (not checked here: :func:`calibrate` and ``forget`` check them). Cost: 2 forwards
+    of the codes per trial, each after one elementwise pass that writes the candidate from the
+    original values."""
     start = time.perf_counter()
-    criterion = Criterion(depth, max_forget_prob, min_retain_margin)
+    options = SearchOptions.of(search_options, "calibrate_session", base=options)
+    criterion, lambda1_range, steps, search = options.criterion, options.lambda1_range, options.steps, options.search
     lo, hi = lambda1_range
     if not 0 < lo < hi:
         raise ValueError(f"lambda1_range must satisfy 0 < lo < hi, got {lambda1_range}")
@@ -423,22 +464,18 @@ def calibrate(
     forget_classes: Iterable[int] | int,
     *,
     lambda2: float | Sequence[float] = DEFAULT_LAMBDA2,
-    depth: float = 1.0,
-    max_forget_prob: float = 1e-3,
-    min_retain_margin: float = 0.5,
-    lambda1_range: tuple[float, float] = (1e-7, 10.0),
-    steps: int = 6,
-    search: str = "scale",
     eps: float = 1e-16,
     chunk_size: int | None = None,
     output_fn: Callable = logits_of,
     params=None,
     engine=None,
+    **search_options,
 ) -> Calibration:
     """lambda1 and lambda2 (and the sign, with ``search="scale"``) for :func:`mnemo_fast.forget`,
     from the codes only.
 
-    See the module docstring for the criterion and the two searches (``search="lambda1"``:
+    ``search_options``: the fields of :class:`SearchOptions` (depth, max_forget_prob,
+    min_retain_margin, lambda1_range, steps, search). See the module docstring for the criterion and the two searches (``search="lambda1"``:
     the first calibration, lambda2 fixed). Cost: one Fisher pair from the codes, then
     2 forward passes of the codes per trial, at most ``chunk_size`` codes each (about
     ``log10(range) + steps`` trials per lambda2). The model's parameters are left exactly as
@@ -446,10 +483,7 @@ def calibrate(
     computes the Fisher pair once.
     """
     start = time.perf_counter()
-    options = dict(depth=depth, max_forget_prob=max_forget_prob, min_retain_margin=min_retain_margin,
-                   lambda1_range=lambda1_range, steps=steps)
-    options = validation.calibration_options(options, options)  # docs/REFUSALS.md
-    depth, max_forget_prob, min_retain_margin, lambda1_range, steps = options.values()
+    options = SearchOptions.of(search_options, "calibrate", checked=True)  # docs/REFUSALS.md
     eps, chunk_size = validation.number("eps", eps), validation.chunk_size(chunk_size)
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
@@ -460,8 +494,30 @@ def calibrate(
     with engines.forwards(engine, model):
         session = CandidateSession(model, codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
                                    output_fn=output_fn, params=params)
-        result = calibrate_session(session, lambda2s, depth=depth, max_forget_prob=max_forget_prob,
-                                   min_retain_margin=min_retain_margin, lambda1_range=lambda1_range, steps=steps,
-                                   search=search)
+        result = calibrate_session(session, lambda2s, options)
     result.seconds = result.diagnostics["seconds"] = time.perf_counter() - start
     return result
+
+
+def warn_if_unmet(calibration: Calibration | None, before: CodeAccuracy, after: CodeAccuracy) -> None:
+    """``forget(lambda1="auto")``'s :class:`CalibrationWarning` for a step that met the forget side
+    but not the retain side (``before``/``after``: the code accuracies around the applied step).
+    A best-effort step is left alone: :func:`calibrate_session` warned already."""
+    if (calibration is None or calibration.feasible or not calibration.forget_reached
+            or calibration.diagnostics.get("best_effort")):
+        return
+    if before.forget < 1.0 or before.retain < 1.0:  # it does not know its codes: say so
+        why = (f"the model classifies only {before.forget:.0%} of the forget codes and {before.retain:.0%} of "
+               f"the others before forgetting: it may not have been trained with these codes "
+               f"(train_with_codes, adapt_with_codes)")
+    else:  # a model that knows its codes, where the codes admit no step meeting both sides
+        why = (f"the step applied balances the two sides (codes after: {after.forget:.0%} of the forget codes, "
+               f"{after.retain:.0%} of the others correct); check the class on a few real samples "
+               f"(mnemo_fast.diagnose)")
+    warnings.warn(
+        f"lambda1='auto': the codes' criterion was not met (the forget side was reached at "
+        f"lambda1={calibration.lambda1:g}, lambda2={calibration.lambda2:g}, but only with the remaining codes "
+        f"misclassified or their margins below the criterion's); {why}",
+        CalibrationWarning,
+        stacklevel=user_stacklevel(),
+    )

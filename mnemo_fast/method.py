@@ -7,7 +7,6 @@ scored on the codes and undone -> the best candidate applied -> result. ``mnemo_
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from . import blocks as _blocks, engines, validation
-from .calibration import DEFAULT_LAMBDA2, Calibration, CalibrationWarning, calibrate_session
+from .calibration import DEFAULT_LAMBDA2, Calibration, SearchOptions, calibrate_session, warn_if_unmet
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
@@ -38,9 +37,6 @@ from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
 
 Tensor = torch.Tensor
 MODES = ("shift", "gaussian")
-#: The options ``calibration=`` may pass to the lambda1 search.
-_CALIBRATION_OPTIONS = [name for name, p in inspect.signature(calibrate_session).parameters.items()
-                        if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 @dataclass
@@ -276,9 +272,61 @@ def forget(
     :class:`ForgetWarning` (docs/METHOD.md, "When forget warns").
     """
     start = time.perf_counter()
+    args = _checked(model, codes, forget_classes, lambda1=lambda1, lambda2=lambda2, mode=mode, tau=tau, draws=draws,
+                    generator=generator, eps=eps, chunk_size=chunk_size, output_fn=output_fn, params=params,
+                    calibration=calibration, inplace=inplace, engine=engine)
+    with engines.forwards(args.engine, model):
+        session = _open_session(model, codes, args)
+        run = _run_candidates(session, codes, args)
+    warn_if_unmet(run.calibration, run.before, run.after)
+    if run.calibration is None or run.calibration.feasible:  # an infeasible calibration has warned already
+        _warn_if_not_forgotten(session, args.classes, run.before, run.after, run.lambda1, args.auto, mode)
+    return ForgetResult(
+        model=session.model,
+        sign=run.candidates[run.best] if mode == "shift" else None,
+        code_accuracy_before=run.before,
+        code_accuracy_after=run.after,
+        seconds=time.perf_counter() - start,
+        mode=mode,
+        lambda1=run.lambda1,
+        lambda2=run.lambda2,
+        candidate_scores=[accuracy.score for accuracy in run.accuracies],
+        backend=args.engine.backend_for(session.live[0].device),
+        calibration=run.calibration,
+    )
+
+
+@dataclass(frozen=True)
+class _Arguments:
+    """:func:`forget`'s arguments as checked by :func:`_checked`, and what the checks found."""
+
+    lambda1: float | str
+    lambda2: float | list[float]
+    auto: bool
+    mode: str
+    tau: float
+    draws: int
+    generator: torch.Generator | None
+    eps: float
+    chunk_size: int | None
+    output_fn: OutputFn
+    params: ParamSelector
+    inplace: bool
+    search: SearchOptions | None       # lambda1="auto": the search's options
+    refine: dict                       # lambda1="auto": blocks, heldout (mnemo_fast.blocks)
+    classes: list[int]
+    fisher_codes: MnemonicCodes        # the codes the Fisher pair comes from
+    scoring_codes: MnemonicCodes | None  # held-out scoring: the codes the choice is scored on
+    engine: engines.Engine
+    largest: dict[str, float]          # max |w| per parameter: proves the result finite later
+
+
+def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws, generator, eps, chunk_size,
+             output_fn, params, calibration, inplace, engine) -> _Arguments:
+    """Every check of :func:`forget`, in its order, before anything runs on the model
+    (docs/REFUSALS.md): the tests name which error comes first."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    # every check before anything runs on the model (docs/REFUSALS.md)
     if lambda2 is None:  # "auto" starts its search from the calibration's own lambda2
         if not (isinstance(lambda1, str) and lambda1 == "auto"):
             validation.lambdas(lambda1, DEFAULT_LAMBDA2)  # a bad lambda1 is named first
@@ -287,7 +335,6 @@ def forget(
         lambda2 = DEFAULT_LAMBDA2
     lambda1, lambda2 = validation.lambdas(lambda1, lambda2)
     auto = lambda1 == "auto"
-    lambda2s = lambda2 if auto else None
     if mode == "gaussian":
         tau = validation.number("tau", tau, strict=False)
         draws = validation.integer("draws", draws, minimum=1)
@@ -297,9 +344,9 @@ def forget(
     if calibration and not auto:
         raise validation.UnlearningError(f"calibration options {calibration!r} need lambda1='auto', got lambda1={lambda1:g}")
     # blocks (per-block steps: by module unless calibration says otherwise, in shift mode), heldout
-    search_options, refine = (_blocks.refinement_options(calibration, _blocks.DEFAULT if mode == "shift" else None)
-                              if auto else ({}, {}))
-    calibration_options = validation.calibration_options(search_options, _CALIBRATION_OPTIONS) if auto else {}
+    search, refine = (_blocks.refinement_options(calibration, _blocks.DEFAULT if mode == "shift" else None)
+                      if auto else ({}, {}))
+    search = SearchOptions.from_calibration(search) if auto else None
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
     if refine.get("blocks") and mode != "shift":
@@ -307,93 +354,90 @@ def forget(
     fisher_codes, scoring_codes = _blocks.split_codes(codes, refine["heldout"]) if "heldout" in refine else (codes, None)
     validation.copyable(model, inplace)  # before anything runs: a sharded model is edited in place only
     engine = engines.resolve(engine)
-    largest = validation.trainable_model(model)  # max |w| per parameter: proves the result finite later
+    largest = validation.trainable_model(model)
     validation.representable({"lambda1": lambda1, "lambda2": lambda2}, model.parameters())
     validation.batch_statistics(model)
     validation.finite_buffers(model)
     if not any(map(parameter_filter(params), largest)):
         raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
-    with engines.forwards(engine, model):
-        batch = code_inputs(model, codes, range(codes.num_classes))  # built once: the probe's and the session's
-        first = classes[0] * codes.per_class  # the first code of the first forget class
-        with only_parameters(model, params):  # the probe's logits must depend on the perturbed parameters
-            validation.code_batch_fits(model, codes, batch[0][first : first + 1], output_fn)
-        target = model if inplace else validation.copy_of(model)
-        session = CandidateSession(target, fisher_codes, classes, engine=engine, eps=eps, chunk_size=chunk_size,
-                                   output_fn=output_fn, params=params, source=None if inplace else model,
-                                   batch=batch if fisher_codes is codes else None)
-        generator_state, steps = None, None
-        try:
-            if scoring_codes is not None:  # held-out scoring: the Fisher from some codes, the choice on the others
-                session.score_on(scoring_codes, classes)
-            before = session.accuracy_before()
-            if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
-                validation.finite_logits(session.logits_before, session.labels)
-            validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, eps, len(classes),
-                                             codes.num_classes - len(classes), engine)
-            calibration = None
-            if auto:
-                calibration = calibrate_session(session, lambda2s, **calibration_options)
-                lambda1, lambda2 = calibration.lambda1, calibration.lambda2
-                if refine.get("blocks"):
-                    steps = calibration.diagnostics["blocks"] = _blocks.block_steps(session, calibration,
-                                                                                    by=refine["blocks"])
-            if mode == "gaussian":
-                if generator is None:
-                    generator = default_generator(session.live[0].device)
-                generator_state = generator.get_state()  # given back if anything below fails
-            if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.blocks),
-                # scored once: what session.choose does with one sign, without scoring the unscaled step
-                session.shift(lambda1, lambda2, steps.sign)
-                _blocks.apply_scales(session, steps.tensor_scales)
-                best, candidates, accuracies = 0, [steps.sign], [session.accuracy()]
-                bound = max(1.0, steps.gain)
-            else:
-                best, candidates, accuracies = session.choose(
-                    mode, lambda1, lambda2, tau=tau, draws=draws, generator=generator,
-                    sign=calibration.sign if calibration is not None and mode == "shift" else None)
-                bound = 1.0
-            validation.result_finite(session.names, session.live, session.max_ratio, largest, lambda1 * bound,
-                                     lambda2 * bound, mode, engine)
-        except BaseException:
-            session.restore()
-            if generator_state is not None:
-                generator.set_state(generator_state)
-            raise
-    if (calibration is not None and not calibration.feasible and calibration.forget_reached
-            and not calibration.diagnostics.get("best_effort")):  # a best-effort step: calibrate warned
-        if before.forget < 1.0 or before.retain < 1.0:  # it does not know its codes: say so
-            why = (f"the model classifies only {before.forget:.0%} of the forget codes and {before.retain:.0%} of "
-                   f"the others before forgetting: it may not have been trained with these codes "
-                   f"(train_with_codes, adapt_with_codes)")
-        else:  # a model that knows its codes, where the codes admit no step meeting both sides
-            after = accuracies[best]
-            why = (f"the step applied balances the two sides (codes after: {after.forget:.0%} of the forget codes, "
-                   f"{after.retain:.0%} of the others correct); check the class on a few real samples "
-                   f"(mnemo_fast.diagnose)")
-        warnings.warn(
-            f"lambda1='auto': the codes' criterion was not met (the forget side was reached at "
-            f"lambda1={lambda1:g}, lambda2={lambda2:g}, but only with the remaining codes misclassified or "
-            f"their margins below the criterion's); {why}",
-            CalibrationWarning,
-            stacklevel=user_stacklevel(),
-        )
-    after = accuracies[best]
-    if calibration is None or calibration.feasible:  # an infeasible calibration has warned already
-        _warn_if_not_forgotten(session, classes, before, after, lambda1, auto, mode)
-    return ForgetResult(
-        model=target,
-        sign=candidates[best] if mode == "shift" else None,
-        code_accuracy_before=before,
-        code_accuracy_after=accuracies[best],
-        seconds=time.perf_counter() - start,
-        mode=mode,
-        lambda1=lambda1,
-        lambda2=lambda2,
-        candidate_scores=[accuracy.score for accuracy in accuracies],
-        backend=engine.backend_for(session.live[0].device),
-        calibration=calibration,
-    )
+    return _Arguments(lambda1, lambda2, auto, mode, tau, draws, generator, eps, chunk_size, output_fn, params, inplace,
+                      search, refine, classes, fisher_codes, scoring_codes, engine, largest)
+
+
+def _open_session(model: torch.nn.Module, codes: MnemonicCodes, args: _Arguments) -> CandidateSession:
+    """The candidate session on ``model`` (``inplace``) or on its copy, after one forget code's
+    forward proves the codes fit the model with logits that depend on the selected parameters."""
+    batch = code_inputs(model, codes, range(codes.num_classes))  # built once: the probe's and the session's
+    first = args.classes[0] * codes.per_class  # the first code of the first forget class
+    with only_parameters(model, args.params):  # the probe's logits must depend on the perturbed parameters
+        validation.code_batch_fits(model, codes, batch[0][first : first + 1], args.output_fn)
+    target = model if args.inplace else validation.copy_of(model)
+    return CandidateSession(target, args.fisher_codes, args.classes, engine=args.engine, eps=args.eps,
+                            chunk_size=args.chunk_size, output_fn=args.output_fn, params=args.params,
+                            source=None if args.inplace else model,
+                            batch=batch if args.fisher_codes is codes else None)
+
+
+@dataclass
+class _Run:
+    """What :func:`_run_candidates` chose: the applied candidate is ``candidates[best]``."""
+
+    before: CodeAccuracy
+    calibration: Calibration | None
+    lambda1: float
+    lambda2: float
+    candidates: list
+    accuracies: list[CodeAccuracy]
+    best: int
+
+    @property
+    def after(self) -> CodeAccuracy:
+        return self.accuracies[self.best]
+
+
+def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Arguments) -> _Run:
+    """Score the codes before, calibrate (``lambda1="auto"``), apply the chosen candidate and
+    prove every parameter finite. Any failure restores the parameters and, in Gaussian mode,
+    the generator's state, then raises: in-place edits happen completely or not at all."""
+    classes, lambda1, lambda2, generator = args.classes, args.lambda1, args.lambda2, args.generator
+    generator_state, steps, calibration = None, None, None
+    try:
+        if args.scoring_codes is not None:  # held-out scoring: the Fisher from some codes, the choice on the others
+            session.score_on(args.scoring_codes, classes)
+        before = session.accuracy_before()
+        if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
+            validation.finite_logits(session.logits_before, session.labels)
+        validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, args.eps, len(classes),
+                                         codes.num_classes - len(classes), args.engine)
+        if args.auto:  # its search starts from the lambda2 candidates
+            calibration = calibrate_session(session, lambda2, args.search)
+            lambda1, lambda2 = calibration.lambda1, calibration.lambda2
+            if args.refine.get("blocks"):
+                steps = calibration.diagnostics["blocks"] = _blocks.block_steps(session, calibration,
+                                                                                by=args.refine["blocks"])
+        if args.mode == "gaussian":
+            if generator is None:
+                generator = default_generator(session.live[0].device)
+            generator_state = generator.get_state()  # given back if anything below fails
+        if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.blocks),
+            # scored once: what session.choose does with one sign, without scoring the unscaled step
+            session.shift(lambda1, lambda2, steps.sign)
+            _blocks.apply_scales(session, steps.tensor_scales)
+            best, candidates, accuracies = 0, [steps.sign], [session.accuracy()]
+            bound = max(1.0, steps.gain)
+        else:
+            best, candidates, accuracies = session.choose(
+                args.mode, lambda1, lambda2, tau=args.tau, draws=args.draws, generator=generator,
+                sign=calibration.sign if calibration is not None and args.mode == "shift" else None)
+            bound = 1.0
+        validation.result_finite(session.names, session.live, session.max_ratio, args.largest, lambda1 * bound,
+                                 lambda2 * bound, args.mode, args.engine)
+    except BaseException:
+        session.restore()
+        if generator_state is not None:
+            generator.set_state(generator_state)
+        raise
+    return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best)
 
 
 #: A forget class counts as still recognised when more than this fraction of its codes is

@@ -148,8 +148,8 @@ def test_both_namespaces_export_the_same_api():
 
 
 def test_the_public_api_is_derived_not_copied():
-    """The two ``__all__`` lists are typed twice; what they must hold is derived here from
-    the code: every public non-module name of ``mnemo_fast``, which is the method's engine
+    """The two ``__all__`` lists come from one (mnemo_fast/public.py); what they must hold is
+    derived here from the code: every public non-module name of ``mnemo_fast``, which is the method's engine
     functions (bound to the reference engine in ``mnemo_fast.reference``), and otherwise the
     very same objects in both namespaces."""
     import inspect

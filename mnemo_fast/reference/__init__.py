@@ -15,14 +15,9 @@ import importlib
 import torch
 
 from ..devices import NO_GPU, missing_gpu
+from ..public import NAMES as _NAMES
 
-__all__ = [
-    "MnemonicCodes", "MnemonicMix", "fisher_diagonal", "class_fishers", "perturbation",
-    "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
-    "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "ForgetWarning", "backend",
-    "explain", "Explanation",
-    "diagnose", "Diagnosis", "ClassDiagnosis",
-]
+__all__ = list(_NAMES)  # mnemo_fast/public.py: the one list of both namespaces
 
 _PLAIN = {
     "MnemonicCodes": "..codes", "MnemonicMix": "..codes", "Evaluation": "..evaluation",

@@ -475,8 +475,9 @@ def calibrate(
     from the codes only.
 
     ``search_options``: the fields of :class:`SearchOptions` (depth, max_forget_prob,
-    min_retain_margin, lambda1_range, steps, search). See the module docstring for the criterion and the two searches (``search="lambda1"``:
-    the first calibration, lambda2 fixed). Cost: one Fisher pair from the codes, then
+    min_retain_margin, lambda1_range, steps, search). See the module docstring for the
+    criterion and the two searches (``search="lambda1"``: the first calibration, lambda2
+    fixed). Cost: one Fisher pair from the codes, then
     2 forward passes of the codes per trial, at most ``chunk_size`` codes each (about
     ``log10(range) + steps`` trials per lambda2). The model's parameters are left exactly as
     they were. ``forget(lambda1="auto")`` runs the same search on its own session, so it

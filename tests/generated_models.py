@@ -7,21 +7,21 @@ and :func:`check_fisher` applies the pass rule of ``tests/test_generated_models.
 
 A model is a stem, a few blocks over a hidden state ``h`` [N, T, d] and a pooled head:
 
-- stems: ``embed`` (Embedding on int ids [N, T], optionally a second lookup on ids changed in
-  place after the first), ``linear`` (Linear on float features [N, T, F]), ``conv2d`` (Conv2d
-  with groups/dilation/stride on [N, C, H, W], optional BatchNorm2d/GroupNorm and a second
-  Conv2d, flattened to [N, H'W', d]);
+- stems: ``embed`` (Embedding on int ids [N, T], optionally looked up twice, or a second
+  lookup, of it or another Embedding, on ids changed in place after the first), ``linear``
+  (Linear on float features [N, T, F]), ``conv2d`` (Conv2d with groups/dilation/stride on
+  [N, C, H, W], optional BatchNorm2d/GroupNorm and a second Conv2d, flattened to [N, H'W', d]);
 - blocks: ``linear`` (on 3-D, 4-D ``[N, T, 2, d/2]`` or rows folded to 2-D ``[N*T, d]``),
-  ``shared`` (one Linear called twice), ``gate`` (Linear on the pooled 2-D [N, d]),
-  ``conv1d`` (groups, dilation, stride, padding), ``norm`` (LayerNorm, nn.RMSNorm, a
-  hand-written RMSNorm, BatchNorm1d in eval, GroupNorm), ``mha`` (nn.MultiheadAttention with
-  key_padding_mask / attn_mask, batch_first or not), ``attn`` (hand-written softmax(QK^T)V
-  with Linear projections, fused qkv split by slicing, causal and padding masks, a per-head
-  Linear on 4-D), ``raw`` (raw nn.Parameters: ``F.linear``, ``@``, ``addmm``, a layer scale,
-  a position table or a bias added, a class token concatenated in front), ``posemb`` (an
-  Embedding of position ids, broadcast or expanded over the batch), ``reshape``
-  (view/transpose/permute, indexing, slicing, flip, cat), ``dropout`` (module, in-place
-  module, functional; eval mode);
+  ``shared`` (one Linear, LayerNorm, Conv1d or nn.MultiheadAttention called twice), ``gate``
+  (Linear on the pooled 2-D [N, d]), ``conv1d`` (groups, dilation, stride, padding), ``norm``
+  (LayerNorm, nn.RMSNorm, a hand-written RMSNorm, BatchNorm1d in eval, GroupNorm), ``mha``
+  (nn.MultiheadAttention with key_padding_mask / attn_mask, batch_first or not), ``attn``
+  (hand-written softmax(QK^T)V with Linear projections, fused qkv split by slicing, causal
+  and padding masks, a per-head Linear on 4-D), ``raw`` (raw nn.Parameters: ``F.linear``,
+  ``@``, ``addmm``, a layer scale, a position table or a bias added, a class token
+  concatenated in front), ``posemb`` (an Embedding of position ids, broadcast or expanded over
+  the batch), ``reshape`` (view/transpose/permute, indexing, slicing, flip, cat), ``dropout``
+  (module, in-place module, functional; eval mode);
 - heads: pooling (mean, sum, max, first, last, or a Linear on 3-D then the mean), then a
   Linear, a raw ``F.linear``/``@``, or a head tied to the Embedding (``p @ emb.weight[:C].t()``);
   the output is a tensor, ``{"logits": ...}`` or an object with ``.logits``.
@@ -195,6 +195,8 @@ class Stem(nn.Module):
             mask = x == 0
             if s["second"] is None:
                 return self.emb(x), {"mask": mask}
+            if s["second"] == "twice":  # the same Embedding looked up twice (other ids, no in-place)
+                return self.emb(x) + self.emb((x + 1).remainder(s["V"])), {"mask": mask}
             ids = x.clone()
             h = self.emb(ids)
             # the ids the first lookup read, changed in place before a second lookup
@@ -243,15 +245,34 @@ class LinearBlock(Block):
 
 
 class SharedBlock(Block):
-    """One Linear called twice: ``lin(op(lin(h)))``."""
+    """One module called twice: ``f(op(f(h)))``, f a Linear, LayerNorm, Conv1d (same length)
+    or nn.MultiheadAttention (self-attention)."""
 
     def __init__(self, spec, d):
         super().__init__(spec)
-        self.lin = nn.Linear(d, d, bias=spec["bias"])
+        module = spec.get("module", "linear")
+        if module == "linear":
+            self.lin = nn.Linear(d, d, bias=spec["bias"])
+        elif module == "layernorm":
+            self.norm = nn.LayerNorm(d, bias=spec["bias"])
+        elif module == "conv1d":
+            self.conv = nn.Conv1d(d, d, 3, padding=1, groups=2, bias=spec["bias"])
+        else:
+            self.mha = nn.MultiheadAttention(d, 2, bias=spec["bias"], batch_first=True)
+
+    def f(self, h):
+        module = self.spec.get("module", "linear")
+        if module == "linear":
+            return self.lin(h)
+        if module == "layernorm":
+            return self.norm(h)
+        if module == "conv1d":
+            return self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.mha(h, h, h, need_weights=False)[0]
 
     def forward(self, h, ctx):
         s = self.spec
-        y = self.lin(self.op(self.lin(h), s["op"], other=h))
+        y = self.f(self.op(self.f(h), s["op"], other=h))
         return h + y if s["residual"] else y
 
 
@@ -613,8 +634,9 @@ def uses_inplace(spec: dict) -> bool:
     """Whether the model writes in place anywhere (then its out-of-place twin differs)."""
     stem = spec["stem"]
     ops = [stem.get("op", "none")] + [b.get(k, "none") for b in spec["blocks"] for k in ("op", "input_op")]
-    return (stem["stem"] == "embed" and stem["second"] is not None) or any(op in INPLACE_OPS for op in ops) or any(
-        b["kind"] == "dropout" and b["how"] == "module_inplace" for b in spec["blocks"])
+    return (stem["stem"] == "embed" and stem["second"] in ("same", "other")) or any(
+        op in INPLACE_OPS for op in ops) or any(b["kind"] == "dropout" and b["how"] == "module_inplace"
+                                                for b in spec["blocks"])
 
 
 # ---- the strategy ------------------------------------------------------------------------------
@@ -637,7 +659,8 @@ def stems(draw, d: int):
         return spec, spec["T"]
     if kind == "embed":
         spec = dict(stem="embed", V=draw(st.integers(2, 9)), T=draw(st.integers(1, 5)),
-                    padding_idx=draw(st.sampled_from([None, 0])), second=draw(st.sampled_from([None, "same", "other"])))
+                    padding_idx=draw(st.sampled_from([None, 0])),
+                    second=draw(st.sampled_from([None, "twice", "same", "other"])))
         return spec, spec["T"]
     c = draw(st.integers(1, 4))
     groups = draw(st.sampled_from([g for g in (1, 2, 4) if c % g == 0 and d % g == 0]))
@@ -676,7 +699,8 @@ def blocks(draw, d: int, t: int):
                     input_op=draw(st.sampled_from(["none", "relu", "mul", "add", "iadd", "tanh", "fill0"])),
                     residual=draw(st.booleans()), detach=draw(st.sampled_from([None, "input", "output"]))), t
     if kind == "shared":
-        return dict(kind=kind, bias=draw(st.booleans()), op=op, residual=draw(st.booleans())), t
+        return dict(kind=kind, module=draw(st.sampled_from(["linear", "layernorm", "conv1d", "mha"])),
+                    bias=draw(st.booleans()), op=op, residual=draw(st.booleans())), t
     if kind == "gate":
         return dict(kind=kind, op=op if op != "iadd" else "none"), t
     if kind == "conv1d":

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup demo test test-reference bench cuda-check gpu-check clean
+.PHONY: setup demo test test-reference fuzz bench cuda-check gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP)
 # The same suite with the compiled extension switched off (everything on the reference).
 test-reference: $(STAMP)
 	MNEMO_FAST_DISABLE_EXT=1 $(BIN)/python -m pytest -q $(ARGS)
+
+# Small random whole models against a brute-force batch-1 loop (tests/test_generated_models.py),
+# with a long budget: FUZZ_MODELS models (the suite runs 200); MNEMO_FAST_FUZZ_RANDOM=1 draws
+# fresh random seeds instead of the fixed sequence (make fuzz MNEMO_FAST_FUZZ_RANDOM=1).
+FUZZ_MODELS ?= 10000
+fuzz: $(STAMP)
+	MNEMO_FAST_MODELS=$(FUZZ_MODELS) $(BIN)/python -m pytest -q tests/test_generated_models.py $(ARGS)
 
 # The side-by-side baselines, without letting them replace the pinned CPU torch: BackPACK's
 # torchvision requirement would pull a CUDA torch, and it imports torchvision only in examples.

@@ -428,3 +428,19 @@ def test_inplace_on_operation_level_output_after_a_linear_read_it():
     level) followed by a Linear and ``h.tanh_()``."""
     x, y = _inputs()
     assert_passes(_seeded(_OperationOutputChangedAfterLinear()), x, y)
+
+
+def test_inplace_op_on_attention_taken_at_the_operation_level():
+    """Found by ``make fuzz`` (model 2,925 of the fixed sequence): an nn.MultiheadAttention
+    called twice is taken at the operation level, where its use returns a tuple; an in-place
+    ReLU then writes its output. The copy that must flow on was returned only when the output
+    was the whole result, not inside the tuple, so the write still reached the hooked tensor
+    and both attention weights came out 0 (rel. error 1.0), silently."""
+    spec = {"d": 4, "stem": {"stem": "linear", "F": 1, "T": 1, "bias": False, "op": "none"},
+            "blocks": [{"kind": "shared", "module": "mha", "bias": False, "op": "relu", "residual": False},
+                       {"kind": "linear", "rank": "3d", "bias": False, "op": "none", "input_op": "relu",
+                        "residual": False, "detach": "input"}],
+            "head": {"classes": 2, "pool": "mean", "head": "linear", "bias": False, "out": "tensor"},
+            "N": 1, "seed": 0, "freeze_seed": None, "chunk": None, "engine": "default"}
+    model, x, y = build(spec)
+    assert_passes(model, x, y)

@@ -85,6 +85,8 @@ class Capture:
             if not first.requires_grad:
                 first = first.detach().requires_grad_()
                 self.leaves.append(first)
+            else:  # nothing may write the original now; if something does, the copy failed
+                self.versions.watch(module, "output", (first,))
             replacement = first.clone()
             if isinstance(output, tuple):
                 replacement = (replacement, *output[1:])

@@ -179,17 +179,21 @@ def _one_passable(plan: Plan, params) -> bool:
             and not any(is_sharded(p) for p in params.values()))
 
 
-def _protect_written(plan: Plan, capture: Capture, used: OperationsCapture | None) -> bool:
+def _protect_written(plan: Plan, capture: Capture, used: OperationsCapture | None) -> bool | str:
     """After a chunk's forward: whether it wrote in place into a tensor caught of a layer or an
     operation-level use (a saved input, or an output that is a view, whose hook that write
     orphans). Those are added to the plan's protection (caught on copies from now on) and the
-    chunk must run again; the other watched outputs are let go."""
+    chunk must run again; the other watched outputs are let go. A str: a protected tensor was
+    written all the same (its copy did not take), so the captures cannot be trusted."""
     found = False
     for watcher, protect in ((capture.versions, plan.protect),
                              (used.versions if used else None, plan.operations.protect if used else None)):
         if watcher is None:
             continue
         for key, whats in watcher.changed(("input", "output")).items():
+            if whats <= protect.get(key, set()):
+                where = f"operation-level use {key}" if watcher is not capture.versions else type(key).__name__
+                return f"the {' and '.join(sorted(whats))} of {where} was written in place although caught on a copy"
             protect.setdefault(key, set()).update(whats)
             found = True
         watcher.forget(("output",))
@@ -373,7 +377,10 @@ class FastEngine:
                 with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
                     with used.recorder if used else contextlib.nullcontext():
                         loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                    if _protect_written(plan, capture, used):
+                    written = _protect_written(plan, capture, used)
+                    if isinstance(written, str):
+                        return written
+                    if written:
                         continue  # the forward wrote into a capture: catch those on copies
                     # The operation level's hooks fire on its uses' outputs: asking for those
                     # gradients (not the parameters') spares the parameters' own gradients.

@@ -224,9 +224,10 @@ class Recorder(TorchFunctionMode):
                 self.uses.append(use)
                 if self.on_use is not None:
                     replacement = self.on_use(use)
-                    if replacement is not None and out is use.output:  # a copy flows on
+                    if replacement is not None:  # a copy flows on, wherever the output sits in ``out``
                         self.batched[replacement] = True
-                        out = replacement
+                        flat, out_spec = tree_flatten(out)
+                        out = tree_unflatten([replacement if t is use.output else t for t in flat], out_spec)
         elif params:
             names = {origin.name for origin in params.values()}
             if len(names) > 1:
@@ -526,12 +527,11 @@ class OperationsCapture:
             return None  # no gradient reaches it: zero contribution
         use.output.register_hook(lambda grad, use=use, plans=plans: self._gradient(use, plans, grad))
         self.outputs.append(use.output)
-        if "output" in protect:
-            return use.output.clone()
         # an in-place op on it would orphan the hook (a view's history is rewritten) or stop
-        # the backward short of it (the backward asks for the gradient of its newest version)
+        # the backward short of it (the backward asks for the gradient of its newest version);
+        # protected, a copy flows on and nothing may write the original (else the copy failed)
         self.versions.watch(index, "output", [use.output])
-        return None
+        return use.output.clone() if "output" in protect else None
 
     def _gradient(self, use: Use, plans: list[UsePlan], grad: Tensor) -> None:
         try:

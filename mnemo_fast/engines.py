@@ -18,6 +18,8 @@ from typing import Callable, ContextManager, Protocol, Sequence, runtime_checkab
 import torch
 
 from .devices import NO_GPU, missing_gpu
+from .fast import dispatch
+from .fast.dispatch import Decision
 
 Tensor = torch.Tensor
 
@@ -44,6 +46,12 @@ class Engine(Protocol):
     - ``takes_shards``: whether ``sum_squared_grads`` runs on sharded (DTensor) parameters [False];
     - ``sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn)`` -> one
       ``sum_squared_grads`` per block of ``sizes`` consecutive rows, on one plan [one call per block].
+
+    What :func:`decide` reads to choose the path (defaults in brackets): ``runs_on(device)``,
+    whether the engine's kernels run on ``device`` [True]; ``fallback``, the engine that runs
+    where they do not [none]; ``fused_perturbation`` [False]; ``compiled``, the path is named
+    after the device ("cpu-ext", "cuda-ext") [False]; ``inner``, the engine each rank runs, for
+    one that splits the work across ranks [none].
     """
 
     name: str
@@ -80,24 +88,34 @@ def default_engine() -> Engine:
     return REFERENCE
 
 
+def decide(
+    engine: Engine | None = None,
+    device: torch.device | None = None,
+    *,
+    sharded: bool = False,
+    generator: torch.Generator | None = None,
+) -> Decision:
+    """The one place that decides the path of a call: which engine runs, what computes the
+    Fisher and whether the perturbation is fused, from the device, whether the model is
+    sharded and the extension's abilities (:func:`mnemo_fast.fast.dispatch.decide`, which the
+    engines' own methods ask too; here ``engine`` None is :func:`default_engine`, and sharded
+    parameters an engine cannot take go to the hooks engine on ATen ops)."""
+    why: tuple[str, ...] = ()
+    if engine is None:
+        from .fast import _ext
+
+        engine = default_engine()
+        if not _ext.available():
+            why = (f"the compiled extension is unavailable ({_ext.load_error()})",)
+    shards = None
+    if sharded:  # loaded only then: a reference call never loads the fast engine
+        from .fast.engine import HOOKS_ATEN as shards
+    return dispatch.decide(engine, device, sharded=sharded, generator=generator, shards=shards, why=why)
+
+
 def select(engine: Engine | None = None, *, device: torch.device | None = None, sharded: bool = False) -> Engine:
-    """The one place that decides which engine runs.
-
-    ``engine`` None: :func:`default_engine`. On a ``device`` the engine's kernels were not built
-    for, its ``fallback`` (the fused engine's is the hooks engine on ATen ops) takes its place.
-    For ``sharded`` (DTensor) parameters an engine that cannot take shards (the reference's
-    torch.func) gives way to the hooks engine on ATen ops, which takes each gathered layer's
-    inputs and output gradients.
-    """
-    engine = default_engine() if engine is None else engine
-    if device is not None:
-        while not getattr(engine, "runs_on", lambda d: True)(device) and getattr(engine, "fallback", None) is not None:
-            engine = engine.fallback
-    if sharded and not getattr(engine, "takes_shards", False):
-        from .fast.engine import HOOKS_ATEN
-
-        engine = HOOKS_ATEN
-    return engine
+    """The engine :func:`decide` names for ``device`` and ``sharded`` (``engine`` None: the default)."""
+    return decide(engine, device, sharded=sharded).engine
 
 
 def resolve(engine: Engine | None) -> Engine:
@@ -123,7 +141,7 @@ def backend(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if missing_gpu(device):
         return NO_GPU
-    return select(device=device).backend_for(device)
+    return decide(device=device).fisher
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ from . import engines
 from .fast.plan import GenericPathWarning, Route  # noqa: F401 (part of this module's API)
 from .modeling import eval_mode, logits_of
 from .session import ParamSelector, only_parameters
+from .sharding import any_sharded
 
 Tensor = torch.Tensor
 
@@ -27,10 +28,12 @@ PATHS = ("rule", "broadcast", "operation", "joined", "generic", "reference")
 
 @dataclass
 class Explanation:
-    """The route of every trainable parameter (in the model's order), on ``backend``."""
+    """The route of every trainable parameter (in the model's order), on ``backend``;
+    ``decision``: the call's path and why, as :func:`mnemo_fast.engines.decide` gave it."""
 
     backend: str
     routes: list[Route] = field(default_factory=list)
+    decision: str = ""
 
     @property
     def generic(self) -> list[Route]:
@@ -47,6 +50,7 @@ class Explanation:
     def __str__(self) -> str:
         width = max((len(r.name) for r in self.routes), default=4)
         lines = [f"backend {self.backend}: " + ", ".join(f"{n} {path}" for path, n in self.counts().items())]
+        lines += [f"  path: {self.decision}"] if self.decision else []
         lines += [f"  {r.name:<{width}}  {r.path:<9}  {r.detail}" for r in self.routes]
         return "\n".join(lines)
 
@@ -65,13 +69,14 @@ def explain(
     the planner's probes (forwards on one and on two samples), not the Fisher itself. Give at
     least two different inputs, as :func:`mnemo_fast.forget` does with the codes: with one,
     folded samples cannot be told apart."""
+    decision = engines.decide(engine, inputs.device, sharded=any_sharded(model.parameters()))
     engine = engines.resolve(engine)
-    backend = engine.backend_for(inputs.device)
+    backend, why = decision.fisher, str(decision)
     with engines.forwards(engine, model), eval_mode(model), only_parameters(model, params):
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         routes = getattr(engine, "routes", None)
         if routes is None:
             return Explanation(backend, [Route(name, "reference", "per-sample gradients (torch.func)")
-                                         for name in names])
+                                         for name in names], why)
         found = routes(model, inputs, targets, output_fn)
-    return Explanation(backend, [found[name] for name in names])
+    return Explanation(backend, [found[name] for name in names], why)

@@ -254,3 +254,41 @@ def test_user_stacklevel_skips_the_package_frames():
             warnings.simplefilter("always")
             call()
         assert [(w.filename, w.lineno) for w in caught] == [(__file__, sys._getframe().f_lineno - 1)]
+
+
+# --- one decision per call: engines.decide ---------------------------------------------------
+
+def test_decide_is_what_backend_and_explain_answer(fresh_ext, monkeypatch):
+    """backend(), explain and the engines' methods read one decision (issue 23)."""
+    import mnemo_fast
+    from mnemo_fast import engines
+
+    cpu = engines.decide(device=torch.device("cpu"))
+    assert cpu.fisher == mnemo_fast.backend("cpu") and "\n" not in cpu.why
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    explanation = mnemo_fast.explain(model, x, y)
+    assert explanation.backend == cpu.fisher and explanation.decision == str(cpu)
+    assert str(explanation).splitlines()[1] == f"  path: {cpu}"
+    if not fresh_ext.available():
+        assert cpu.fisher == "reference" and "extension is unavailable" in cpu.why
+        return
+    assert (cpu.fisher, cpu.perturbation) == ("cpu-ext", "fused")
+    monkeypatch.setattr(fresh_ext, "_cuda_registered", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (faked), no CUDA kernels
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = engines.decide(device=torch.device("cuda"))
+    assert (gpu.fisher, gpu.perturbation) == ("hooks-aten", "reference") and "do not run on cuda" in gpu.why
+    assert gpu.engine is engine_mod.HOOKS_ATEN and mnemo_fast.backend("cuda") == gpu.fisher
+    assert engine_mod.EXTENSION.backend_for(torch.device("cuda")) == gpu.fisher
+
+
+def test_decide_sends_a_generator_of_another_device_to_the_reference(spread):
+    from mnemo_fast import engines
+
+    engine = spread[0]
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    assert engines.decide(engine, meta).perturbation == "fused"
+    other = engines.decide(engine, meta, generator=torch.Generator())
+    assert other.perturbation == "reference" and "generator serves cpu" in other.why
+    assert engines.decide(engine, cpu, generator=torch.Generator()).perturbation == "fused"

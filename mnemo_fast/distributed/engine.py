@@ -113,7 +113,7 @@ class DistributedEngine:
         self.name = f"distributed({self.inner.name})"
 
     def backend_for(self, device: torch.device) -> str:
-        return self.inner.backend_for(device)
+        return engines.decide(self, device).fisher  # the inner engine's path (``inner``)
 
     def forwards(self, model: torch.nn.Module):
         """Around a whole call on ``model``: sharded units reshard after every forward."""
@@ -166,7 +166,7 @@ class DistributedEngine:
         sharded one). The forwards run in lockstep; after each step every tensor's global-shape
         partial sum is reduce-scattered into this rank's shard (all-reduced if replicated), so
         a rank holds one step's full-size sums (transient) and shard-size accumulators."""
-        inner = engines.select(self.inner, sharded=True)
+        inner = engines.decide(self.inner, inputs.device, sharded=True).engine
         sums: dict[str, Tensor] = {}
         for start, end in self._lockstep(inputs.shape[0], chunk_size):
             empty = end == start

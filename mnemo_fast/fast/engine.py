@@ -20,7 +20,7 @@ from ..dtypes import accumulation_dtype
 from ..modeling import logits_of, trainable_parameters, zero_accumulator
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
-from . import _ext, devices
+from . import _ext, devices, dispatch
 from .capture import Capture, frozen
 from .ops import COMPILED, TWINS
 from .plan import Plan, Route, all_generic, make_plan, warn_generic
@@ -234,18 +234,23 @@ class FastEngine:
         self.compiled = compiled  # compiled kernels: the CPU always, CUDA when built; ATen: any device
         self.fallback = fallback  # the engine that runs where this one's kernels do not
 
+    def path_for(self, device: torch.device, generator: torch.Generator | None = None) -> dispatch.Decision:
+        """The path of this engine's work on ``device``, as :func:`.dispatch.decide` (the one
+        place that decides it) gives it; every method below asks it."""
+        return dispatch.decide(self, device, generator=generator)
+
     def backend_for(self, device: torch.device) -> str:
         """What runs for tensors on ``device``: "cpu-ext", "cuda-ext" or "hooks-aten"."""
-        if not self.runs_on(device):
-            return self.fallback.backend_for(device)
-        return f"{device.type}-ext" if self.compiled else self.name
+        return self.path_for(device).fisher
 
-    # ---- Fisher ---------------------------------------------------------------------
     def runs_on(self, device: torch.device) -> bool:
-        """Whether this engine's kernels run on ``device`` (else ``fallback`` takes its place)."""
+        """Whether this engine's kernels run on ``device`` (an ability :func:`.dispatch.decide`
+        reads; where they do not, it sends the call to ``fallback``)."""
         if not self.compiled:
             return True
         return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels(device))
+
+    # ---- Fisher ---------------------------------------------------------------------
 
     def sum_squared_grads(
         self,
@@ -255,8 +260,9 @@ class FastEngine:
         chunk_size: int | None = None,
         output_fn: Callable[[object], Tensor] = logits_of,
     ) -> dict[str, Tensor]:
-        if not self.runs_on(inputs.device):
-            return self.fallback.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
+        runner = self.path_for(inputs.device).engine
+        if runner is not self:  # the decision sent this device elsewhere
+            return runner.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)
         return self.sum_squared_grads_groups(model, inputs, targets, [inputs.shape[0]], chunk_size, output_fn)[0]
 
     def sum_squared_grads_groups(
@@ -292,11 +298,11 @@ class FastEngine:
         params = trainable_parameters(model)
         if not params:
             return [{} for _ in sizes]
-        if not self.runs_on(inputs.device):
-            fallback = self.fallback
-            if hasattr(fallback, "sum_squared_grads_groups"):
-                return fallback.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn, one_pass)
-            return [fallback.sum_squared_grads(model, x, y, chunk_size, output_fn)
+        runner = self.path_for(inputs.device).engine
+        if runner is not self:  # the decision sent this device elsewhere
+            if hasattr(runner, "sum_squared_grads_groups"):
+                return runner.sum_squared_grads_groups(model, inputs, targets, sizes, chunk_size, output_fn, one_pass)
+            return [runner.sum_squared_grads(model, x, y, chunk_size, output_fn)
                     for x, y in _blocks(inputs, targets, sizes)]
         plan = _plan(model, params, inputs, targets, output_fn)
         # with chunks smaller than all the rows, one pass would save at most one chunk's pass:
@@ -315,8 +321,9 @@ class FastEngine:
     def routes(self, model, inputs: Tensor, targets: Tensor, output_fn=logits_of) -> dict[str, Route]:
         """name -> :class:`.plan.Route` for every trainable parameter (the plan a Fisher call on
         these inputs would make; model in eval mode). Backs :func:`mnemo_fast.explain`."""
-        if not self.runs_on(inputs.device):
-            return self.fallback.routes(model, inputs, targets, output_fn)
+        runner = self.path_for(inputs.device).engine
+        if runner is not self:  # the decision sent this device elsewhere
+            return runner.routes(model, inputs, targets, output_fn)
         params = trainable_parameters(model)
         if not params:
             return {}
@@ -425,49 +432,68 @@ class FastEngine:
         return blocks
 
     # ---- perturbation -------------------------------------------------------------------
-    def _fused(self, tensors: Sequence[Tensor]) -> list[list[int]] | None:
-        """Positions of ``tensors`` per device (one fused call each: the ops take one device
-        per call), or None when the fused kernels cannot take them all (the reference runs)."""
-        if not (
-            self.fused_perturbation
-            and len(tensors) > 0
-            and all(t.is_contiguous() and self.runs_on(t.device) for t in tensors)
-        ):
-            return None
-        return [positions for _, positions in devices.group_by_device(tensors)]
+    def _fused(self, tensors: Sequence[Tensor], generator: torch.Generator | None = None) -> list[tuple[list[int], object]]:
+        """(positions, ops) per fused call: the positions of ``tensors`` of one device (the
+        ops take one device per call) and the ops the decision gives that device, the fused
+        kernels or the reference's formula (:data:`_REFERENCE_OPS`; a ``generator`` serving
+        another device draws as torch.randn does). When the fused kernels cannot take every
+        tensor (one not contiguous, or on a device decided "reference"), one call of the
+        reference's formula over them all. The per-tensor test is here; the per-device one
+        is :meth:`path_for`'s."""
+        everything = [(list(range(len(tensors))), _REFERENCE_OPS)]
+        if not tensors or not all(t.is_contiguous() for t in tensors):
+            return everything
+        groups = devices.group_by_device(tensors)
+        if any(self.path_for(device).perturbation != "fused" for device, _ in groups):
+            return everything
+        if generator is None:
+            return [(positions, self.kernels) for _, positions in groups]
+        return [(positions, self.kernels if self.path_for(device, generator).perturbation == "fused" else _REFERENCE_OPS)
+                for device, positions in groups]
 
     def max_ratio(self, forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
-        groups = self._fused(forget)
-        if groups is None:
-            return REFERENCE.max_ratio(forget, remain)
-        if len(groups) == 1:
-            return self.kernels.perturb_max_ratio(list(forget), list(remain))
-        parts = [self.kernels.perturb_max_ratio(*_take(g, forget, remain)) for g in groups]
+        calls = self._fused(forget)
+        if len(calls) == 1:
+            return calls[0][1].perturb_max_ratio(list(forget), list(remain))
+        parts = [ops.perturb_max_ratio(*_take(g, forget, remain)) for g, ops in calls]
         out = torch.empty(len(forget), dtype=parts[0].dtype, device=forget[0].device)
-        for positions, part in zip(groups, parts):  # [L] on forget[0]'s device, like one call
+        for (positions, _), part in zip(calls, parts):  # [L] on forget[0]'s device, like one call
             out[torch.tensor(positions, device=out.device)] = part.to(out.device, out.dtype)
         return out
 
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
-        groups = self._fused(params)
-        if groups is None:
-            return REFERENCE.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
-        for positions in groups:
+        calls = self._fused(params)
+        for positions, ops in calls:
             p, f, r = _take(positions, params, forget, remain)
-            self.kernels.perturb_shift_(p, f, r, _ratio_for(max_ratio, positions, p[0].device, len(groups)),
-                                        lambda1, lambda2, sign)
+            ops.perturb_shift_(p, f, r, _ratio_for(max_ratio, positions, p[0].device if p else None,
+                                                   len(calls)), lambda1, lambda2, sign)
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
-        groups = self._fused(params)
-        if groups is None:
-            return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
-        for positions in groups:
+        calls = self._fused(params, generator)
+        for positions, ops in calls:
             p, f, r = _take(positions, params, forget, remain)
-            ratio = _ratio_for(max_ratio, positions, p[0].device, len(groups))
-            if generator is None or devices.generator_fits(generator.device, p[0].device):
-                self.kernels.perturb_gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
-            else:  # the generator serves another GPU: draw from it as torch.randn does
-                REFERENCE.gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+            ratio = _ratio_for(max_ratio, positions, p[0].device if p else None, len(calls))
+            ops.perturb_gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
+
+
+class _ReferenceOps:
+    """The reference's perturbation under the fused ops' names (looked up at each call)."""
+
+    @staticmethod
+    def perturb_max_ratio(forget, remain):
+        return REFERENCE.max_ratio(forget, remain)
+
+    @staticmethod
+    def perturb_shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign):
+        return REFERENCE.shift_(params, forget, remain, max_ratio, lambda1, lambda2, sign)
+
+    @staticmethod
+    def perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator):
+        return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+
+
+#: Where the decision says "reference": the paper's formula, tensor by tensor.
+_REFERENCE_OPS = _ReferenceOps()
 
 
 def _take(positions: list[int], *lists: Sequence[Tensor]) -> list[list[Tensor]]:

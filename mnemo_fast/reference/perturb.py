@@ -103,6 +103,8 @@ def gaussian_noise(
 
 
 # ---- lists of tensors, in place: the reference engine, and the fused ops' twins ------------
+# (their signatures repeat the fused ops' in mnemo_fast/fast/ops.py on purpose: a twin takes
+# exactly what its compiled op takes, so the op table can swap one for the other)
 
 def max_ratios(forget: Sequence[Tensor], remain: Sequence[Tensor]) -> Tensor:
     """[L]: per tensor, the largest finite eta (:func:`max_finite_ratio`); twin of the fused

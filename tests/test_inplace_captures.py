@@ -163,15 +163,18 @@ def test_writes_after_a_capture_stay_exact(engine, dtype, case):
     assert_fisher_matches(got, ref.fisher_diagonal(twin, x, y), tolerance(dtype))
 
 
-def test_no_copy_where_no_capture_is_written():
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e.name)
+def test_no_copy_where_no_capture_is_written(engine):
     """A write into a layer output that is not a view (BatchNorm's, in ResNets) leaves the hook
     exact: nothing is copied, and each later call runs one forward per chunk."""
     model, _, x, y = _twins("residual", torch.float32)
-    mf.fisher_diagonal(model, x, y)
-    assert not any("copied" in route.detail for route in mf.explain(model, x, y).routes)
+    mf.fisher_diagonal(model, x, y, engine=engine)
+    routes = mf.explain(model, x, y, engine=engine).routes
+    assert routes and all(route.path == "rule" and "copied" not in route.detail for route in routes)
 
 
-def test_protection_is_learned_once_and_kept():
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e.name)
+def test_protection_is_learned_once_and_kept(engine):
     """The first pass that finds a write runs its chunk again with copies; the plan keeps that,
     so the next call on the same model runs one forward per chunk and no probe."""
     PLANS.clear()
@@ -181,10 +184,10 @@ def test_protection_is_learned_once_and_kept():
     forwards = []
     handle = model.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
     try:
-        mf.fisher_diagonal(model, x, y, chunk_size=3)
+        mf.fisher_diagonal(model, x, y, chunk_size=3, engine=engine)
         first = list(forwards)
         forwards.clear()
-        mf.fisher_diagonal(model, x, y, chunk_size=3)
+        mf.fisher_diagonal(model, x, y, chunk_size=3, engine=engine)
     finally:
         handle.remove()
     assert first.count(3) == 3  # chunk one twice (the write found, then copies), chunk two once
@@ -206,12 +209,13 @@ class GradientRewriter(nn.Module):
         return self.l2(torch.tanh(h))
 
 
-def test_gradient_written_during_the_backward_goes_exact_with_a_warning():
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e.name)
+def test_gradient_written_during_the_backward_goes_exact_with_a_warning(engine):
     torch.manual_seed(3)
     model = GradientRewriter().eval()
     x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
     with pytest.warns(GenericPathWarning, match="l1"):
-        got = mf.fisher_diagonal(model, x, y)
+        got = mf.fisher_diagonal(model, x, y, engine=engine)
     assert_fisher_matches(got, ref.fisher_diagonal(model, x, y), tolerance(torch.float32))
 
 

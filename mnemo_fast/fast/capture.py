@@ -79,19 +79,20 @@ class Capture:
             self.versions.watch(module, "input", (*record[0], *record[1].values()))
         self.calls[module].append(record)
         replacement = None
-        if not first.requires_grad or "output" in protect:
+        protected = "output" in protect
+        if first.requires_grad and (protected or first._is_view()):
+            # a view: an in-place op on it would orphan the hook; protected: nothing may write
+            # the original any more (if something does, the copy did not take)
+            self.versions.watch(module, "output", (first,))
+        if not first.requires_grad or protected:
             # the hook on ``first`` sees the gradient of what flows on: a copy, which later
             # in-place ops may write (a leaf when nothing upstream needs a gradient)
             if not first.requires_grad:
                 first = first.detach().requires_grad_()
                 self.leaves.append(first)
-            else:  # nothing may write the original now; if something does, the copy failed
-                self.versions.watch(module, "output", (first,))
             replacement = first.clone()
             if isinstance(output, tuple):
                 replacement = (replacement, *output[1:])
-        elif first._is_view():  # an in-place op on it would orphan the hook
-            self.versions.watch(module, "output", (first,))
 
         versions = self.versions  # not ``self``: a leaf's hook would then hold the capture
 

@@ -179,36 +179,49 @@ def _one_passable(plan: Plan, params) -> bool:
             and not any(is_sharded(p) for p in params.values()))
 
 
-def _protect_written(plan: Plan, capture: Capture, used: OperationsCapture | None) -> bool | str:
-    """After a chunk's forward: whether it wrote in place into a tensor caught of a layer or an
-    operation-level use (a saved input, or an output that is a view, whose hook that write
-    orphans). Those are added to the plan's protection (caught on copies from now on) and the
-    chunk must run again; the other watched outputs are let go. A str: a protected tensor was
-    written all the same (its copy did not take), so the captures cannot be trusted."""
+def _protect_written(model, plan: Plan, capture: Capture, used: OperationsCapture | None) -> bool | str:
+    """After a chunk's forward: whether it wrote in place into a tensor caught of a layer (a
+    saved input, or an output that is a view, whose hook that write orphans) or of an
+    operation-level use (an operand or its output). Those are added to the plan's protection
+    (caught on copies from now on) and the chunk must run again; the other watched outputs are
+    let go. A str: a protected tensor was written all the same (its copy did not take), so the
+    captures cannot be trusted."""
     found = False
-    for watcher, protect in ((capture.versions, plan.protect),
-                             (used.versions if used else None, plan.operations.protect if used else None)):
-        if watcher is None:
-            continue
+    for watcher, protect in _watchers(plan, capture, used):
         for key, whats in watcher.changed(("input", "output")).items():
             if whats <= protect.get(key, set()):
-                where = f"operation-level use {key}" if watcher is not capture.versions else type(key).__name__
-                return f"the {' and '.join(sorted(whats))} of {where} was written in place although caught on a copy"
+                return f"the {_caught(model, key, whats, watcher is capture.versions)} was written although caught on a copy"
             protect.setdefault(key, set()).update(whats)
             found = True
         watcher.forget(("output",))
     return found
 
 
-def _written_after_backward(model, capture: Capture, used: OperationsCapture | None) -> str | None:
+def _written_after_backward(model, plan: Plan, capture: Capture, used: OperationsCapture | None) -> str | None:
     """Why the captures cannot be trusted after the backward (a saved input or an output
     gradient written in place during it), naming the module; None when they can."""
-    for module, whats in capture.versions.changed().items():
-        name = next((name for name, m in model.named_modules() if m is module), type(module).__name__)
-        return f"the {' and '.join(sorted(whats))} caught of {name or type(model).__name__} changed during the backward"
-    for index, whats in (used.versions.changed() if used else {}).items():
-        return f"the {' and '.join(sorted(whats))} caught of operation-level use {index} changed during the backward"
+    for watcher, _ in _watchers(plan, capture, used):
+        for key, whats in watcher.changed().items():
+            return f"the {_caught(model, key, whats, watcher is capture.versions)} changed during the backward"
     return None
+
+
+def _watchers(plan: Plan, capture: Capture, used: OperationsCapture | None):
+    """(version watcher, the plan's protection it feeds) of the layer rules and, if any, of the
+    operation level."""
+    yield capture.versions, plan.protect
+    if used is not None:
+        yield used.versions, plan.operations.protect
+
+
+def _caught(model, key, whats: set[str], of_module: bool) -> str:
+    """'input and output caught of blocks.0.lin': what was caught of whom (a module by its
+    name in ``model``, an operation-level use by its index)."""
+    if of_module:
+        who = next((name for name, m in model.named_modules() if m is key), "") or type(key).__name__
+    else:
+        who = f"operation-level use {key}"
+    return f"{' and '.join(sorted(whats))} caught of {who}"
 
 
 def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
@@ -384,7 +397,7 @@ class FastEngine:
                 with frozen(rest), capture.recording(x.shape[0]), torch.enable_grad():
                     with used.recorder if used else contextlib.nullcontext():
                         loss = F.cross_entropy(output_fn(model(x)), y, reduction="sum")
-                    written = _protect_written(plan, capture, used)
+                    written = _protect_written(model, plan, capture, used)
                     if isinstance(written, str):
                         return written
                     if written:
@@ -397,7 +410,7 @@ class FastEngine:
                         caught.attach(loss)
                         torch.autograd.grad(loss, wanted, allow_unused=True)
                 break
-            written = _written_after_backward(model, capture, used)
+            written = _written_after_backward(model, plan, capture, used)
             if capture.batch_mismatch or caught.failed or (used and used.failed) or written:
                 return ("a layer's input did not hold the batch where the plan found it" if capture.batch_mismatch
                         else "a broadcast parameter's gradient did not have the planned shape" if caught.failed

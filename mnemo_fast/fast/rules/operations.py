@@ -501,8 +501,8 @@ class OperationsCapture:
         self.sums: dict[str, Tensor] = {}
         self.samples: dict[str, Tensor] = {}
         self.failed: str | None = None
-        #: the uses' sample-holding operands and view outputs, by use index (see
-        #: :class:`..capture.Versions`); ``plan.protect[index]`` is caught on copies
+        #: the uses' sample-holding operands and outputs, by use index (see
+        #: :class:`..versions.Versions`); ``plan.protect[index]`` is caught on copies
         self.versions = Versions()
         #: the hooked uses' outputs: the backward asks for their gradients, not the
         #: parameters' (a parameter's own gradient, e.g. a weight-gradient GEMM, is never needed)

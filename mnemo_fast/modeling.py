@@ -39,6 +39,25 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextlib.contextmanager
+def tensors_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Every module's registered parameters and buffers are the same objects on the way out.
+
+    ``torch.func.functional_call`` swaps tensors into a model and back; on a module registered
+    twice (``nn.Sequential(lin, act, lin)``, a block reused in a ModuleList) torch 2.13 puts
+    back the swapped-in tensor for one of the names, so the caller's module is left holding a
+    functorch wrapper instead of its Parameter (and ``copy.deepcopy`` of it fails). Wrapped
+    around such calls, this restores what each module held."""
+    held = [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items()]
+    try:
+        yield
+    finally:
+        for m, kind, name, t in held:
+            if getattr(m, kind).get(name) is not t:
+                getattr(m, kind)[name] = t
+
+
 def zero_accumulator(p: Tensor) -> Tensor:
     """A contiguous zero sum for parameter ``p``: its (global) shape, its accumulation dtype,
     its device. Always a plain tensor, also for a sharded (DTensor) parameter, whose sums the

@@ -1,8 +1,11 @@
 """The reference Fisher equals a brute-force batch-1 loop written here, independently."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mnemo_fast.reference as ref
 from mnemo_fast.reference.fisher import sum_squared_grads
@@ -96,3 +99,27 @@ def test_single_sample_and_bad_shapes():
         ref.fisher_diagonal(model, inputs, targets, reduction="max")
     with pytest.raises(ValueError, match="targets"):
         ref.fisher_diagonal(model, inputs, targets[:0])
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_module_registered_twice_is_left_as_it_was(chunk):
+    """torch.func.functional_call on a module registered twice (nn.Sequential(lin, act, lin))
+    leaves torch 2.13's swapped-in wrapper in the module: the caller's model lost its
+    Parameters (and copy.deepcopy failed on it, so forget(inplace=False) refused it). The
+    reference puts back what each module held, and its sum still equals the batch-1 loop."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(3, 4))
+    held = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    x, y = torch.randn(5, 3), torch.randint(0, 4, (5,))
+    got = sum_squared_grads(model, x, y, chunk_size=chunk)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == held.keys() and all(after[n] is held[n] for n in held)
+    copy.deepcopy(model)
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for xi, yi in zip(x, y):
+        loss = F.cross_entropy(model(xi[None]), yi[None], reduction="sum")
+        for (name, p), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            expected[name] += g.square()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ..modeling import OutputFn, logits_of, trainable_parameters, zero_accumulator
+from ..modeling import OutputFn, logits_of, tensors_kept, trainable_parameters, zero_accumulator
 
 Tensor = torch.Tensor
 
@@ -53,12 +53,13 @@ def _vmap_sum_sq(
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     sums = _zeros_like_accumulators(params)
-    for start in range(0, inputs.shape[0], chunk_size):
-        grads = per_sample_grads(
-            trainable, inputs[start : start + chunk_size], targets[start : start + chunk_size]
-        )
-        for name, g in grads.items():
-            sums[name] += g.to(sums[name].dtype).square().sum(0)
+    with tensors_kept(model):  # functional_call may leave a reused module holding its wrappers
+        for start in range(0, inputs.shape[0], chunk_size):
+            grads = per_sample_grads(
+                trainable, inputs[start : start + chunk_size], targets[start : start + chunk_size]
+            )
+            for name, g in grads.items():
+                sums[name] += g.to(sums[name].dtype).square().sum(0)
     return sums
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ...method import fisher_diagonal
-from ...modeling import eval_mode, trainable_parameters
+from ...modeling import eval_mode, tensors_kept, trainable_parameters
 from ._common import device_dtype, split, tensors
 
 ESTIMATORS = ("per_sample", "original_batch")
@@ -74,7 +74,7 @@ def lfssd_importance(model, data, *, estimator: str = "per_sample", batch_size: 
 
     per_sample = vmap(grad(sq_norm), in_dims=(None, 0))
     imp = {n: torch.zeros_like(p) for n, p in params.items()}
-    with eval_mode(model):
+    with eval_mode(model), tensors_kept(model):
         for i in range(0, len(x), chunk_size):
             for n, g in per_sample(params, x[i:i + chunk_size]).items():
                 imp[n] += g.abs().sum(0)

@@ -21,7 +21,7 @@ Methods:
   auto-blocks  ``calibration={"blocks": "module"}``: per-block scales of auto's step
   auto-blocks-tensor  the same with one block per parameter tensor
   auto-heldout-blocks (K >= 2) both: the block scales are scored on the held-out codes too
-  auto-repair  EXTENSION: auto, then ``mnemo_fast.repair.repair`` (50 steps of Adam, lr 1e-4,
+  auto-repair  EXTENSION: auto, then ``mnemo_fast.training.repair.repair`` (50 steps of Adam, lr 1e-4,
                cross-entropy on the retained codes)
   auto-repair-distill  EXTENSION: the same with ``loss="distill"`` (to the model before)
   retrain      (not in the default methods: CPU time) the model trained from scratch without
@@ -71,7 +71,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from mnemo_fast import engines  # noqa: E402
 from mnemo_fast.codes import MnemonicCodes  # noqa: E402
-from mnemo_fast.train import train_with_codes  # noqa: E402
+from mnemo_fast.training.train import train_with_codes  # noqa: E402
 from mnemo_fast.diagnose import diagnose  # noqa: E402
 from mnemo_fast.method import forget  # noqa: E402
 from mnemo_fast.session import CandidateSession  # noqa: E402
@@ -148,7 +148,7 @@ REFINED = {"auto-heldout": {"heldout": True, "blocks": False}, "auto-blocks": {"
 def refined(net, codes, c, method):
     """(model, row info) of ``forget(lambda1="auto")`` with the refinement of ``method``
     (:data:`REFINED`: calibration options, or a repair loss)."""
-    from mnemo_fast.repair import repair
+    from mnemo_fast.training.repair import repair
     option = REFINED[method]
     r = forget(net, codes, [c], lambda1="auto", lambda2=10.0,
                calibration=option if isinstance(option, dict) else {"blocks": False})

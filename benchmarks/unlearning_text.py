@@ -29,7 +29,7 @@ import mnemo_fast as mf
 from mnemo_fast.codes import MnemonicCodes
 from mnemo_fast.evaluation.accuracy import evaluate
 from mnemo_fast.evaluation.text import TextTransformer, synthetic_tokens
-from mnemo_fast.train import train_with_codes
+from mnemo_fast.training.train import train_with_codes
 
 GRID_L1 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 GRID_L2 = (0.1, 1.0, 10.0)

@@ -19,10 +19,11 @@ from .method import (
     perturbation,
 )
 from .diagnose import ClassDiagnosis, Diagnosis, diagnose
-from .adapt import adapt_with_codes
+from .training.adapt import adapt_with_codes
 from .explain import Explanation, explain
-from .train import TrainHistory, train_with_codes
+from .training.train import TrainHistory, train_with_codes
 from .validation import ForgetWarning, UnlearningError
+from .verdict import Verdict
 from .public import NAMES as _NAMES
 
 from .fast._ext import note_missing_cuda as _note_missing_cuda

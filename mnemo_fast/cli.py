@@ -20,7 +20,7 @@ from .engines import backend
 from .evaluation import Evaluation, evaluate
 from .method import ForgetResult, forget
 from .reference.engine import REFERENCE
-from .train import train_with_codes
+from .training.train import train_with_codes
 from .validation import ForgetWarning
 
 #: lambda1, lambda2 that forget class 0 on the demo's models (see benchmarks/UNLEARNING.md).
@@ -118,6 +118,28 @@ def add_forget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("shift", "gaussian"), default="shift")
     parser.add_argument("--engine", choices=("auto", "reference"), default="auto",
                         help="auto: fused kernels where available; reference: pure PyTorch")
+    parser.add_argument("--accept-flagged", action="store_true",
+                        help=f"save the forgotten model even when the verdict flags it (else: nothing saved, "
+                             f"exit code {FLAGGED})")
+
+
+#: The exit code of a forget whose verdict flags the result (mnemo_fast/verdict.py), unless
+#: --accept-flagged: nothing of the forgotten model is saved.
+FLAGGED = 3
+
+
+def refuse_flagged(result: ForgetResult, args) -> int | None:
+    """``FLAGGED`` (after one line on stderr) when the verdict flags ``result`` and the command
+    line did not accept it; None when the forgotten model may be saved."""
+    if not result.flagged:
+        return None
+    if args.accept_flagged:
+        print(f"mnemo-fast: note: the result is flagged ({'; '.join(result.verdict.reasons)}); saved as "
+              f"--accept-flagged asks", file=sys.stderr)
+        return None
+    print(f"mnemo-fast: flagged: {'; '.join(result.verdict.reasons)}; the forgotten model is not saved "
+          f"(--accept-flagged saves it anyway; lambda1 'auto' or other lambdas may do better)", file=sys.stderr)
+    return FLAGGED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +295,15 @@ def _save(what, path: Path, **meta) -> None:
 
 
 def describe_result(result: ForgetResult) -> str:
-    """One line on a forget: the sign or draw, the lambdas, the backend, the time, the code accuracies."""
+    """One line on a forget: the sign or draw, the lambdas, the backend, the time, the code
+    accuracies, the verdict."""
     sign = f"sign {result.sign:+d}" if result.sign is not None else "gaussian draw"
+    verdict = "" if result.verdict is None else f"; verdict: {'flagged' if result.flagged else 'clean'}"
     return (
         f"forgot with {sign} (lambda1={result.lambda1:g}, lambda2={result.lambda2:g}, "
         f"backend={result.backend}) in {result.seconds:.3f} s; codes: forget acc "
         f"{result.code_accuracy_before.forget:.2f} -> {result.code_accuracy_after.forget:.2f}, "
-        f"retain acc {result.code_accuracy_before.retain:.2f} -> {result.code_accuracy_after.retain:.2f}"
+        f"retain acc {result.code_accuracy_before.retain:.2f} -> {result.code_accuracy_after.retain:.2f}{verdict}"
     )
 
 
@@ -308,6 +332,10 @@ def demo(args) -> int:
     print(format_table(before, after, args.forget))
     print(describe_result(result))
     _say(warned)
+    refused = refuse_flagged(result, args)
+    if refused is not None:
+        print(f"saved model.safetensors and codes.safetensors in {args.out}")
+        return refused
     _save(result.model, args.out / "forgotten.safetensors", **meta)
     print(f"saved model.safetensors, codes.safetensors and forgotten.safetensors in {args.out}")
     return 0
@@ -323,10 +351,13 @@ def forget_command(args) -> int:
             f"{codes.num_classes} classes, a model for inputs {list(input_shape)} and {num_classes} classes"
         )
     result, warned = _run_forget(model, codes, args, meta["model"])
-    _save(result.model, args.output, name=meta["model"], input_shape=input_shape,
-          num_classes=num_classes, forgotten=" ".join(map(str, args.forget)))
     print(describe_result(result))
     _say(warned)
+    refused = refuse_flagged(result, args)
+    if refused is not None:
+        return refused
+    _save(result.model, args.output, name=meta["model"], input_shape=input_shape,
+          num_classes=num_classes, forgotten=" ".join(map(str, args.forget)))
     print(f"saved {args.output}")
     return 0
 

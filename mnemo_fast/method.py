@@ -14,14 +14,17 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from . import blocks as _blocks, engines, validation
-from .calibration import DEFAULT_LAMBDA2, Calibration, SearchOptions, calibrate_session, warn_if_unmet
+from . import engines, validation
+from .calibration import blocks as _blocks
+from . import verdict as verdicts
+from .calibration import DEFAULT_LAMBDA2, Calibration, Criterion, SearchOptions, calibrate_session, warn_if_unmet
 from .codes import MnemonicCodes
 from .dtypes import accumulation_dtype
 from .fast.devices import default_generator  # cuda:0 is index 0, not "the current device"
 from .modeling import OutputFn, eval_mode, logits_of
 from .stack import user_stacklevel
 from .validation import ForgetWarning
+from .verdict import Verdict
 from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
     CandidateSession,
     CodeAccuracy,
@@ -54,6 +57,12 @@ class ForgetResult:
     candidate_scores: list[float] = field(default_factory=list)
     backend: str = "reference"
     calibration: Calibration | None = None  # with lambda1="auto": how lambda1 was chosen
+    verdict: Verdict | None = None  # is the result clean, by the codes (and a retain sample)? mnemo_fast/verdict.py
+
+    @property
+    def flagged(self) -> bool:
+        """The verdict flags the result (``verdict.reasons`` say why)."""
+        return self.verdict is not None and self.verdict.flagged
 
 
 def fisher_diagonal(
@@ -236,6 +245,7 @@ def forget(
     params: ParamSelector = None,
     calibration: Mapping[str, object] | None = None,
     engine=None,
+    retain: tuple[Tensor, Tensor] | None = None,
 ) -> ForgetResult:
     """Make ``model`` forget ``forget_classes`` in one shot, from the codes alone.
 
@@ -250,7 +260,7 @@ def forget(
     to search too; a fixed ``lambda1`` needs ``lambda2``; ``calibration`` passes its criterion options,
     e.g. ``{"depth": 0.5}``), on the same Fisher pair as the forgetting itself; the choice is a
     :class:`mnemo_fast.calibration.Calibration` in ``result.calibration``. Two more
-    ``calibration`` options refine it (:mod:`mnemo_fast.blocks`, docs/METHOD.md, "Per-block
+    ``calibration`` options refine it (:mod:`mnemo_fast.calibration.blocks`, docs/METHOD.md, "Per-block
     steps and held-out scoring"): ``"blocks"`` scales the chosen step per block, by top-level
     module (``"module"``, **the default** in shift mode), per layer of a repeated stack
     (``"layer"``: a transformer's encoder layers) or per tensor (``"tensor"``); the scales
@@ -270,17 +280,28 @@ def forget(
     and raises (docs/METHOD.md, "Inputs that are refused"). A result that the codes say did not
     work (a forget class still recognised, or most retained codes lost) warns with
     :class:`ForgetWarning` (docs/METHOD.md, "When forget warns").
+
+    Every result carries a ``verdict`` (:class:`mnemo_fast.verdict.Verdict`; ``result.flagged``):
+    the criterion of ``lambda1="auto"`` judged on the codes after the step, and, with ``retain=(x,
+    y)``, real samples of the remaining classes (a validation split: their accuracy may drop at
+    most 2 points; rows of a forget class must end at most 1% right). The Fisher still comes from
+    the codes alone. A flagged result is returned with a :class:`ForgetWarning` (docs/METHOD.md,
+    "The verdict").
     """
     start = time.perf_counter()
     args = _checked(model, codes, forget_classes, lambda1=lambda1, lambda2=lambda2, mode=mode, tau=tau, draws=draws,
                     generator=generator, eps=eps, chunk_size=chunk_size, output_fn=output_fn, params=params,
-                    calibration=calibration, inplace=inplace, engine=engine)
+                    calibration=calibration, inplace=inplace, engine=engine, retain=retain)
     with engines.forwards(args.engine, model):
         session = _open_session(model, codes, args)
         run = _run_candidates(session, codes, args)
-    warn_if_unmet(run.calibration, run.before, run.after)
-    if run.calibration is None or run.calibration.feasible:  # an infeasible calibration has warned already
-        _warn_if_not_forgotten(session, args.classes, run.before, run.after, run.lambda1, args.auto, mode)
+    warned = warn_if_unmet(run.calibration, run.before, run.after) or (
+        run.calibration is not None and not run.calibration.feasible)  # an infeasible calibration has warned
+    if not warned:
+        warned = _warn_if_not_forgotten(session, args.classes, run.before, run.after, run.lambda1, args.auto, mode)
+    if run.verdict.flagged and not warned:  # the verdict's reasons, where no warning above said it
+        warnings.warn(f"forget {list(args.classes)}: the result is flagged ({run.verdict.evidence}): "
+                      + "; ".join(run.verdict.reasons), ForgetWarning, stacklevel=user_stacklevel())
     return ForgetResult(
         model=session.model,
         sign=run.candidates[run.best] if mode == "shift" else None,
@@ -293,6 +314,7 @@ def forget(
         candidate_scores=[accuracy.score for accuracy in run.accuracies],
         backend=args.engine.backend_for(session.live[0].device),
         calibration=run.calibration,
+        verdict=run.verdict,
     )
 
 
@@ -313,16 +335,17 @@ class _Arguments:
     params: ParamSelector
     inplace: bool
     search: SearchOptions | None       # lambda1="auto": the search's options
-    refine: dict                       # lambda1="auto": blocks, heldout (mnemo_fast.blocks)
+    refine: dict                       # lambda1="auto": blocks, heldout (mnemo_fast.calibration.blocks)
     classes: list[int]
     fisher_codes: MnemonicCodes        # the codes the Fisher pair comes from
     scoring_codes: MnemonicCodes | None  # held-out scoring: the codes the choice is scored on
     engine: engines.Engine
     largest: dict[str, float]          # max |w| per parameter: proves the result finite later
+    retain: tuple[Tensor, Tensor] | None  # a real sample (inputs, labels) for the verdict
 
 
 def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws, generator, eps, chunk_size,
-             output_fn, params, calibration, inplace, engine) -> _Arguments:
+             output_fn, params, calibration, inplace, engine, retain) -> _Arguments:
     """Every check of :func:`forget`, in its order, before anything runs on the model
     (docs/REFUSALS.md): the tests name which error comes first."""
     if mode not in MODES:
@@ -349,6 +372,7 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
     search = SearchOptions.from_calibration(search) if auto else None
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
+    retain = validation.retain_sample(retain, codes, classes)
     if refine.get("blocks") and mode != "shift":
         raise validation.UnlearningError("calibration option blocks needs mode='shift'")
     fisher_codes, scoring_codes = _blocks.split_codes(codes, refine["heldout"]) if "heldout" in refine else (codes, None)
@@ -361,7 +385,7 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
     if not any(map(parameter_filter(params), largest)):
         raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
     return _Arguments(lambda1, lambda2, auto, mode, tau, draws, generator, eps, chunk_size, output_fn, params, inplace,
-                      search, refine, classes, fisher_codes, scoring_codes, engine, largest)
+                      search, refine, classes, fisher_codes, scoring_codes, engine, largest, retain)
 
 
 def _open_session(model: torch.nn.Module, codes: MnemonicCodes, args: _Arguments) -> CandidateSession:
@@ -389,6 +413,7 @@ class _Run:
     candidates: list
     accuracies: list[CodeAccuracy]
     best: int
+    verdict: Verdict
 
     @property
     def after(self) -> CodeAccuracy:
@@ -407,6 +432,9 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
         before = session.accuracy_before()
         if session.logits_before is not None:  # the Fisher's forwards (or one plain pass) gave them
             validation.finite_logits(session.logits_before, session.labels)
+        session.before_logits()  # kept for the verdict (an engine scoring the codes itself: one pass now)
+        if args.retain is not None:
+            session.use_retain_sample(*args.retain)
         validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, args.eps, len(classes),
                                          codes.num_classes - len(classes), args.engine)
         if args.auto:  # its search starts from the lambda2 candidates
@@ -419,7 +447,7 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
             if generator is None:
                 generator = default_generator(session.live[0].device)
             generator_state = generator.get_state()  # given back if anything below fails
-        if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.blocks),
+        if steps is not None:  # the blocks' sign and its step scaled per block (mnemo_fast.calibration.blocks),
             # scored once: what session.choose does with one sign, without scoring the unscaled step
             session.shift(lambda1, lambda2, steps.sign)
             _blocks.apply_scales(session, steps.tensor_scales)
@@ -432,12 +460,26 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
             bound = 1.0
         validation.result_finite(session.names, session.live, session.max_ratio, args.largest, lambda1 * bound,
                                  lambda2 * bound, args.mode, args.engine)
+        verdict = _verdict(session, args)
     except BaseException:
         session.restore()
         if generator_state is not None:
             generator.set_state(generator_state)
         raise
-    return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best)
+    return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
+
+
+def _verdict(session: CandidateSession, args: _Arguments) -> Verdict:
+    """The :class:`Verdict` of the step left applied (mnemo_fast/verdict.py): the criterion (the
+    caller's ``calibration=`` options, else the defaults) on the codes after it, and the retain
+    sample's accuracies where one was given."""
+    sample = None
+    if args.retain is not None:
+        sample = verdicts.sample_accuracy(session.retain_before, session.retain_logits(), session.retain_labels,
+                                          args.classes)
+    criterion = args.search.criterion if args.search is not None else Criterion()
+    return verdicts.judge(session.before_logits(), session.logits(), session.labels, session.is_forget,
+                          criterion=criterion, sample=sample)
 
 
 #: A forget class counts as still recognised when more than this fraction of its codes is
@@ -447,7 +489,7 @@ RECOGNISED = 0.5
 
 
 def _warn_if_not_forgotten(session: CandidateSession, classes: Sequence[int], before: CodeAccuracy,
-                           after: CodeAccuracy, lambda1: float, auto: bool, mode: str) -> None:
+                           after: CodeAccuracy, lambda1: float, auto: bool, mode: str) -> bool:
     """A :class:`ForgetWarning` when the codes say the step did not work: a forget class whose
     codes are still recognised (:data:`RECOGNISED`), or retained codes mostly right before and
     mostly wrong after. The per-class count runs only when some forget code is still right."""
@@ -478,3 +520,4 @@ def _warn_if_not_forgotten(session: CandidateSession, classes: Sequence[int], be
     if problems:
         warnings.warn(f"forget {list(classes)}: " + "; and ".join(problems), ForgetWarning,
                       stacklevel=user_stacklevel())
+    return bool(problems)

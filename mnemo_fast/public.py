@@ -10,5 +10,5 @@ NAMES = (
     "perturb_", "forget", "ForgetResult", "CodeAccuracy", "code_accuracy", "evaluate",
     "Evaluation", "train_with_codes", "TrainHistory", "adapt_with_codes", "UnlearningError", "ForgetWarning", "backend",
     "explain", "Explanation",
-    "diagnose", "Diagnosis", "ClassDiagnosis",
+    "diagnose", "Diagnosis", "ClassDiagnosis", "Verdict",
 )

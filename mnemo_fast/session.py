@@ -364,6 +364,9 @@ class CandidateSession:
         self.logits_before: Tensor | None = None
         self.hits: Tensor | None = None  # [N] bool: the codes right under the last candidate scored
         self.hits_before: Tensor | None = None  # [N] bool: right before any candidate
+        self.retain_inputs: Tensor | None = None  # a real sample (use_retain_sample), and its logits before
+        self.retain_labels: Tensor | None = None
+        self.retain_before: Tensor | None = None
         if forget_logits is not None and remain_logits is not None and not hasattr(engine, "correct"):
             logits = forget_logits.new_empty((self.inputs.shape[0], forget_logits.shape[1]))
             logits[self.is_forget], logits[~self.is_forget] = forget_logits, remain_logits
@@ -377,10 +380,27 @@ class CandidateSession:
 
     def score_on(self, codes: MnemonicCodes, classes: Sequence[int]) -> None:
         """Score candidates on ``codes`` (every class) instead of the codes the Fisher pair came
-        from (held-out scoring, :mod:`mnemo_fast.blocks`); the logits before forgetting are
+        from (held-out scoring, :mod:`mnemo_fast.calibration.blocks`); the logits before forgetting are
         recomputed on first use."""
         self._use_codes(code_inputs(self.model, codes, range(codes.num_classes)), classes)
         self.logits_before = None
+
+    def use_retain_sample(self, inputs: Tensor, labels: Tensor) -> None:
+        """Hold a real sample (``inputs`` [M, ...], ``labels`` [M]: ``forget(..., retain=)``) on the
+        model's device and dtype, with its logits before any candidate in ``retain_before``
+        [M, C] (float32). Call before applying a candidate."""
+        dtype, device = model_dtype_device(self.model)
+        self.retain_inputs = (inputs.to(dtype=dtype) if inputs.is_floating_point() else inputs).to(device)
+        self.retain_labels = labels.to(device=device, dtype=torch.int64)
+        self.retain_before = code_logits(self.model, self.retain_inputs, self.chunk_size, self.output_fn)
+
+    def retain_logits(self) -> Tensor:
+        """[M, C] float32 logits of the retain sample under the parameters as they are now (a
+        full forward: after :meth:`trial_logits` the input layers' weights are not written, so
+        this is for a candidate written with :meth:`set_shift`, :meth:`shift` or :meth:`gaussian`)."""
+        if self._trial is not None:
+            raise RuntimeError("retain_logits after trial_logits: the input layers hold their original values")
+        return code_logits(self.model, self.retain_inputs, self.chunk_size, self.output_fn)
 
     def _fisher_pair(self, model: torch.nn.Module, recorder: "_OutputRecorder", num_forget: int, num_remain: int,
                      per_class: int, eps: float):

@@ -258,6 +258,43 @@ def usable_codes(codes: object) -> MnemonicCodes:
     return codes
 
 
+def retain_sample(retain: object, codes: MnemonicCodes, classes: Sequence[int]) -> tuple[Tensor, Tensor] | None:
+    """``forget(..., retain=(x, y))``: real samples ``x`` [M, *codes.shape] (floating point and
+    finite, or token ids like the codes) with labels ``y`` [M] (integers in 0..C-1), at least one
+    of a remaining class; rows of a forget class are allowed (they check the forgetting). None
+    stays None. The tensors are returned as given (the session moves them to the model)."""
+    if retain is None:
+        return None
+    if not isinstance(retain, (tuple, list)) or len(retain) != 2:
+        raise TypeError(f"retain must be a pair (inputs, labels) of tensors, got {type(retain).__name__}")
+    x, y = retain
+    if not torch.is_tensor(x) or not torch.is_tensor(y):
+        raise TypeError(f"retain must be a pair of tensors (inputs [M, ...], labels [M]), got "
+                        f"({type(x).__name__}, {type(y).__name__})")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise UnlearningError(f"retain labels must be a 1-D integer tensor [M], got {y.dtype} of shape {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0] or y.shape[0] == 0:
+        raise UnlearningError(f"retain needs as many inputs as labels, at least one: got {x.shape[0]} inputs "
+                              f"and {y.shape[0]} labels")
+    if tuple(x.shape[1:]) != tuple(codes.shape):
+        raise UnlearningError(f"retain inputs are of shape {list(x.shape[1:])} per sample, the codes of shape "
+                              f"{list(codes.shape)}: both must be what the model takes")
+    if codes.is_tokens:
+        if x.is_floating_point():
+            raise UnlearningError(f"the codes are token ids, the retain inputs are {x.dtype}: pass token ids")
+    elif not x.is_floating_point():
+        raise UnlearningError(f"retain inputs must be floating point like the codes, got {x.dtype}")
+    elif not all_finite([x]):
+        raise UnlearningError("the retain inputs contain NaN or inf")
+    bad = sorted(set(int(c) for c in y[(y < 0) | (y >= codes.num_classes)].tolist()))
+    if bad:
+        raise UnlearningError(f"retain labels {bad[:10]} are not classes of the codes (0..{codes.num_classes - 1})")
+    if bool(torch.isin(y, torch.tensor(list(classes), device=y.device)).all()):
+        raise UnlearningError("every retain sample is of a forget class: a retain sample needs rows of the "
+                              "remaining classes")
+    return x, y
+
+
 # ---- the model ------------------------------------------------------------------------------
 
 def copyable(model: torch.nn.Module, inplace: bool) -> None:

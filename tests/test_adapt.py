@@ -10,7 +10,7 @@ import torch
 
 import mnemo_fast as mf
 from mnemo_fast.evaluation import models
-from mnemo_fast.adapt import adapt_with_codes
+from mnemo_fast.training.adapt import adapt_with_codes
 
 
 def _test_accuracy(model, test) -> float:

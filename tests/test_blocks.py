@@ -1,4 +1,4 @@
-"""Per-block steps, held-out scoring (mnemo_fast.blocks) and the repair extension (mnemo_fast.repair)."""
+"""Per-block steps, held-out scoring (mnemo_fast.calibration.blocks) and the repair extension (mnemo_fast.training.repair)."""
 
 import copy
 
@@ -7,10 +7,10 @@ import torch
 
 import mnemo_fast as mf
 from mnemo_fast import engines
-from mnemo_fast.blocks import BlockSteps, block_names, refinement_options, split_codes
+from mnemo_fast.calibration.blocks import BlockSteps, block_names, refinement_options, split_codes
 from mnemo_fast.calibration import calibrate_session
 from mnemo_fast.evaluation import models
-from mnemo_fast.repair import repair
+from mnemo_fast.training.repair import repair
 from mnemo_fast.session import CandidateSession
 from mnemo_fast.validation import UnlearningError
 

@@ -195,10 +195,13 @@ def test_a_non_finite_result_is_never_saved(capsys, saved, tmp_path, monkeypatch
 
 
 def test_forget_writes_the_forgotten_model(capsys, saved, tmp_path):
+    """An untrained model: the verdict flags it (its codes mean nothing), so it is written only
+    with --accept-flagged (test_a_flagged_forget_saves_nothing_and_exits_3)."""
     output = tmp_path / "out.safetensors"
     code, out, err = run(capsys, "forget", saved / "model.safetensors", saved / "codes.safetensors",
-                         "--output", output, "--forget", "3", "--engine", "reference")
+                         "--output", output, "--forget", "3", "--engine", "reference", "--accept-flagged")
     assert code == 0, err
+    assert "verdict: flagged" in out and "saved as --accept-flagged asks" in err
     assert "backend=reference" in out and f"saved {output}" in out
     model, meta = models.load_checkpoint(output)
     assert meta["forgotten"] == "3"
@@ -212,6 +215,18 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys, tmp_path):
     assert err.strip().splitlines()[-1].startswith("mnemo-fast: error: ")
 
 
+def test_a_flagged_forget_saves_nothing_and_exits_3(capsys, saved, tmp_path):
+    """Issue 26: the command line exits non-zero on a flagged result unless --accept-flagged."""
+    output = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, "forget", saved / "model.safetensors", saved / "codes.safetensors",
+                         "--output", output, "--forget", "3")
+    assert code == cli.FLAGGED == 3
+    assert "verdict: flagged" in out and f"saved {output}" not in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mnemo-fast: flagged: codes: ") and "--accept-flagged saves it anyway" in last, err
+    assert not output.exists() and not list(tmp_path.glob("*.tmp"))
+
+
 def test_internal_errors_keep_their_traceback(saved, monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
@@ -219,13 +234,13 @@ def test_internal_errors_keep_their_traceback(saved, monkeypatch, tmp_path):
     monkeypatch.setattr(cli.models, "save_checkpoint", broken)
     with pytest.raises(RuntimeError, match="a bug"):  # not caught: Python prints it, exit code 1
         cli.main(["forget", str(saved / "model.safetensors"), str(saved / "codes.safetensors"),
-                  "--output", str(tmp_path / "out.safetensors")])
+                  "--output", str(tmp_path / "out.safetensors"), "--accept-flagged"])
 
 
 @pytest.mark.slow
 def test_demo_one_epoch_writes_the_three_files(capsys, tmp_path):
     out_dir = tmp_path / "new" / "demo"  # created, parents too
-    code, out, err = run(capsys, "demo", "--epochs", "1", "--out", out_dir)
+    code, out, err = run(capsys, "demo", "--epochs", "1", "--out", out_dir, "--accept-flagged")  # 1 epoch: flagged
     assert code == 0, err
     assert "1 epochs" in out
     for name in ("model.safetensors", "codes.safetensors", "forgotten.safetensors"):
@@ -252,7 +267,7 @@ def test_demo_keeps_the_trained_model_when_forgetting_fails(capsys, tmp_path, mo
     assert not (tmp_path / "forgotten.safetensors").exists()
     # the saved pair can be forgotten again from the command line
     code, out, err = run(capsys, "forget", tmp_path / "model.safetensors", tmp_path / "codes.safetensors",
-                         "--forget", "2", "--output", tmp_path / "forgotten.safetensors")
+                         "--forget", "2", "--output", tmp_path / "forgotten.safetensors", "--accept-flagged")
     assert code == 0, err
 
 
@@ -288,9 +303,10 @@ def test_a_forget_that_did_nothing_says_so(capsys, trained_digits_mlp, tmp_path)
     codes.save(tmp_path / "codes.safetensors")
     inputs = [tmp_path / "model.safetensors", tmp_path / "codes.safetensors", "--output", tmp_path / "out.safetensors"]
     code, out, err = run(capsys, "forget", *inputs, "--forget", "3", "--lambda1", "1e-9", "--lambda2", "1e-9")
-    assert code == 0 and "forget acc 1.00 -> 1.00" in out
-    [line] = err.strip().splitlines()
+    assert code == cli.FLAGGED and "forget acc 1.00 -> 1.00" in out and "verdict: flagged" in out
+    line, flagged = err.strip().splitlines()
+    assert flagged.startswith("mnemo-fast: flagged: codes: 1 of 1 forget codes still classified as their class")
     assert line.startswith("mnemo-fast: warning: forget [3]: class 3 still recognised"), line
     assert "class 3 100% -> 100%" in line and "try --lambda1 auto or a larger lambda1 than 1e-09" in line, line
     code, out, err = run(capsys, "forget", *inputs, "--forget", "3", "--lambda1", "auto")  # no --lambda2 needed
-    assert code == 0 and "forget acc 1.00 -> 0.00" in out and not err.strip(), err
+    assert code == 0 and "forget acc 1.00 -> 0.00" in out and "verdict: clean" in out and not err.strip(), err

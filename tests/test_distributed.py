@@ -21,7 +21,7 @@ import models_zoo as zoo
 from rounding import float32_fisher_bound, float32_model_bound
 from mnemo_fast.distributed import DistributedEngine, RankDisagreement, forget_distributed, share
 from mnemo_fast.session import correct_predictions
-from mnemo_fast.train import train
+from mnemo_fast.training.train import train
 
 WORLD = 2
 CASES = {
@@ -64,7 +64,7 @@ FSDP_CASES = {
                          params=lambda name: name != "qkv.bias", per_class=2),
 }
 FSDP_FORGET = dict(lambda1=1e-1, lambda2=10.0, chunk_size=4)
-# lambda1="auto" with per-block steps by top-level module (mnemo_fast.blocks)
+# lambda1="auto" with per-block steps by top-level module (mnemo_fast.calibration.blocks)
 AUTO_BLOCKS = dict(lambda1="auto", lambda2=10.0, chunk_size=4, calibration={"blocks": "module"})
 
 
@@ -96,7 +96,7 @@ def _fsdp_problem(case_id: str, dtype: torch.dtype = torch.float64):
 
 def _blocks_problem():
     """The small CNN of "fsdp-cnn" after 50 full-batch Adam steps on its own codes
-    (:func:`mnemo_fast.train.train`), so that it knows them (an untrained model misclassifies
+    (:func:`mnemo_fast.training.train.train`), so that it knows them (an untrained model misclassifies
     most retained codes before any step, and the calibration then applies only its smallest
     best-effort step, with nothing for the block search to rescale). One thread while
     training: every process gets the same weights. Returned in float64: on this trained model

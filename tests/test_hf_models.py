@@ -21,7 +21,7 @@ from mnemo_fast.codes import MnemonicCodes
 from mnemo_fast.explain import GenericPathWarning
 from mnemo_fast.fast import _ext
 from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
-from mnemo_fast.train import train
+from mnemo_fast.training.train import train
 
 #: the fast engine: compiled kernels, or their pure-PyTorch twins when the extension is off
 FAST = EXTENSION if _ext.available() else HOOKS_ATEN

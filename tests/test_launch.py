@@ -29,7 +29,9 @@ def saved(tmp_path_factory):
     return tmp
 
 
-def _torchrun(saved, output, *extra) -> str:
+def _torchrun(saved, output, *extra, returncode: int = 0, accept: bool = True) -> str:
+    """The torchrun job on the untrained model (its verdict is flagged: the comparisons accept it)."""
+    extra = (*extra, "--accept-flagged") if accept else extra
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -37,8 +39,16 @@ def _torchrun(saved, output, *extra) -> str:
         "--forget", "0", "--lambda1", "0.1", "--output", str(output), *extra,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def test_a_flagged_torchrun_job_saves_nothing_and_fails(saved, tmp_path):
+    """The untrained model's verdict is flagged: without --accept-flagged the job writes nothing
+    and exits non-zero (torchrun reports rank 0's exit code 3)."""
+    output = tmp_path / "out.safetensors"
+    out = _torchrun(saved, output, returncode=1, accept=False)
+    assert "verdict: flagged" in out and not output.exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--fsdp", "--chunk-size", "4"], ["--engine", "reference"]],

@@ -112,3 +112,29 @@ def test_one_accumulation_dtype_rule():
     copies = [str(path.relative_to(package)) for path in package.rglob("*.py")
               if "float64 else torch.float32" in path.read_text()]
     assert copies == ["dtypes.py"]
+
+
+OP_NAMES = ("sum_sq_grad_linear", "sum_sq_grad_conv2d", "sum_sq_grad_conv1d", "perturb_max_ratio",
+            "perturb_shift_", "perturb_gaussian_")
+
+
+def test_the_op_table_holds_the_ops_named_here():
+    from mnemo_fast.fast import ops
+
+    assert set(OP_NAMES) <= set(ops.OPS)
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_every_op_and_its_twin_have_one_signature(name):
+    """The op table's promise (mnemo_fast/fast/ops.py): a compiled op and its twin take the same
+    parameters, in the same order, with the same defaults, so either can stand for the other.
+    Their signatures are written twice on purpose (docs/LAYOUT.md, "Repeats kept on purpose");
+    this test holds them together."""
+    import inspect
+
+    from mnemo_fast.fast import ops
+
+    op = ops.OPS[name]
+    compiled, twin = inspect.signature(op.compiled), inspect.signature(op.twin)
+    assert [(p.name, p.kind, p.default) for p in compiled.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in twin.parameters.values()]

@@ -226,7 +226,7 @@ def test_code_logits_in_eval_mode_whatever_the_mode_and_chunks():
 def test_calibration_trial_statistics_are_the_masks():
     """A trial's statistics, read in one transfer, equal the same quantities taken with the
     forget/retain masks one at a time."""
-    from mnemo_fast.calibration import _margins, _Prober
+    from mnemo_fast.calibration.search import _margins, _Prober
 
     model, codes = _tiny()
     session = CandidateSession(model, codes, [1, 2], engine=REFERENCE)

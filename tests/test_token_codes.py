@@ -8,7 +8,7 @@ import mnemo_fast as mf
 import mnemo_fast.reference as ref
 from mnemo_fast.codes import MnemonicCodes, MnemonicMix
 from mnemo_fast.evaluation.text import PAD, TextTransformer, synthetic_tokens
-from mnemo_fast.train import train_with_codes
+from mnemo_fast.training.train import train_with_codes
 
 
 def test_generate_tokens_is_seeded_int64_in_range():

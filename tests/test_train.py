@@ -1,11 +1,11 @@
-"""The one training loop (mnemo_fast.train.fit) and its small helpers."""
+"""The one training loop (mnemo_fast.training.train.fit) and its small helpers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mnemo_fast.train import cross_entropy, fit, make_optimizer, to_model
+from mnemo_fast.training.train import cross_entropy, fit, make_optimizer, to_model
 
 
 def _problem(seed: int = 0):

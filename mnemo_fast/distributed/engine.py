@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .. import engines
+from ..fisher_sums import FisherSums
 from ..method import forget
 from ..modeling import logits_of, trainable_parameters, zero_accumulator
 from ..session import correct_predictions
@@ -84,7 +85,7 @@ def all_reduce_flat_(tensors: Sequence[Tensor], op=dist.ReduceOp.SUM, group=None
             t.copy_(part.view_as(t))
 
 
-class DistributedEngine:
+class DistributedEngine(FisherSums):
     """Wrap an engine (default: :func:`mnemo_fast.engines.default_engine`) for many ranks.
 
     - ``sum_squared_grads``: rank r takes ``inputs[start:end]`` (:func:`share`), a rank
@@ -138,14 +139,7 @@ class DistributedEngine:
         step = min(chunk_size or most, most)
         return [(min(start + k, end), min(start + k + step, end)) for k in range(0, most, step)]
 
-    def sum_squared_grads(
-        self,
-        model: torch.nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
-        chunk_size: int | None = None,
-        output_fn: Callable[[object], Tensor] = logits_of,
-    ) -> dict[str, Tensor]:
+    def _fisher_sums(self, model, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         model = unwrap(model)
         reject_flat_parameters(model)
         params = trainable_parameters(model)

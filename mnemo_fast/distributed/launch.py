@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..evaluation import models
-from ..cli import add_forget_options, describe_result, forget_lambdas
+from ..cli import add_forget_options, describe_result, forget_lambdas, refuse_flagged
 from ..codes import MnemonicCodes
 from ..reference.engine import REFERENCE
 from .engine import forget_distributed
@@ -84,17 +84,20 @@ def main(argv: list[str] | None = None) -> int:
                                     mode=args.mode, lambda1=lambda1, lambda2=lambda2,
                                     inner_engine=inner_engine(args.engine))
         state = {name: t.cpu() for name, t in gathered(model.state_dict()).items()}  # collective
-        if rank == 0:
+        refused = refuse_flagged(result, args) if rank == 0 else None  # every rank judged the same codes
+        if rank == 0 and refused is None:
             plain = models.build(meta["model"], tuple(codes.shape), codes.num_classes)
             plain.load_state_dict(state)
             models.save_checkpoint(plain, args.output, name=meta["model"], input_shape=tuple(codes.shape),
                                    num_classes=codes.num_classes, forgotten=" ".join(map(str, args.forget)))
             print(f"{dist.get_world_size()} ranks{' (FSDP2)' if args.fsdp else ''}: {describe_result(result)}")
             print(f"saved {args.output}")
+        elif rank == 0:
+            print(f"{dist.get_world_size()} ranks{' (FSDP2)' if args.fsdp else ''}: {describe_result(result)}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    return 0
+    return refused or 0 if rank == 0 else 0
 
 
 if __name__ == "__main__":

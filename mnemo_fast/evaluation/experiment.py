@@ -23,7 +23,7 @@ import torch
 
 from ..codes import MnemonicCodes
 from ..method import forget
-from ..train import train_with_codes
+from ..training.train import train_with_codes
 from . import baselines as B
 from . import data as data_mod
 from . import metrics as M

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import accumulation_dtype
+from ..fisher_sums import FisherSums
 from ..modeling import logits_of, trainable_parameters, zero_accumulator
 from ..reference import fisher as ref_fisher
 from ..reference.engine import REFERENCE
@@ -232,7 +233,7 @@ def _blocks(inputs: Tensor, targets: Tensor, sizes: Sequence[int]):
         start += size
 
 
-class FastEngine:
+class FastEngine(FisherSums):
     """``kernels``: one path of the op table, :data:`.ops.COMPILED` or :data:`.ops.TWINS`."""
 
     #: the layer rules take sharded (FSDP2) layers' gathered inputs and output gradients
@@ -265,14 +266,7 @@ class FastEngine:
 
     # ---- Fisher ---------------------------------------------------------------------
 
-    def sum_squared_grads(
-        self,
-        model: torch.nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
-        chunk_size: int | None = None,
-        output_fn: Callable[[object], Tensor] = logits_of,
-    ) -> dict[str, Tensor]:
+    def _fisher_sums(self, model, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         runner = self.path_for(inputs.device).engine
         if runner is not self:  # the decision sent this device elsewhere
             return runner.sum_squared_grads(model, inputs, targets, chunk_size, output_fn)

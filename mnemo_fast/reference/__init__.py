@@ -22,10 +22,10 @@ __all__ = list(_NAMES)  # mnemo_fast/public.py: the one list of both namespaces
 _PLAIN = {
     "MnemonicCodes": "..codes", "MnemonicMix": "..codes", "Evaluation": "..evaluation",
     "evaluate": "..evaluation", "CodeAccuracy": "..session", "ForgetResult": "..method",
-    "perturb_": "..method", "adapt_with_codes": "..adapt", "train_with_codes": "..train",
-    "TrainHistory": "..train", "UnlearningError": "..validation", "ForgetWarning": "..validation",
+    "perturb_": "..method", "adapt_with_codes": "..training.adapt", "train_with_codes": "..training.train",
+    "TrainHistory": "..training.train", "UnlearningError": "..validation", "ForgetWarning": "..validation",
     "Explanation": "..explain",
-    "Diagnosis": "..diagnose", "ClassDiagnosis": "..diagnose",
+    "Diagnosis": "..diagnose", "ClassDiagnosis": "..diagnose", "Verdict": "..verdict",
 }
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 
 from . import fisher as ref_fisher, perturb
-from ..modeling import OutputFn, logits_of
+from ..fisher_sums import FisherSums
 from ..sharding import any_sharded
 
 Tensor = torch.Tensor
 
 
-class ReferenceEngine:
+class ReferenceEngine(FisherSums):
     """Pure PyTorch: torch.func per-sample gradients and the paper's formula, tensor by tensor."""
 
     name = "reference"
@@ -24,14 +24,7 @@ class ReferenceEngine:
     def backend_for(self, device: torch.device) -> str:
         return "reference"
 
-    def sum_squared_grads(
-        self,
-        model: torch.nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
-        chunk_size: int | None = None,
-        output_fn: OutputFn = logits_of,
-    ) -> dict[str, Tensor]:
+    def _fisher_sums(self, model, inputs, targets, chunk_size, output_fn) -> dict[str, Tensor]:
         if any_sharded(model.parameters()):
             raise NotImplementedError(
                 "the reference engine's per-sample gradients (torch.func) cannot run on sharded "

@@ -1,5 +1,5 @@
 """Shared helpers of the baselines: class splits, parameter resets, and the plain training
-(:func:`mnemo_fast.train.train`, re-exported: the package has one training loop)."""
+(:func:`mnemo_fast.training.train.train`, re-exported: the package has one training loop)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ...train import train  # noqa: F401 (re-exported for the baselines)
+from ...training.train import train  # noqa: F401 (re-exported for the baselines)
 
 
 def as_classes(forget_classes: Iterable[int] | int) -> list[int]:

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ...train import fit, to_model
+from ...training.train import fit, to_model
 from ._common import split
 
 

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 
 from ...codes import MnemonicCodes
-from ...train import train_with_codes
+from ...training.train import train_with_codes
 from ._common import reinitialize, split, train
 
 

@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from . import validation
-from .codes import MnemonicCodes
-from .modeling import eval_mode, logits_of
-from .session import code_inputs, code_logits
+from .. import validation
+from ..codes import MnemonicCodes
+from ..modeling import eval_mode, logits_of
+from ..session import code_inputs, code_logits
 from .train import make_optimizer
 
 LOSSES = ("ce", "distill")

@@ -64,11 +64,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from . import engines, validation
-from .codes import MnemonicCodes
-from .modeling import logits_of
-from .session import CandidateSession, CodeAccuracy, better_sign
-from .stack import user_stacklevel
+from .. import engines, validation
+from ..codes import MnemonicCodes
+from ..modeling import logits_of
+from ..session import CandidateSession, CodeAccuracy, better_sign
+from ..stack import user_stacklevel
+from ..verdict import MAX_RETAIN_DROP, margins as _margins
 
 Tensor = torch.Tensor
 
@@ -94,6 +95,7 @@ class Trial:
     forget_ok: bool = False
     retain_ok: bool = False
     score: float = 0.0            # A_R + E_F on the codes (argmax), the sign rule of forget()
+    retain_sample_drop: float | None = None  # forget(retain=...): accuracy lost on the sample's retained rows
 
 
 @dataclass
@@ -134,14 +136,12 @@ class Criterion:
 
 
 @dataclass(frozen=True)
-class SearchOptions:
+class SearchOptions(Criterion):
     """The search's options and their defaults, written once: the keywords of :func:`calibrate`
     and :func:`calibrate_session`, and the search options of ``forget(calibration={...})``
-    (docs/REFUSALS.md for the values each accepts)."""
+    (docs/REFUSALS.md for the values each accepts). The criterion's three come first, from
+    :class:`Criterion`; the search's own follow."""
 
-    depth: float = 1.0
-    max_forget_prob: float = 1e-3
-    min_retain_margin: float = 0.5
     lambda1_range: tuple[float, float] = (1e-7, 10.0)
     steps: int = 6
     search: str = "scale"
@@ -169,19 +169,11 @@ class SearchOptions:
 
     @property
     def criterion(self) -> Criterion:
-        return Criterion(self.depth, self.max_forget_prob, self.min_retain_margin)
+        return Criterion(**{f.name: getattr(self, f.name) for f in fields(Criterion)})
 
 
 #: The names of the search options (:class:`SearchOptions`' fields, in order).
 SEARCH_OPTIONS = tuple(f.name for f in fields(SearchOptions))
-
-
-def _margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, labels[:, None], float("-inf"))
-    prob = torch.softmax(logits.float(), -1).gather(1, labels[:, None]).squeeze(1)
-    return true - other.max(1).values, prob
 
 
 SEARCHES = ("scale", "lambda1")
@@ -208,15 +200,29 @@ class _Prober:
         self._r = (~self.is_forget).nonzero().view(-1)
         self._floor_f = self.margin0.index_select(0, self._f).clamp_min(1e-6)
         self._floor_r = self.margin0.index_select(0, self._r).clamp_min(1e-6)
+        # forget(retain=(x, y)): the sample's rows of the remaining classes, and their hits before
+        self._sample = getattr(session, "retain_inputs", None) is not None
+        if self._sample:
+            forget_classes = self.labels[self.is_forget].unique()
+            self._sample_rows = ~torch.isin(session.retain_labels, forget_classes)
+            self._sample_before = self._sample_accuracy(session.retain_before)
+
+    def _sample_accuracy(self, logits: Tensor) -> Tensor:
+        """The retain sample's accuracy on its rows of the remaining classes (a 0-dim tensor)."""
+        hits = logits.argmax(-1) == self.session.retain_labels
+        return hits[self._sample_rows].float().mean()
 
     def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         """The trial of one sign, judged (written from the originals: no undo needed). Its
         statistics are read in one host transfer."""
         trial = getattr(self.session, "trial_logits", None)  # a CandidateSession's: set_shift + logits, cheaper
-        if trial is None:
+        if trial is None or self._sample:  # the sample's forward needs every parameter written
             self.session.set_shift(lambda1, lambda2, sign)
-        logits = self.session.logits() if trial is None else trial(lambda1, lambda2, sign)
+        logits = self.session.logits() if trial is None or self._sample else trial(lambda1, lambda2, sign)
+        drop = self._sample_before - self._sample_accuracy(self.session.retain_logits()) if self._sample else None
         trial = self.statistics(logits, lambda1, lambda2, sign)
+        if drop is not None:
+            trial.retain_sample_drop = float(drop)
         self.both.append(trial)
         return self.judge(trial)
 
@@ -250,8 +256,13 @@ class _Prober:
 
 
 def _judge(trial: Trial, depth: float, max_forget_prob: float, min_retain_margin: float) -> Trial:
+    """The two sides of the criterion. With a retain sample (``forget(retain=...)``) the retain side
+    is judged on it in place of the retained codes: at most ``MAX_RETAIN_DROP`` of its accuracy lost."""
     trial.forget_ok = trial.forget_depth >= depth and trial.forget_max_prob <= max_forget_prob
-    trial.retain_ok = trial.retain_all_correct and trial.retain_margin_ratio >= min_retain_margin
+    if trial.retain_sample_drop is not None:
+        trial.retain_ok = trial.retain_sample_drop <= MAX_RETAIN_DROP
+    else:
+        trial.retain_ok = trial.retain_all_correct and trial.retain_margin_ratio >= min_retain_margin
     return trial
 
 
@@ -500,13 +511,13 @@ def calibrate(
     return result
 
 
-def warn_if_unmet(calibration: Calibration | None, before: CodeAccuracy, after: CodeAccuracy) -> None:
+def warn_if_unmet(calibration: Calibration | None, before: CodeAccuracy, after: CodeAccuracy) -> bool:
     """``forget(lambda1="auto")``'s :class:`CalibrationWarning` for a step that met the forget side
     but not the retain side (``before``/``after``: the code accuracies around the applied step).
-    A best-effort step is left alone: :func:`calibrate_session` warned already."""
+    A best-effort step is left alone: :func:`calibrate_session` warned already. Whether it warned."""
     if (calibration is None or calibration.feasible or not calibration.forget_reached
             or calibration.diagnostics.get("best_effort")):
-        return
+        return False
     if before.forget < 1.0 or before.retain < 1.0:  # it does not know its codes: say so
         why = (f"the model classifies only {before.forget:.0%} of the forget codes and {before.retain:.0%} of "
                f"the others before forgetting: it may not have been trained with these codes "
@@ -522,3 +533,4 @@ def warn_if_unmet(calibration: Calibration | None, before: CodeAccuracy, after: 
         CalibrationWarning,
         stacklevel=user_stacklevel(),
     )
+    return True

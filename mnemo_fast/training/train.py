@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .codes import MnemonicCodes, MnemonicMix
-from .modeling import logits_of
+from ..codes import MnemonicCodes, MnemonicMix
+from ..modeling import logits_of
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .codes import MnemonicCodes, MnemonicMix
-from .modeling import logits_of
-from .stack import user_stacklevel
+from ..codes import MnemonicCodes, MnemonicMix
+from ..modeling import logits_of
+from ..stack import user_stacklevel
 from .train import cross_entropy, fit, make_optimizer
 
 OPTIMIZERS = ("sgd", "adam")

@@ -27,11 +27,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import validation
-from .calibration import Calibration, Criterion, Trial, _Prober, _judge
-from .calibration import _balance as _calibration_balance
-from .codes import MnemonicCodes
-from .session import CandidateSession, code_logits
+from .. import validation
+from .search import Calibration, Criterion, Trial, _Prober, _judge
+from .search import _balance as _calibration_balance
+from ..codes import MnemonicCodes
+from ..session import CandidateSession, code_logits
 
 Tensor = torch.Tensor
 
@@ -208,7 +208,7 @@ class _Scaler:
 
 
 class _Scorer:
-    """The calibration's judged statistics (:meth:`mnemo_fast.calibration._Prober.statistics`)
+    """The calibration's judged statistics (:meth:`mnemo_fast.calibration.search._Prober.statistics`)
     of the logits ``logits()`` gives (the model as it is now), on the session's scoring codes;
     ``count``: forwards spent."""
 

@@ -1,0 +1,161 @@
+"""The verdict of a forget: is the result clean, by what the call can see? (docs/METHOD.md, "The verdict")
+
+Every :func:`mnemo_fast.forget` returns one, in ``result.verdict``. It is computed from what the
+call has, never from test data:
+
+- **the codes** (always): after the step, every forget code must be misclassified with the
+  depth of the criterion (its margin at most ``-depth`` times its margin before, its true-class
+  probability at most ``max_forget_prob``), and the retained codes must all stay correct with
+  their median margin keeping ``min_retain_margin`` of its value before. These are the
+  criterion of ``lambda1="auto"`` (:class:`mnemo_fast.calibration.Criterion`, the caller's
+  ``calibration=`` options where given), judged on the step applied, whichever way its lambdas
+  were chosen.
+- **a retain sample** (``forget(..., retain=(x, y))``, optional): real samples with their
+  labels. Those of the remaining classes must not lose more than ``max_retain_drop`` of
+  accuracy (default 2 points); those of a forget class, if any, must be at most
+  ``max_forget_accuracy`` right (default 1%).
+
+A verdict that flags lists its reasons. A flagged result is returned all the same (the caller
+decides) with a :class:`mnemo_fast.ForgetWarning`; the command line exits non-zero on it unless
+``--accept-flagged``. How often a clean verdict hides a failure (a *silent failure*) is
+measured on models trained in ways the package did not choose: benchmarks/ZOO.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+#: A retain sample's accuracy on the remaining classes may drop this much (a fraction) and pass.
+MAX_RETAIN_DROP = 0.02
+#: A retain sample's rows of a forget class may be this much right (a fraction) and pass.
+MAX_FORGET_ACCURACY = 0.01
+
+
+@dataclass(frozen=True)
+class SampleAccuracy:
+    """Accuracy of a real sample before and after the step: ``retain`` on the rows of the
+    remaining classes (``retain_rows`` of them), ``forget`` on the rows of a forget class
+    (None when it has none)."""
+
+    retain_before: float
+    retain_after: float
+    retain_rows: int
+    forget_before: float | None = None
+    forget_after: float | None = None
+    forget_rows: int = 0
+
+    @property
+    def retain_drop(self) -> float:
+        return self.retain_before - self.retain_after
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``flagged``: the call's evidence says the result may not be clean (``reasons`` say why);
+    ``evidence``: "codes", or "codes and a retain sample of M"; ``codes_forget_ok`` /
+    ``codes_retain_ok``: the two sides of the criterion on the codes after the step;
+    ``sample``: the retain sample's accuracies (None without one)."""
+
+    flagged: bool
+    reasons: tuple[str, ...]
+    evidence: str
+    codes_forget_ok: bool
+    codes_retain_ok: bool
+    sample: SampleAccuracy | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.flagged
+
+    def __str__(self) -> str:
+        head = "flagged" if self.flagged else "clean"
+        return f"{head} (from {self.evidence})" + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def margins(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """[N] margin (true-class logit minus the best other) and [N] true-class probability."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, labels[:, None], float("-inf"))
+    prob = torch.softmax(logits.float(), -1).gather(1, labels[:, None]).squeeze(1)
+    return true - other.max(1).values, prob
+
+
+def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor, *, depth: float,
+               max_forget_prob: float, min_retain_margin: float) -> tuple[list[str], list[str], dict]:
+    """(what fails the forget side, what fails the retain side, figures) of the codes' logits ``before`` and
+    ``after`` [N, C] with ``labels`` [N] and the forget mask ``is_forget`` [N]: the criterion of
+    the module docstring. The figures are read in one host transfer."""
+    m0, _ = margins(before.float(), labels)
+    m1, p1 = margins(after.float(), labels)
+    f, r = is_forget, ~is_forget
+    floor = m0.clamp_min(1e-6)
+    one = m1.new_ones(())
+    stats = torch.stack([
+        (m1[f] > 0).float().sum() if f.any() else 0 * one,
+        (-m1[f] / floor[f]).min() if f.any() else one * float("inf"),
+        p1[f].max() if f.any() else 0 * one,
+        (m1[r] <= 0).float().sum() if r.any() else 0 * one,
+        (m1[r] / floor[r]).median() if r.any() else one,
+        (m0[r] > 0).float().sum() if r.any() else 0 * one,
+    ]).tolist()
+    still, depth_after, prob_after, lost, ratio, right_before = stats
+    reasons = []
+    if still > 0:
+        reasons.append(f"{int(still)} of {int(f.sum())} forget codes still classified as their class")
+    elif depth_after < depth or prob_after > max_forget_prob:
+        reasons.append(f"the forget codes are misclassified, but not deeply (depth {depth_after:.2f}, criterion "
+                       f"{depth:g}; largest true-class probability {prob_after:.2g}, criterion {max_forget_prob:g})")
+    retain_reasons = []
+    if lost > 0:
+        retain_reasons.append(f"{int(lost)} of {int(r.sum())} retained codes misclassified after the step "
+                              f"({int(r.sum() - right_before)} before)")
+    if ratio < min_retain_margin:
+        retain_reasons.append(f"the retained codes kept {ratio:.3g} of their median margin (criterion "
+                              f"{min_retain_margin:g})")
+    figures = {"forget_codes_still_right": int(still), "forget_depth": depth_after, "forget_max_prob": prob_after,
+               "retain_codes_lost": int(lost), "retain_margin_ratio": ratio}
+    return reasons, retain_reasons, figures
+
+
+def sample_accuracy(before: Tensor, after: Tensor, labels: Tensor, forget_classes) -> SampleAccuracy:
+    """:class:`SampleAccuracy` of a real sample's logits ``before`` and ``after`` [M, C] with
+    ``labels`` [M] (one host transfer)."""
+    is_forget = torch.isin(labels, torch.tensor(list(forget_classes), device=labels.device))
+    hit0, hit1 = before.argmax(-1) == labels, after.argmax(-1) == labels
+    r, f = ~is_forget, is_forget
+    n_r, n_f = int(r.sum()), int(f.sum())
+    values = torch.stack([hit0[r].float().mean() if n_r else hit0.new_zeros((), dtype=torch.float32),
+                          hit1[r].float().mean() if n_r else hit1.new_zeros((), dtype=torch.float32),
+                          hit0[f].float().mean() if n_f else hit0.new_zeros((), dtype=torch.float32),
+                          hit1[f].float().mean() if n_f else hit1.new_zeros((), dtype=torch.float32)]).tolist()
+    return SampleAccuracy(values[0], values[1], n_r, values[2] if n_f else None, values[3] if n_f else None, n_f)
+
+
+def judge(codes_before: Tensor, codes_after: Tensor, labels: Tensor, is_forget: Tensor, *, criterion,
+          sample: SampleAccuracy | None = None, max_retain_drop: float = MAX_RETAIN_DROP,
+          max_forget_accuracy: float = MAX_FORGET_ACCURACY) -> Verdict:
+    """The :class:`Verdict` of a step from the codes' logits before and after it (and a retain
+    sample's accuracies, where one was given); ``criterion``: a
+    :class:`mnemo_fast.calibration.Criterion` (depth, max_forget_prob, min_retain_margin)."""
+    forget_fails, retain_fails, details = code_sides(
+        codes_before, codes_after, labels, is_forget, depth=criterion.depth,
+        max_forget_prob=criterion.max_forget_prob, min_retain_margin=criterion.min_retain_margin)
+    # with a retain sample the retain side is judged on it, not on the codes (as lambda1="auto" does)
+    judged = forget_fails if sample is not None and sample.retain_rows else forget_fails + retain_fails
+    reasons = [f"codes: {reason}" for reason in judged]
+    evidence = "codes"
+    if sample is not None:
+        evidence = f"codes and a retain sample of {sample.retain_rows + sample.forget_rows}"
+        if sample.retain_rows and sample.retain_drop > max_retain_drop:
+            reasons.append(f"retain sample: accuracy on the remaining classes {sample.retain_before:.1%} -> "
+                           f"{sample.retain_after:.1%} (more than {max_retain_drop:.0%} lost)")
+        if sample.forget_rows and sample.forget_after > max_forget_accuracy:
+            reasons.append(f"retain sample: {sample.forget_after:.1%} of its {sample.forget_rows} forget-class "
+                           f"rows still right (at most {max_forget_accuracy:.0%} allowed)")
+    return Verdict(bool(reasons), tuple(reasons), evidence, not forget_fails, not retain_fails, sample, details)

@@ -3,11 +3,12 @@
 # the extension has none, then runs
 #   1. the GPU test plan (tests/test_ops_cuda.py: each op against its twin; tests/test_gpu_models.py:
 #      whole models, fast against reference, on the GPU) and the CPU-side dispatch/build tests,
-#   2. the GPU benchmarks (.ci/gpu_bench.py: ops, a whole forget, transformers' Fisher),
+#   2. the GPU benchmarks (.ci/gpu_bench.py: the Linear paths' crossover table, fused kernel vs
+#      chunked-bmm, which it also adds to summary.md; ops, a whole forget, transformers' Fisher),
 #   3. compute-sanitizer memcheck, racecheck and synccheck on one small call of each op
 #      (.ci/gpu_ops_once.py; PyTorch's caching allocator off so memcheck sees every buffer),
 # and writes everything to $GPU_CHECK_OUT (default gpu-check/): summary.md (one line per step)
-# plus each step's log (8 files, what a lent device machine sends back). Every step runs even
+# plus each step's log and linear-paths.md (what a lent device machine sends back). Every step runs even
 # when an earlier one fails, each under its own time limit (a lent machine's time is short);
 # the exit status is 1 if any failed. Env: PYTHON (default python3, a CUDA build of torch),
 # GPU_CHECK_OUT, TORCH_CUDA_ARCH_LIST (default: this GPU's architecture), MAX_JOBS,
@@ -57,7 +58,11 @@ fi
 step "GPU test plan + whole models on the GPU + dispatch/build tests" 120 "$out/pytest.log" \
   "$py" -m pytest -q -rs tests/test_ops_cuda.py tests/test_gpu_models.py tests/test_cuda_dispatch.py tests/test_build.py
 
-step "GPU benchmarks (bench.md)" 120 "$out/bench.log" "$py" .ci/gpu_bench.py --out "$out/bench.md"
+step "GPU benchmarks (bench.md; the Linear paths' crossover table first, also in linear-paths.md)" 150 \
+  "$out/bench.log" "$py" .ci/gpu_bench.py --out "$out/bench.md" --linear-out "$out/linear-paths.md"
+if [[ -s $out/linear-paths.md ]]; then  # the table mnemo_fast/fast/dispatch.py's CUDA thresholds wait for
+  { echo; cat "$out/linear-paths.md"; echo; } >> "$summary"
+fi
 
 sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
   /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

@@ -9,12 +9,14 @@ and warns once per model when a call sends parameters to the generic path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from . import engines
+from .fast.dispatch import LinearPath
+from .fast.ops import linear_path_for
 from .fast.plan import GenericPathWarning, Route  # noqa: F401 (part of this module's API)
 from .modeling import eval_mode, logits_of
 from .session import ParamSelector, only_parameters
@@ -29,11 +31,16 @@ PATHS = ("rule", "broadcast", "operation", "joined", "generic", "reference")
 @dataclass
 class Explanation:
     """The route of every trainable parameter (in the model's order), on ``backend``;
-    ``decision``: the call's path and why, as :func:`mnemo_fast.engines.decide` gave it."""
+    ``decision``: the call's path and why, as :func:`mnemo_fast.engines.decide` gave it;
+    ``linear``: name -> the Linear path of each Linear Fisher sum of that parameter (a Linear
+    weight: one; ``in_proj_weight``: q, k, v), as :func:`mnemo_fast.fast.dispatch.decide_linear`
+    decides it for these inputs on their device now (its free memory). Each route's ``detail``
+    ends with it."""
 
     backend: str
     routes: list[Route] = field(default_factory=list)
     decision: str = ""
+    linear: dict[str, tuple[LinearPath, ...]] = field(default_factory=dict)
 
     @property
     def generic(self) -> list[Route]:
@@ -79,4 +86,16 @@ def explain(
             return Explanation(backend, [Route(name, "reference", "per-sample gradients (torch.func)")
                                          for name in names], why)
         found = routes(model, inputs, targets, output_fn)
-    return Explanation(backend, [found[name] for name in names], why)
+    listed = [found[name] for name in names]
+    compiled = backend in ("cpu-ext", "cuda-ext")
+    linear = {r.name: tuple(linear_path_for(inputs.shape[0], t, d_in, d_out, dtype, inputs.device, compiled)
+                            for t, d_in, d_out, dtype in r.linear) for r in listed if r.linear}
+    listed = [replace(r, detail=f"{r.detail}; linear path {_paths(linear[r.name])}") if r.name in linear else r
+              for r in listed]
+    return Explanation(backend, listed, why, linear)
+
+
+def _paths(paths: tuple[LinearPath, ...]) -> str:
+    """One path, or each sum's (q, k, v of an attention's in_proj_weight) when they differ."""
+    shown = list(dict.fromkeys(str(p) for p in paths))
+    return shown[0] if len(shown) == 1 else " | ".join(f"{i + 1}: {p}" for i, p in enumerate(map(str, paths)))

@@ -39,6 +39,43 @@ def test_sum_sq_grad_linear_cuda(case, dtype):
     torch.testing.assert_close(got.double(), want, **({"rtol": 1e-3, "atol": 1e-3} if low else tol(dtype)))
 
 
+@pytest.fixture
+def tf32(request):
+    """torch's float32 matmul precision for one test ("highest": TF32 off; "high": allowed)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(getattr(request, "param", "highest"))
+    yield torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LINEAR, ids=case_id)
+def test_chunked_bmm_linear_cuda(case, dtype, chunk, tf32):
+    """The chunked-bmm path (cuBLAS batched GEMM, TF32 off) against the float64 twin."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(case["N"], case["T"], case["out"], generator=gen).to(dtype)
+    x = torch.randn(case["N"], case["T"], case["inp"], generator=gen).to(dtype)
+    want = twin.sum_sq_grad_linear(g.double(), x.double())
+    got = ops.chunked_sum_sq_grad_linear(g.to(CUDA), x.to(CUDA), chunk)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.cpu().double(), want, **tol(dtype))  # low precision: fp32 sums of the same values
+
+
+@pytest.mark.parametrize("tf32", ["highest", "high"], indirect=True)
+def test_linear_fisher_cuda_takes_the_path_the_rule_picks(tf32):
+    gen = torch.Generator().manual_seed(1)
+    g, x = torch.randn(64, 197, 96, generator=gen), torch.randn(64, 197, 80, generator=gen)
+    want = twin.sum_sq_grad_linear(g.double(), x.double())
+    gc, xc = g.to(CUDA), x.to(CUDA)
+    path = ops.linear_path(gc, xc, compiled=True)
+    assert path.path == "chunked-bmm" and 1 <= path.chunk <= 64  # every T > 1 on CUDA until measured otherwise
+    close = {"rtol": 1e-4, "atol": 1e-5} if tf32 == "highest" else {"rtol": 1e-2, "atol": 1e-2}  # TF32: 10-bit mantissas
+    torch.testing.assert_close(ops.COMPILED.linear_fisher(gc, xc).cpu().double(), want, **close)
+    one = ops.COMPILED.linear_fisher(gc[:, :1], xc[:, :1]).cpu().double()  # squares-gemm
+    torch.testing.assert_close(one, twin.sum_sq_grad_linear(g[:, :1].double(), x[:, :1].double()), **close)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CONV, ids=case_id)
 def test_sum_sq_grad_conv2d_cuda(case, dtype):

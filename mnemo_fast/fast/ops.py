@@ -7,8 +7,9 @@ one without the extension raises RuntimeError, see :func:`mnemo_fast.fast._ext.l
 tensors (:func:`mnemo_fast.reference.perturb.max_ratios`, ``shift_``, ``gaussian_``), which the
 reference engine runs too: the formula is written once. :data:`OPS` pairs them by name;
 :data:`COMPILED` and :data:`TWINS` give one path of every op as attributes, which is what an
-engine's layer rules call. The tests (tests/test_ops_cpu.py) and benchmarks/bench_kernels.py
-iterate :data:`OPS`.
+engine's layer rules call; their ``linear_fisher`` is the Linear Fisher by the path that
+:func:`mnemo_fast.fast.dispatch.decide_linear` picks (:func:`linear_fisher`). The tests
+(tests/test_ops_cpu.py) and benchmarks/bench_kernels.py iterate :data:`OPS`.
 
 Importing this module never loads ``mnemo_fast._C``: the twins run without the extension (the
 ATen-only hooks engine, ``HOOKS_ATEN``). The fake kernels (shapes only, for torch.compile) are
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ..dtypes import accumulation_dtype
 from ..reference import perturb
-from . import _ext
+from . import _ext, dispatch
 
 Tensor = torch.Tensor
 Ints = int | Sequence[int]
@@ -78,6 +80,81 @@ def twin_sum_sq_grad_linear(grad_output: Tensor, input: Tensor) -> Tensor:
         per_sample = torch.bmm(g[start : start + step].transpose(1, 2), x[start : start + step])
         acc += per_sample.square_().sum(0)
     return acc
+
+
+def squares_gemm_sum_sq_grad_linear(grad_output: Tensor, input: Tensor) -> Tensor:
+    """The "squares-gemm" path of :func:`linear_fisher`, T = 1 only: ``(g^2)^T (x^2)``, one
+    GEMM of squares, exact because each per-sample gradient is the outer product ``g_n x_n^T``."""
+    if grad_output.shape[1] != 1:
+        raise ValueError(f"squares-gemm needs T = 1, got T = {grad_output.shape[1]}")
+    dtype = accumulation_dtype(input.dtype)
+    return grad_output[:, 0].to(dtype).square().t() @ input[:, 0].to(dtype).square()
+
+
+def chunked_sum_sq_grad_linear(grad_output: Tensor, input: Tensor, chunk: int) -> Tensor:
+    """The "chunked-bmm" path of :func:`linear_fisher`: the per-sample gradients
+    ``G_n = g_n^T x_n`` of ``chunk`` samples at a time by one batched GEMM (torch.bmm, so on a
+    GPU cuBLAS, with TF32 exactly when torch's own matmul setting allows it), squared in place
+    and added into the accumulator (float64 for float64, else float32: bf16/fp16 operands are
+    cast to float32 first, one chunk at a time). At most ``chunk`` per-sample gradients exist
+    at once, in one buffer reused by every chunk. grad_output [N, T, out], input [N, T, in]
+    -> [out, in]. docs/FAST_PATH.md, "Which Linear path: the dispatch rule"."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    dtype = accumulation_dtype(input.dtype)
+    n, out_features, in_features = grad_output.shape[0], grad_output.shape[2], input.shape[2]
+    total = torch.zeros(out_features, in_features, dtype=dtype, device=input.device)
+    chunk = min(chunk, n)
+    if n == 0:
+        return total
+    buffer = torch.empty(chunk, out_features, in_features, dtype=dtype, device=input.device)
+    for start in range(0, n, chunk):
+        g = grad_output[start : start + chunk].to(dtype)
+        x = input[start : start + chunk].to(dtype)
+        per_sample = buffer[: g.shape[0]]
+        torch.bmm(g.transpose(1, 2), x, out=per_sample)
+        total += per_sample.square_().sum(0)
+    return total
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a chunk may take on ``device``: on a GPU, what the driver reports free plus what
+    torch's caching allocator holds unused (``mem_get_info`` counts that as taken); None on
+    other devices (the CPU's budget is fixed, :data:`.dispatch.CPU_CHUNK_BYTES`)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def linear_fisher(grad_output: Tensor, input: Tensor, fused: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """``sum_n (g_n^T x_n)^2`` over T positions by the path :func:`.dispatch.decide_linear`
+    chooses from the sizes, dtype, device and free memory: "squares-gemm", "chunked-bmm", or
+    "fused" (``fused``: the compiled :func:`sum_sq_grad_linear`, where it runs on the device;
+    None on the ATen-only path). What the layer rules call (``kernels.linear_fisher``)."""
+    path = linear_path(grad_output, input, fused is not None)
+    if path.path == "squares-gemm":
+        return squares_gemm_sum_sq_grad_linear(grad_output, input)
+    if path.path == "fused":
+        return fused(grad_output, input)
+    return chunked_sum_sq_grad_linear(grad_output, input, path.chunk)
+
+
+def linear_path(grad_output: Tensor, input: Tensor, compiled: bool) -> dispatch.LinearPath:
+    """The :class:`.dispatch.LinearPath` of these operands (``compiled``: the path has the
+    compiled kernels)."""
+    n, t, d_out = grad_output.shape
+    return linear_path_for(n, t, input.shape[2], d_out, input.dtype, input.device, compiled)
+
+
+def linear_path_for(n: int, t: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device,
+                    compiled: bool) -> dispatch.LinearPath:
+    """:func:`.dispatch.decide_linear` for these sizes on ``device`` as it is now (its free
+    memory; ``compiled``: the path has the compiled kernels, which on a GPU run only where the
+    build has an image for it). What :func:`linear_fisher` and ``explain`` ask."""
+    fused = compiled and (device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels(device)))
+    return dispatch.decide_linear(n, t, d_in, d_out, dtype, device.type,
+                                  free_bytes=free_bytes(device) if t != 1 else None, fused=fused)
 
 
 # ---- sum_sq_grad_conv2d / conv1d ---------------------------------------------------------
@@ -226,10 +303,14 @@ OPS: dict[str, Op] = {
         Op("perturb_gaussian_", perturb_gaussian_, perturb.gaussian_),
     )
 }
-#: Every op's compiled version as an attribute (``COMPILED.sum_sq_grad_linear``).
-COMPILED = SimpleNamespace(**{name: op.compiled for name, op in OPS.items()})
-#: Every op's pure-PyTorch twin as an attribute (``TWINS.sum_sq_grad_linear``).
-TWINS = SimpleNamespace(**{name: op.twin for name, op in OPS.items()})
+#: Every op's compiled version as an attribute (``COMPILED.sum_sq_grad_linear``), and
+#: ``linear_fisher``: the Linear Fisher by the path the dispatch rule picks, the fused path
+#: being the compiled kernel.
+COMPILED = SimpleNamespace(**{name: op.compiled for name, op in OPS.items()},
+                           linear_fisher=partial(linear_fisher, fused=sum_sq_grad_linear))
+#: Every op's pure-PyTorch twin as an attribute (``TWINS.sum_sq_grad_linear``), and
+#: ``linear_fisher`` without a fused path (squares-gemm or chunked-bmm).
+TWINS = SimpleNamespace(**{name: op.twin for name, op in OPS.items()}, linear_fisher=linear_fisher)
 
 
 # ---- fake kernels (shapes only), registered once the extension has loaded -------------------

@@ -55,14 +55,33 @@ class Plan:
     #: "output"}: learned when a later in-place op wrote it (:mod:`.capture`)
     protect: dict[nn.Module, set[str]] = field(default_factory=dict)
 
+    #: rule module -> the Linear Fisher sums its rule computes, per call of the batch-1 probe:
+    #: [[(local name, T, d_in, d_out, dtype)]] (:meth:`.rules.base.Rule.linear_sums`); what
+    #: ``explain`` turns into each layer's Linear path (:func:`.dispatch.decide_linear`)
+    linear: dict[nn.Module, list[list[tuple]]] = field(default_factory=dict)
+
+    def linear_sizes(self, module: nn.Module) -> dict[str, tuple]:
+        """local name -> ((T, d_in, d_out, dtype), ...) of ``module``'s Linear sums, its calls
+        joined along positions (T added up), as the rule joins them."""
+        calls = self.linear.get(module) or []
+        if not calls or any(len(c) != len(calls[0]) for c in calls):
+            return {}
+        out: dict[str, list[tuple]] = {}
+        for parts in zip(*calls):
+            local, _, d_in, d_out, dtype = parts[0]
+            out.setdefault(local, []).append((sum(p[1] for p in parts), d_in, d_out, dtype))
+        return {local: tuple(sizes) for local, sizes in out.items()}
+
     def routes(self) -> dict[str, "Route"]:
         """name -> :class:`Route` for every parameter of the plan."""
         out = {}
         for module, (rule, local_names) in self.rule_modules.items():
+            sizes = self.linear_sizes(module)
             for local, full in local_names.items():
                 copied = " and ".join(sorted(self.protect.get(module, ())))
                 note = f" ({copied} copied: written in place later in the forward)" if copied else ""
-                out[full] = Route(full, "rule", f"{type(rule).__name__} on {type(module).__name__}.{local}{note}")
+                out[full] = Route(full, "rule", f"{type(rule).__name__} on {type(module).__name__}.{local}{note}",
+                                  sizes.get(local, ()))
         for name in self.broadcast:
             out[name] = Route(name, "broadcast", "broadcast over the samples (expand / add / subtract)")
         if self.operations is not None:
@@ -84,11 +103,14 @@ class Route:
     """How one parameter's Fisher is computed. ``path``: "rule", "broadcast", "operation",
     "generic" (no rule takes it), "joined" (a rule could, but it shares the generic
     parameters' per-sample pass, which costs less than two passes), or "reference" on the
-    reference engine; ``detail``: the rule, the operations, or why."""
+    reference engine; ``detail``: the rule, the operations, or why; ``linear``: the sizes
+    ((T, d_in, d_out, dtype), ...) of the Linear Fisher sums its rule computes, T per sample
+    (empty if none), from which ``explain`` names the Linear path."""
 
     name: str
     path: str
     detail: str
+    linear: tuple = ()
 
 
 class GenericPathWarning(UserWarning):
@@ -160,13 +182,19 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
                 live[id(p)] = id(now)
         windows[module].append([_next_node_number(), -1])
 
-    def count(module, args, output):
+    linear: dict[nn.Module, list[list[tuple]]] = defaultdict(list)
+
+    def count(module, args, kwargs, output):
         calls[module] += 1
         windows[module][-1][1] = _next_node_number()
         seen = rules[module].batch_candidates(module, args[0]) if args and torch.is_tensor(args[0]) else set()
         batch_dims[module] = batch_dims.get(module, seen) & seen
+        try:  # what explain reports of the Linear path; never a reason to fail the plan
+            linear[module].append(rules[module].linear_sums(module, rules[module].inputs(args, kwargs)))
+        except Exception:  # noqa: BLE001
+            linear[module].append([])
 
-    handles = [m.register_forward_hook(count) for m in rules]
+    handles = [m.register_forward_hook(count, with_kwargs=True) for m in rules]
     handles += [m.register_forward_pre_hook(resolve) for m in rules]
     try:
         with torch.enable_grad():
@@ -187,7 +215,7 @@ def make_plan(model: nn.Module, params: dict[str, nn.Parameter], x1: torch.Tenso
         spans = [span for span in windows.get(module, []) if span[1] >= 0]
         return all(any(a <= node._sequence_nr() < b for a, b in spans) for node in parents.get(key, []))
 
-    plan = Plan(batch_dims=batch_dims)
+    plan = Plan(batch_dims=batch_dims, linear=dict(linear))
     candidates = []  # raw parameters with one use, through a broadcast node
     for name, p in params.items():
         called = [(m, local) for m, local in claims[id(p)] if calls[m] > 0]

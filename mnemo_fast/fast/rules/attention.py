@@ -64,6 +64,16 @@ class MultiheadAttentionRule(Rule):
         found.update({f"out_proj.{k}": p for k, p in module.out_proj.named_parameters(recurse=False)})
         return found
 
+    def linear_sums(self, module: nn.MultiheadAttention, inputs: dict) -> list[tuple]:
+        """q, k, v projections (their own positions: L, S, S) and the output projection (L)."""
+        e = module.embed_dim
+        q = inputs["query"]
+        k = inputs.get("key", q)
+        v = inputs.get("value", k)
+        length = lambda t: t.numel() // e  # noqa: E731 - a batch-1 call: positions of its sample
+        return [*(("in_proj_weight", length(t), e, e, q.dtype) for t in (q, k, v)),
+                ("out_proj.weight", length(q), e, e, q.dtype)]
+
     def _recompute(self, module: nn.MultiheadAttention, call: dict, grad_out: Tensor):
         """(q/k/v inputs [N, L|S, E] x3, their projections' grads, out_proj input [N, L, E], grad [N, L, E])."""
         first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
@@ -99,12 +109,12 @@ class MultiheadAttentionRule(Rule):
         inputs, grads, merged, g_out = self._recompute(module, call, grad_out)
         result = {}
         if module.in_proj_weight.requires_grad:
-            blocks = [kernels.sum_sq_grad_linear(g.contiguous(), x.contiguous()) for x, g in zip(inputs, grads)]
+            blocks = [kernels.linear_fisher(g.contiguous(), x.contiguous()) for x, g in zip(inputs, grads)]
             result["in_proj_weight"] = torch.cat(blocks, 0)
         if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
             result["in_proj_bias"] = torch.cat([acc(g.sum(1)) for g in grads], 1).square().sum(0)
         if module.out_proj.weight.requires_grad:
-            result["out_proj.weight"] = kernels.sum_sq_grad_linear(g_out.contiguous(), merged.contiguous())
+            result["out_proj.weight"] = kernels.linear_fisher(g_out.contiguous(), merged.contiguous())
         if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
             result["out_proj.bias"] = acc(g_out.sum(1)).square().sum(0)
         return result

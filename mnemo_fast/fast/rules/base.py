@@ -4,8 +4,9 @@ A rule sees every call of its module in one batched pass: ``calls`` is a list of
 (input [N, ...], grad_output [N, ...]) with the per-sample loss summed, so grad_output holds
 per-sample gradients. Several calls of one module are summed per sample *before* squaring.
 ``kernels`` is one path of the op table (:data:`mnemo_fast.fast.ops.COMPILED` or
-:data:`mnemo_fast.fast.ops.TWINS`). ``accumulate`` returns {local parameter name: sum of
-squares}; docs/FAST_PATH.md, "One batched pass, parameters frozen", has the common setup.
+:data:`mnemo_fast.fast.ops.TWINS`); a Linear Fisher sum goes through its ``linear_fisher``,
+which takes the path :func:`mnemo_fast.fast.dispatch.decide_linear` picks. ``accumulate``
+returns {local parameter name: sum of squares}; docs/FAST_PATH.md, "One batched pass, parameters frozen", has the common setup.
 """
 
 from __future__ import annotations
@@ -78,3 +79,10 @@ class Rule:
     def accumulate(self, module: nn.Module, calls: Calls, kernels) -> dict[str, Tensor]:
         """{local name: sum_n (per-sample gradient)^2} from all calls of ``module``."""
         raise NotImplementedError
+
+    def linear_sums(self, module: nn.Module, inputs) -> list[tuple]:
+        """The Linear Fisher sums (``kernels.linear_fisher``) :meth:`accumulate` computes from
+        one call of a batch-1 probe (``inputs``: what :meth:`inputs` gives of that call):
+        [(local name, T positions, d_in, d_out, dtype)]. What ``explain`` names the Linear path
+        from (:func:`mnemo_fast.fast.dispatch.decide_linear`); none by default."""
+        return []

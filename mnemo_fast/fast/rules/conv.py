@@ -46,7 +46,7 @@ class ConvRule(Rule):
                 # sample's gradient is the outer product g_n x_n^T of its one input window, so
                 # the linear kernel's T = 1 path (one GEMM on squared operands) takes it.
                 cols = F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [N, 1, C*kk]
-                d2 = kernels.sum_sq_grad_linear(g.reshape(g.shape[0], 1, -1).contiguous(), cols.contiguous())
+                d2 = kernels.linear_fisher(g.reshape(g.shape[0], 1, -1).contiguous(), cols.contiguous())
             else:
                 d2 = kernels.sum_sq_grad_conv2d(g.contiguous(), x.contiguous(), k, s, p, d, module.groups)
             out["weight"] = d2.view(module.weight.shape)

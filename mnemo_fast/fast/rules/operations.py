@@ -549,7 +549,7 @@ class OperationsCapture:
             linear = _linear_parts(use, plan, grad, n) if plan.op in _LINEAR else None
             if linear is not None:
                 x, g, transposed = linear
-                sums = self.kernels.sum_sq_grad_linear(g.contiguous(), x.detach().to(g.dtype).contiguous())
+                sums = self.kernels.linear_fisher(g.contiguous(), x.detach().to(g.dtype).contiguous())
                 self.sums[name] = (sums.t() if transposed else sums).to(dtype) * _scale(use, plan, True) ** 2
                 return
             position, keyword = _role(use, plan)

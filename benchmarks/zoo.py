@@ -507,6 +507,8 @@ def report(rows: dict) -> str:
                                        f"{t['false alarm']} false alarms)" if flag else ""))
             out.append("\nPer architecture (forgotten/cases" + (", silent, flagged failures, false alarms" if flag else "")
                        + "): " + "; ".join(per_arch) + ".")
+            if flag:
+                out.append("\n" + _flag_breakdown(sel))
     silent = [r for r in measured if outcome(r) == "silent failure"]
     if silent:
         out.append("\n#### Every silent failure\n")
@@ -518,6 +520,30 @@ def report(rows: dict) -> str:
                        f"{r['setting']} | {100 * r['F']:.1f} | {100 * (r['A_R'] - r['A_R_before']):+.1f} | "
                        f"{r.get('feasible')} | {r.get('warned')} |")
     return "\n".join(out)
+
+
+def _flag_breakdown(sel: list[dict]) -> str:
+    """One line: what the silent failures missed, and what raised the flags."""
+    silent = [r for r in sel if outcome(r) == "silent failure"]
+    kept = [r for r in silent if r["F"] > 0.01]
+    costly = [r for r in silent if r["A_R"] < r["A_R_before"] - 0.02]
+    flagged = [r for r in sel if r.get("flagged")]
+    text = (f"Silent failures: {len(kept)} leave the class above 1% (median {_median([100 * r['F'] for r in kept])}%), "
+            f"{len(costly)} lose more than 2 points of A_R (median {_median([100 * (r['A_R_before'] - r['A_R']) for r in costly])} "
+            f"points). Flags: {len(flagged)}")
+    if flagged and all(r.get("flag_source") != "verdict" for r in flagged):
+        warned = sum(bool(r.get("warned")) for r in flagged)
+        infeasible = sum(r.get("feasible") is False for r in flagged)
+        text += f" ({warned} with a ForgetWarning, {infeasible} infeasible calibrations, {warned + infeasible - len(flagged)} both)"
+    return text + "."
+
+
+def _median(values: list[float]) -> str:
+    if not values:
+        return "-"
+    v = sorted(values)
+    m = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{m:.1f}"
 
 
 def _line(label: str, t: dict, flag: bool) -> str:

@@ -365,7 +365,7 @@ def run(args) -> int:
     todo = []
     for seed, arch, recipe, data, c, setting in plan(args):
         r = done.get((arch, recipe, data, seed, c, setting))
-        if r is None or (args.retry_skipped and "skipped" in r):
+        if r is None or (args.retry_skipped and "skipped" in r) or setting in (args.fresh or ()):
             todo.append((seed, arch, recipe, data, c, setting))
     deadline = None
     if args.deadline:
@@ -600,6 +600,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retry-skipped", action="store_true", help="recompute rows recorded as skipped")
+    p.add_argument("--fresh", nargs="+", default=None, choices=SETTINGS,
+                   help="recompute these settings' rows (appended: the last row of a key wins), e.g. codes once "
+                        "forget returns a verdict")
     p.add_argument("--deadline", default=None, metavar="HH:MM", help="UTC: start no case after this time")
     p.add_argument("--bar-interval", type=float, default=5.0, help="seconds between progress-bar updates")
     p.add_argument("--report", action="store_true", help="write the markdown tables from the rows, compute nothing")

@@ -1,0 +1,71 @@
+"""benchmarks/zoo.py end to end on a tiny config: rows, their keys, resumption, the cache and
+the report's counts (one small MLP, two classes, one epoch: a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo  # noqa: E402
+
+
+def _args(tmp_path, *settings):
+    return ["--half", "tune", "--archs", "mlp", "--data", "digits", "--seeds", "0", "--classes", "0", "1",
+            "--settings", *settings, "--epochs", "1", "--cache", str(tmp_path / "cache"),
+            "--rows", str(tmp_path / "rows.jsonl"), "--bar-interval", "0"]
+
+
+def _rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+
+
+def test_zoo_end_to_end_on_a_tiny_config(tmp_path):
+    assert zoo.main(_args(tmp_path, "codes", "retain64", "ssd")) == 0
+    rows = _rows(tmp_path)
+    assert {tuple(r[k] for k in zoo.KEY) for r in rows} == {
+        ("mlp", "sgd", "digits", 0, c, s) for c in (0, 1) for s in ("codes", "retain64", "ssd")}
+    assert len(rows) == 6
+    for r in rows:
+        assert r["half"] == "tune" and r["epochs"] == 1
+        assert {"A_R_before", "F_before", "test_accuracy_before", "train_seconds"} <= r.keys()
+        if r["setting"] == "codes":
+            assert {"A_R", "F", "seconds", "warned", "warnings", "feasible", "flagged", "flag_source"} <= r.keys()
+            assert isinstance(r["flagged"], bool)
+        elif r["setting"] == "retain64":  # the held-out training split, never the test set
+            assert r["n_retain"] == 64 and r["retain_source"] == "held-out part of the training split"
+            assert "skipped" in r and "retain" in r["skipped"] or {"A_R", "F", "flagged"} <= r.keys()
+        else:
+            assert {"A_R", "F", "seconds", "ssd_fisher_seconds"} <= r.keys() and "flagged" not in r
+    assert len(list((tmp_path / "cache").glob("mlp-sgd-digits-s0-e1.*"))) == 2  # weights and meta
+
+    assert zoo.main(_args(tmp_path, "codes", "retain64", "ssd")) == 0  # resumed: nothing to compute
+    assert len(_rows(tmp_path)) == 6
+
+    out = tmp_path / "ZOO.md"
+    out.write_text("# hand-written header\n\n<!-- zoo:begin -->\nold\n<!-- zoo:end -->\n\nfooter\n")
+    assert zoo.main(["--report", "--rows", str(tmp_path / "rows.jsonl"), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith("# hand-written header") and md.rstrip().endswith("footer") and "\nold\n" not in md
+    codes = [r for r in rows if r["setting"] == "codes"]
+    kinds = Counter(zoo.outcome(r) for r in codes)
+    assert sum(kinds.values()) == 2 and set(kinds) <= {"forgotten", "silent failure", "flagged failure", "false alarm"}
+    forgotten = sum(zoo.forgotten(r) for r in codes)
+    assert f"| mlp | sgd | digits | 2 | **{forgotten}/2** | {kinds['silent failure']} | " \
+           f"{kinds['flagged failure']} | {kinds['false alarm']} |" in md
+    assert "#### codes alone" in md and "tune half" in md and "Per architecture" in md and "| tune | mlp / sgd" in md
+    assert "#### SSD with the real training data" in md
+
+
+def test_outcomes_and_the_split():
+    base = {"A_R_before": 0.95, "F_before": 0.97}
+    assert zoo.outcome(base | {"A_R": 0.94, "F": 0.0, "flagged": False}) == "forgotten"
+    assert zoo.outcome(base | {"A_R": 0.94, "F": 0.0, "flagged": True}) == "false alarm"
+    assert zoo.outcome(base | {"A_R": 0.90, "F": 0.0, "flagged": False}) == "silent failure"
+    assert zoo.outcome(base | {"A_R": 0.95, "F": 0.02, "flagged": True}) == "flagged failure"
+    tune, report = zoo.SPLIT["tune"], zoo.SPLIT["report"]
+    assert not set(tune) & set(report)
+    assert sorted(a for a, _ in tune) == sorted(a for a, _ in report) == sorted(zoo.zoo_models.ARCHS)
+    assert Counter(r for _, r in tune) == Counter(r for _, r in report) == {"sgd": 4, "adamw": 4}

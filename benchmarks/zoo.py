@@ -15,6 +15,9 @@ Per case (arch, recipe, data, seed, forget class) and setting:
                out 257 of its 1,257 training images, so N is capped at what it holds, recorded
                as ``n_retain``). Until ``forget`` takes ``retain=`` the row is recorded as
                skipped with the reason (rerun with ``--retry-skipped``).
+  val<N>       the same with N held-out images of EVERY class (a validation split as a user holds
+               it: about a tenth of its rows are of the forget class, which ``forget`` then
+               also asks to end forgotten)
   ssd          Selective Synaptic Dampening with the real training data (per-sample Fisher of
                each class, alpha = 0.5 N / N_c, lambda = 1: as benchmarks/unlearning_sweep.py)
 Each row holds the forget-class test accuracy ``F`` and the retained-class test accuracy
@@ -102,7 +105,7 @@ SPLIT = {
 HALF_OF = {pair: half for half, pairs in SPLIT.items() for pair in pairs}
 
 DATASETS = ("digits", "fashion-mnist", "keywords")
-SETTINGS = ("codes", "retain64", "retain256", "retain1024", "ssd")
+SETTINGS = ("codes", "retain64", "retain256", "retain1024", "val256", "ssd")
 SEEDS = (0, 1, 2)
 DIGITS_HELDOUT = 257          # of digits' 1,257 training images: the user's validation split
 FASHION_HELDOUT = 5000        # at most this many of the unused Fashion-MNIST training images
@@ -248,17 +251,21 @@ def scores(pred, true, c) -> tuple[float, float]:
     return hit[true != c].mean().item(), hit[true == c].mean().item()
 
 
-def retain_sample(heldout, c: int, n: int, seed: int):
-    """n held-out training samples of the classes other than c (seeded by seed and c), or all of them."""
+def retain_sample(heldout, c: int, n: int, seed: int, every_class: bool = False):
+    """n held-out training samples of the classes other than c (``every_class``: of all classes,
+    c included), seeded by seed and c, or all of them."""
     x, y = heldout.tensors
-    idx = torch.nonzero(y != c).flatten()
+    idx = torch.arange(len(y)) if every_class else torch.nonzero(y != c).flatten()
     idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(1000 * seed + c))][:n]
     return x[idx], y[idx]
 
 
-def forget_case(model, codes, c: int, test, retain=None) -> dict:
-    """One forget with lambda1="auto" (and ``retain=`` when given): the row's measurements."""
+def forget_case(model, codes, c: int, test, retain=None, calibration=None) -> dict:
+    """One forget with lambda1="auto" (and ``retain=`` and ``calibration=`` when given): the row's
+    measurements."""
     kwargs = {} if retain is None else {"retain": retain}
+    if calibration:
+        kwargs["calibration"] = calibration
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
@@ -282,7 +289,13 @@ def forget_case(model, codes, c: int, test, retain=None) -> dict:
     verdict = getattr(result, "verdict", None)
     if verdict is not None:
         row["verdict"] = {"flagged": bool(getattr(verdict, "flagged")),
-                          "reasons": [str(r) for r in (getattr(verdict, "reasons", None) or [])]}
+                          "reasons": [str(r) for r in (getattr(verdict, "reasons", None) or [])],
+                          "codes": {k: float(v) for k, v in (getattr(verdict, "details", None) or {}).items()}}
+        sample = getattr(verdict, "sample", None)
+        if sample is not None:
+            row["verdict"]["sample"] = {k: getattr(sample, k, None) for k in (
+                "retain_before", "retain_after", "retain_rows", "forget_before", "forget_after", "forget_rows",
+                "retain_drop_se")}
         row["flagged"], row["flag_source"] = row["verdict"]["flagged"], "verdict"
     else:
         row["flagged"] = row["warned"] or row["feasible"] is False
@@ -367,6 +380,8 @@ def run(args) -> int:
         r = done.get((arch, recipe, data, seed, c, setting))
         if r is None or (args.retry_skipped and "skipped" in r) or setting in (args.fresh or ()):
             todo.append((seed, arch, recipe, data, c, setting))
+    if args.train_only:
+        todo = plan(args)
     deadline = None
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))
@@ -394,20 +409,26 @@ def run(args) -> int:
             model_key = key
             print(f"zoo: model {arch}/{recipe}/{data}/s{seed} test acc {meta['test_accuracy']:.3f} "
                   f"trained in {meta['train_seconds']:.1f}s", file=sys.stderr, flush=True)
+        if args.train_only:
+            continue
         bar.set_postfix_str(f"{arch}/{recipe}/{data}/s{seed} c{c} {setting}")
         a_r0, f0 = scores(base["pred"], base["true"], c)
         row = {"arch": arch, "recipe": recipe, "data": data, "seed": seed, "class": c, "setting": setting,
                "half": HALF_OF[(arch, recipe)], "A_R_before": a_r0, "F_before": f0,
                "test_accuracy_before": meta["test_accuracy"], "train_seconds": meta["train_seconds"],
                "epochs": meta["epochs"]}
+        if args.calibration:
+            row["calibration"] = args.calibration
         torch.manual_seed(seed)
         if setting == "codes":
-            row.update(forget_case(model, codes, c, d["test"]))
-        elif setting.startswith("retain"):
-            n = int(setting[len("retain"):])
-            xr, yr = retain_sample(d["heldout"], c, n, seed)
-            row.update(n_retain=len(yr), retain_source="held-out part of the training split")
-            row.update(forget_case(model, codes, c, d["test"], retain=(xr, yr)))
+            row.update(forget_case(model, codes, c, d["test"], calibration=args.calibration))
+        elif setting.startswith(("retain", "val")):
+            every = setting.startswith("val")
+            n = int(setting[len("val" if every else "retain"):])
+            xr, yr = retain_sample(d["heldout"], c, n, seed, every_class=every)
+            row.update(n_retain=len(yr), n_retain_forget_class=int((yr == c).sum()),
+                       retain_source="held-out part of the training split" + (", every class" if every else ""))
+            row.update(forget_case(model, codes, c, d["test"], retain=(xr, yr), calibration=args.calibration))
         elif setting == "ssd":
             row.update(ssd_case(model, c, d["train"], d["test"], ssd_sums.get(key, model, d["train"])))
             row["ssd_fisher_seconds"] = ssd_sums.seconds  # the training-set Fisher, once per model
@@ -452,6 +473,7 @@ def tally(rows: list[dict]) -> dict:
 
 SETTING_TITLE = {"codes": "codes alone (`lambda1=\"auto\"`)", "retain64": "retain sample of 64",
                  "retain256": "retain sample of 256", "retain1024": "retain sample of 1024",
+                 "val256": "validation sample of 256 (every class, the forget class's rows included)",
                  "ssd": "SSD with the real training data (baseline, no flag)"}
 
 
@@ -605,6 +627,10 @@ def main(argv=None) -> int:
                         "forget returns a verdict")
     p.add_argument("--deadline", default=None, metavar="HH:MM", help="UTC: start no case after this time")
     p.add_argument("--bar-interval", type=float, default=5.0, help="seconds between progress-bar updates")
+    p.add_argument("--calibration", type=json.loads, default=None, metavar="JSON",
+                   help='forget(calibration=...) options for the codes/retain settings, e.g. \'{"depth": 2}\' '
+                        '(a study: write its rows to their own --rows file)')
+    p.add_argument("--train-only", action="store_true", help="train (and cache) the planned models, forget nothing")
     p.add_argument("--report", action="store_true", help="write the markdown tables from the rows, compute nothing")
     p.add_argument("--out", type=Path, default=HERE / "ZOO.md", help="--report: the markdown file (zoo markers)")
     args = p.parse_args(argv)

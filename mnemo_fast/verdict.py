@@ -11,9 +11,13 @@ call has, never from test data:
   ``calibration=`` options where given), judged on the step applied, whichever way its lambdas
   were chosen.
 - **a retain sample** (``forget(..., retain=(x, y))``, optional): real samples with their
-  labels. Those of the remaining classes must not lose more than ``max_retain_drop`` of
-  accuracy (default 2 points); those of a forget class, if any, must be at most
-  ``max_forget_accuracy`` right (default 1%).
+  labels, e.g. a validation split. Those of the remaining classes must not lose more than
+  ``max_retain_drop`` of accuracy (default 2 points) *with a margin for the sample's size*: the
+  drop plus :data:`RETAIN_DROP_Z` standard errors of the paired per-row change must stay within
+  it, so a sample of a few hundred rows cannot pass a step whose true loss is likely above the
+  bound. Rows of a forget class, if any, must be at most ``max_forget_accuracy`` right
+  (default 1%): a validation split with every class checks the real class, which the codes
+  alone cannot (benchmarks/ZOO.md).
 
 A verdict that flags lists its reasons. A flagged result is returned all the same (the caller
 decides) with a :class:`mnemo_fast.ForgetWarning`; the command line exits non-zero on it unless
@@ -33,6 +37,10 @@ Tensor = torch.Tensor
 MAX_RETAIN_DROP = 0.02
 #: A retain sample's rows of a forget class may be this much right (a fraction) and pass.
 MAX_FORGET_ACCURACY = 0.01
+#: One-sided z of the bound on a retain sample's drop (1.645: 95%). A step passes the sample
+#: when drop + RETAIN_DROP_Z * se <= MAX_RETAIN_DROP, se the standard error of the mean of the
+#: per-row change in correctness (before and after are the same rows: a paired difference).
+RETAIN_DROP_Z = 1.645
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,15 @@ class SampleAccuracy:
     forget_before: float | None = None
     forget_after: float | None = None
     forget_rows: int = 0
+    retain_drop_se: float = 0.0  # standard error of retain_drop (paired, per row)
 
     @property
     def retain_drop(self) -> float:
         return self.retain_before - self.retain_after
+
+    def retain_drop_bound(self, z: float = RETAIN_DROP_Z) -> float:
+        """The drop plus ``z`` standard errors: what the sample cannot rule out."""
+        return self.retain_drop + z * self.retain_drop_se
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,20 @@ def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor,
     return reasons, retain_reasons, figures
 
 
+def paired_drop(hits_before: Tensor, hits_after: Tensor) -> tuple[Tensor, Tensor]:
+    """(drop, its standard error) of accuracy between two bool [M] hit vectors of the same rows,
+    as 0-dim float32 tensors (no host transfer): the mean of ``before - after`` per row, and
+    ``sqrt(var / M)`` of that per-row change (0 for M < 2)."""
+    change = hits_before.float() - hits_after.float()
+    m = change.numel()
+    if m == 0:
+        zero = change.new_zeros(())
+        return zero, zero
+    drop = change.mean()
+    se = (change.var(correction=0) / m).sqrt() if m > 1 else change.new_zeros(())
+    return drop, se
+
+
 def sample_accuracy(before: Tensor, after: Tensor, labels: Tensor, forget_classes) -> SampleAccuracy:
     """:class:`SampleAccuracy` of a real sample's logits ``before`` and ``after`` [M, C] with
     ``labels`` [M] (one host transfer)."""
@@ -130,16 +157,18 @@ def sample_accuracy(before: Tensor, after: Tensor, labels: Tensor, forget_classe
     hit0, hit1 = before.argmax(-1) == labels, after.argmax(-1) == labels
     r, f = ~is_forget, is_forget
     n_r, n_f = int(r.sum()), int(f.sum())
-    values = torch.stack([hit0[r].float().mean() if n_r else hit0.new_zeros((), dtype=torch.float32),
-                          hit1[r].float().mean() if n_r else hit1.new_zeros((), dtype=torch.float32),
-                          hit0[f].float().mean() if n_f else hit0.new_zeros((), dtype=torch.float32),
-                          hit1[f].float().mean() if n_f else hit1.new_zeros((), dtype=torch.float32)]).tolist()
-    return SampleAccuracy(values[0], values[1], n_r, values[2] if n_f else None, values[3] if n_f else None, n_f)
+    zero = hit0.new_zeros((), dtype=torch.float32)
+    _, se = paired_drop(hit0[r], hit1[r])
+    values = torch.stack([hit0[r].float().mean() if n_r else zero, hit1[r].float().mean() if n_r else zero,
+                          hit0[f].float().mean() if n_f else zero, hit1[f].float().mean() if n_f else zero,
+                          se]).tolist()
+    return SampleAccuracy(values[0], values[1], n_r, values[2] if n_f else None, values[3] if n_f else None, n_f,
+                          retain_drop_se=values[4])
 
 
 def judge(codes_before: Tensor, codes_after: Tensor, labels: Tensor, is_forget: Tensor, *, criterion,
           sample: SampleAccuracy | None = None, max_retain_drop: float = MAX_RETAIN_DROP,
-          max_forget_accuracy: float = MAX_FORGET_ACCURACY) -> Verdict:
+          max_forget_accuracy: float = MAX_FORGET_ACCURACY, retain_drop_z: float = RETAIN_DROP_Z) -> Verdict:
     """The :class:`Verdict` of a step from the codes' logits before and after it (and a retain
     sample's accuracies, where one was given); ``criterion``: a
     :class:`mnemo_fast.calibration.Criterion` (depth, max_forget_prob, min_retain_margin)."""
@@ -152,9 +181,13 @@ def judge(codes_before: Tensor, codes_after: Tensor, labels: Tensor, is_forget: 
     evidence = "codes"
     if sample is not None:
         evidence = f"codes and a retain sample of {sample.retain_rows + sample.forget_rows}"
-        if sample.retain_rows and sample.retain_drop > max_retain_drop:
+        if sample.retain_rows and sample.retain_drop_bound(retain_drop_z) > max_retain_drop:
+            bound = sample.retain_drop_bound(retain_drop_z)
+            said = (f"more than {max_retain_drop:.0%} lost" if sample.retain_drop > max_retain_drop else
+                    f"{sample.retain_drop:.1%} lost; on {sample.retain_rows} rows a loss above {max_retain_drop:.0%} "
+                    f"is not ruled out: bound {bound:.1%} at {retain_drop_z:g} standard errors")
             reasons.append(f"retain sample: accuracy on the remaining classes {sample.retain_before:.1%} -> "
-                           f"{sample.retain_after:.1%} (more than {max_retain_drop:.0%} lost)")
+                           f"{sample.retain_after:.1%} ({said})")
         if sample.forget_rows and sample.forget_after > max_forget_accuracy:
             reasons.append(f"retain sample: {sample.forget_after:.1%} of its {sample.forget_rows} forget-class "
                            f"rows still right (at most {max_forget_accuracy:.0%} allowed)")

@@ -63,6 +63,47 @@ def test_a_retain_sample_judges_the_retain_side_in_place_of_the_codes():
                                        "(more than 2% lost)",)
 
 
+def test_a_small_samples_drop_is_judged_with_its_standard_error():
+    """A drop under 2 points that the sample's size cannot tell from a larger one is flagged:
+    drop + RETAIN_DROP_Z * se must stay within MAX_RETAIN_DROP."""
+    after = _logits([[-20.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    unsure = verdicts.SampleAccuracy(0.95, 0.94, 100, retain_drop_se=0.01)
+    assert unsure.retain_drop_bound() == pytest.approx(0.01 + verdicts.RETAIN_DROP_Z * 0.01)
+    v = verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion(), sample=unsure)
+    assert v.flagged and v.reasons == ("retain sample: accuracy on the remaining classes 95.0% -> 94.0% (1.0% lost; "
+                                       "on 100 rows a loss above 2% is not ruled out: bound 2.6% at 1.645 "
+                                       "standard errors)",)
+    sure = verdicts.SampleAccuracy(0.95, 0.94, 100, retain_drop_se=0.005)
+    assert verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion(), sample=sure).clean
+    assert verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion(), sample=unsure,
+                          retain_drop_z=0.0).clean
+
+
+def test_paired_drop_is_the_mean_change_and_its_standard_error():
+    before = torch.tensor([True, True, True, True, False, True, True, True])
+    after = torch.tensor([True, False, True, False, True, True, True, True])
+    drop, se = verdicts.paired_drop(before, after)
+    change = torch.tensor([0.0, 1, 0, 1, -1, 0, 0, 0])
+    assert drop.item() == pytest.approx(change.mean().item()) == pytest.approx(1 / 8)
+    assert se.item() == pytest.approx((change.var(correction=0) / 8).sqrt().item())
+    same = torch.tensor([True, False, True])
+    assert [t.item() for t in verdicts.paired_drop(same, same)] == [0.0, 0.0]
+    one = verdicts.paired_drop(torch.tensor([True]), torch.tensor([False]))  # a single row: no spread
+    assert [t.item() for t in one] == [1.0, 0.0]
+    empty = verdicts.paired_drop(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+    assert [t.item() for t in empty] == [0.0, 0.0]
+
+
+def test_sample_accuracy_gives_the_paired_standard_error():
+    labels = torch.tensor([1, 1, 1, 1, 2, 2, 0])
+    before = _logits([[0, 1.0, 0]] * 4 + [[0, 0, 1.0]] * 2 + [[1.0, 0, 0]])
+    after = _logits([[0, 1.0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 0], [0, 1.0, 0]])
+    s = verdicts.sample_accuracy(before, after, labels, [0])
+    change = torch.tensor([0.0, 1, 0, 0, 0, 1])
+    assert s.retain_rows == 6 and s.retain_drop == pytest.approx(2 / 6)
+    assert s.retain_drop_se == pytest.approx((change.var(correction=0) / 6).sqrt().item())
+
+
 def test_a_retain_samples_forget_rows_must_end_forgotten():
     after = _logits([[-20.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
     sample = verdicts.SampleAccuracy(0.9, 0.9, 100, forget_before=0.9, forget_after=0.05, forget_rows=20)
@@ -130,11 +171,19 @@ def test_auto_with_a_retain_sample_judges_every_trial_on_it(trained_digits_mlp, 
     result = mf.forget(model, codes, [5], lambda1="auto", retain=(x, y))
     trials = result.calibration.trials
     assert trials and all(t.retain_sample_drop is not None for t in trials)
-    assert all(t.retain_ok == (t.retain_sample_drop <= verdicts.MAX_RETAIN_DROP) for t in trials)
+    assert all(t.retain_sample_bound >= t.retain_sample_drop for t in trials)
+    assert all(t.retain_ok == (t.retain_sample_bound <= verdicts.MAX_RETAIN_DROP) for t in trials)
+    # the sample holds rows of class 5: the forget side asks them to end forgotten too
+    assert all(t.forget_sample_accuracy is not None for t in trials)
+    assert all(not t.forget_ok or t.forget_sample_accuracy <= verdicts.MAX_FORGET_ACCURACY for t in trials)
     if result.calibration.feasible:
-        assert result.calibration.chosen.retain_sample_drop <= verdicts.MAX_RETAIN_DROP
+        assert result.calibration.chosen.retain_sample_bound <= verdicts.MAX_RETAIN_DROP
+        assert result.verdict.sample.forget_after <= verdicts.MAX_FORGET_ACCURACY
     plain = mf.forget(model, codes, [5], lambda1="auto")
-    assert all(t.retain_sample_drop is None for t in plain.calibration.trials)
+    assert all(t.retain_sample_drop is None and t.forget_sample_accuracy is None for t in plain.calibration.trials)
+    only_retained = mf.forget(model, codes, [5], lambda1="auto", retain=(x[y != 5], y[y != 5]))
+    assert all(t.forget_sample_accuracy is None and t.retain_sample_bound is not None
+               for t in only_retained.calibration.trials)
 
 
 def _refused(model, codes, retain, error, match):

@@ -69,3 +69,25 @@ def test_outcomes_and_the_split():
     assert not set(tune) & set(report)
     assert sorted(a for a, _ in tune) == sorted(a for a, _ in report) == sorted(zoo.zoo_models.ARCHS)
     assert Counter(r for _, r in tune) == Counter(r for _, r in report) == {"sgd": 4, "adamw": 4}
+
+
+def test_a_validation_sample_a_calibration_study_and_training_alone(tmp_path):
+    """val<N> draws from every class (the forget class's rows included, and judged); --calibration
+    passes forget's options and records them; --train-only caches models and writes no row."""
+    args = _args(tmp_path, "val256")
+    args[args.index("--classes") + 1:args.index("--classes") + 3] = ["3"]
+    assert zoo.main(args + ["--calibration", '{"depth": 2}']) == 0
+    (row,) = _rows(tmp_path)
+    assert row["setting"] == "val256" and row["calibration"] == {"depth": 2}
+    assert row["n_retain"] == 256 and 0 < row["n_retain_forget_class"] < 256
+    assert row["retain_source"] == "held-out part of the training split, every class"
+    sample = row["verdict"]["sample"]
+    assert sample["forget_rows"] == row["n_retain_forget_class"] and sample["retain_rows"] == 256 - sample["forget_rows"]
+    assert sample["retain_drop_se"] >= 0 and {"forget_depth", "retain_codes_lost"} <= row["verdict"]["codes"].keys()
+
+    fresh = tmp_path / "fresh"
+    train = ["--half", "tune", "--archs", "mlp", "--data", "digits", "--seeds", "1", "--epochs", "1",
+             "--cache", str(fresh / "cache"), "--rows", str(fresh / "rows.jsonl"), "--bar-interval", "0", "--train-only"]
+    assert zoo.main(train) == 0
+    assert not (fresh / "rows.jsonl").exists() or not (fresh / "rows.jsonl").read_text().strip()
+    assert len(list((fresh / "cache").glob("mlp-sgd-digits-s1-e1.*"))) == 2

@@ -69,7 +69,7 @@ from ..codes import MnemonicCodes
 from ..modeling import logits_of
 from ..session import CandidateSession, CodeAccuracy, better_sign
 from ..stack import user_stacklevel
-from ..verdict import MAX_RETAIN_DROP, margins as _margins
+from ..verdict import MAX_FORGET_ACCURACY, MAX_RETAIN_DROP, RETAIN_DROP_Z, margins as _margins, paired_drop
 
 Tensor = torch.Tensor
 
@@ -96,6 +96,8 @@ class Trial:
     retain_ok: bool = False
     score: float = 0.0            # A_R + E_F on the codes (argmax), the sign rule of forget()
     retain_sample_drop: float | None = None  # forget(retain=...): accuracy lost on the sample's retained rows
+    retain_sample_bound: float | None = None  # ... that drop plus verdict.RETAIN_DROP_Z standard errors
+    forget_sample_accuracy: float | None = None  # ... accuracy on its forget-class rows (None: it has none)
 
 
 @dataclass
@@ -200,17 +202,28 @@ class _Prober:
         self._r = (~self.is_forget).nonzero().view(-1)
         self._floor_f = self.margin0.index_select(0, self._f).clamp_min(1e-6)
         self._floor_r = self.margin0.index_select(0, self._r).clamp_min(1e-6)
-        # forget(retain=(x, y)): the sample's rows of the remaining classes, and their hits before
+        # forget(retain=(x, y)): the sample's rows of the remaining classes and of the forget
+        # classes, and their hits before
         self._sample = getattr(session, "retain_inputs", None) is not None
         if self._sample:
             forget_classes = self.labels[self.is_forget].unique()
-            self._sample_rows = ~torch.isin(session.retain_labels, forget_classes)
-            self._sample_before = self._sample_accuracy(session.retain_before)
+            self._sample_forget_rows = torch.isin(session.retain_labels, forget_classes)
+            self._sample_rows = ~self._sample_forget_rows
+            self._has_forget_rows = bool(self._sample_forget_rows.any())
+            self._sample_hits_before = self._sample_hits(session.retain_before)[self._sample_rows]
 
-    def _sample_accuracy(self, logits: Tensor) -> Tensor:
-        """The retain sample's accuracy on its rows of the remaining classes (a 0-dim tensor)."""
-        hits = logits.argmax(-1) == self.session.retain_labels
-        return hits[self._sample_rows].float().mean()
+    def _sample_hits(self, logits: Tensor) -> Tensor:
+        """[M] bool: the retain sample's rows classified right under ``logits`` [M, C]."""
+        return logits.argmax(-1) == self.session.retain_labels
+
+    def _sample_figures(self) -> tuple[float, float, float | None]:
+        """(drop, its bound, forget-row accuracy or None) of the sample under the live parameters,
+        in one host transfer (:func:`mnemo_fast.verdict.paired_drop`)."""
+        hits = self._sample_hits(self.session.retain_logits())
+        drop, se = paired_drop(self._sample_hits_before, hits[self._sample_rows])
+        forget = hits[self._sample_forget_rows].float().mean() if self._has_forget_rows else drop.new_zeros(())
+        drop, se, forget = torch.stack([drop, se, forget]).tolist()
+        return drop, drop + RETAIN_DROP_Z * se, forget if self._has_forget_rows else None
 
     def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         """The trial of one sign, judged (written from the originals: no undo needed). Its
@@ -219,10 +232,10 @@ class _Prober:
         if trial is None or self._sample:  # the sample's forward needs every parameter written
             self.session.set_shift(lambda1, lambda2, sign)
         logits = self.session.logits() if trial is None or self._sample else trial(lambda1, lambda2, sign)
-        drop = self._sample_before - self._sample_accuracy(self.session.retain_logits()) if self._sample else None
+        figures = self._sample_figures() if self._sample else None
         trial = self.statistics(logits, lambda1, lambda2, sign)
-        if drop is not None:
-            trial.retain_sample_drop = float(drop)
+        if figures is not None:
+            trial.retain_sample_drop, trial.retain_sample_bound, trial.forget_sample_accuracy = figures
         self.both.append(trial)
         return self.judge(trial)
 
@@ -257,10 +270,14 @@ class _Prober:
 
 def _judge(trial: Trial, depth: float, max_forget_prob: float, min_retain_margin: float) -> Trial:
     """The two sides of the criterion. With a retain sample (``forget(retain=...)``) the retain side
-    is judged on it in place of the retained codes: at most ``MAX_RETAIN_DROP`` of its accuracy lost."""
+    is judged on it in place of the retained codes (its drop's bound at most ``MAX_RETAIN_DROP``),
+    and where it has rows of a forget class, the forget side also asks them to be at most
+    ``MAX_FORGET_ACCURACY`` right: the verdict's rules (mnemo_fast/verdict.py)."""
     trial.forget_ok = trial.forget_depth >= depth and trial.forget_max_prob <= max_forget_prob
-    if trial.retain_sample_drop is not None:
-        trial.retain_ok = trial.retain_sample_drop <= MAX_RETAIN_DROP
+    if trial.forget_sample_accuracy is not None:
+        trial.forget_ok = trial.forget_ok and trial.forget_sample_accuracy <= MAX_FORGET_ACCURACY
+    if trial.retain_sample_bound is not None:
+        trial.retain_ok = trial.retain_sample_bound <= MAX_RETAIN_DROP
     else:
         trial.retain_ok = trial.retain_all_correct and trial.retain_margin_ratio >= min_retain_margin
     return trial

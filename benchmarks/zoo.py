@@ -375,13 +375,14 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _stop)
     done = load_rows(args.rows)
-    todo = []
-    for seed, arch, recipe, data, c, setting in plan(args):
-        r = done.get((arch, recipe, data, seed, c, setting))
-        if r is None or (args.retry_skipped and "skipped" in r) or setting in (args.fresh or ()):
-            todo.append((seed, arch, recipe, data, c, setting))
-    if args.train_only:
+    if args.train_only:  # every planned model, whatever rows exist
         todo = plan(args)
+    else:
+        todo = []
+        for seed, arch, recipe, data, c, setting in plan(args):
+            r = done.get((arch, recipe, data, seed, c, setting))
+            if r is None or (args.retry_skipped and "skipped" in r) or setting in (args.fresh or ()):
+                todo.append((seed, arch, recipe, data, c, setting))
     deadline = None
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))

@@ -69,7 +69,7 @@ from ..codes import MnemonicCodes
 from ..modeling import logits_of
 from ..session import CandidateSession, CodeAccuracy, better_sign
 from ..stack import user_stacklevel
-from ..verdict import MAX_FORGET_ACCURACY, MAX_RETAIN_DROP, RETAIN_DROP_Z, margins as _margins, paired_drop
+from ..verdict import MAX_FORGET_ACCURACY, MAX_RETAIN_DROP, drop_bound, margins as _margins, paired_drop
 
 Tensor = torch.Tensor
 
@@ -96,7 +96,7 @@ class Trial:
     retain_ok: bool = False
     score: float = 0.0            # A_R + E_F on the codes (argmax), the sign rule of forget()
     retain_sample_drop: float | None = None  # forget(retain=...): accuracy lost on the sample's retained rows
-    retain_sample_bound: float | None = None  # ... that drop plus verdict.RETAIN_DROP_Z standard errors
+    retain_sample_bound: float | None = None  # ... verdict.drop_bound of that drop
     forget_sample_accuracy: float | None = None  # ... accuracy on its forget-class rows (None: it has none)
 
 
@@ -223,7 +223,7 @@ class _Prober:
         drop, se = paired_drop(self._sample_hits_before, hits[self._sample_rows])
         forget = hits[self._sample_forget_rows].float().mean() if self._has_forget_rows else drop.new_zeros(())
         drop, se, forget = torch.stack([drop, se, forget]).tolist()
-        return drop, drop + RETAIN_DROP_Z * se, forget if self._has_forget_rows else None
+        return drop, drop_bound(drop, se), forget if self._has_forget_rows else None
 
     def _one(self, lambda1: float, lambda2: float, sign: int) -> Trial:
         """The trial of one sign, judged (written from the originals: no undo needed). Its

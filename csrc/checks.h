@@ -47,14 +47,11 @@ inline at::ScalarType check_max_ratio_dtypes(at::TensorList forget) {
 
 // perturb_shift_ / perturb_gaussian_: params against the (already checked) Fishers and the
 // per-tensor max_ratio [L]; params are updated in place, hence contiguous.
-inline void check_params(const char* op, at::TensorList params, at::TensorList forget,
-                         const at::Tensor& max_ratio) {
+// The parameters a perturb_* op edits in place: one per Fisher, same shape and device,
+// floating point, contiguous.
+inline void check_param_list(const char* op, at::TensorList params, at::TensorList forget) {
   TORCH_CHECK(params.size() == forget.size(), op, ": params and forget must have the same length, ",
               "got ", params.size(), " and ", forget.size());
-  TORCH_CHECK(max_ratio.dim() == 1 && max_ratio.size(0) == static_cast<int64_t>(params.size()),
-              op, ": max_ratio must have shape [", params.size(), "], got ", max_ratio.sizes());
-  TORCH_CHECK(at::isFloatingType(max_ratio.scalar_type()), op,
-              ": max_ratio must be floating point, got ", max_ratio.scalar_type());
   for (size_t l = 0; l < params.size(); ++l) {
     TORCH_CHECK(params[l].sizes() == forget[l].sizes(), op, ": params[", l, "] ", params[l].sizes(),
                 " and forget[", l, "] ", forget[l].sizes(), " must have the same shape");
@@ -65,6 +62,16 @@ inline void check_params(const char* op, at::TensorList params, at::TensorList f
     TORCH_CHECK(params[l].device() == forget[l].device(), op, ": params[", l, "] (",
                 params[l].device(), ") must be on the Fishers' device ", forget[l].device());
   }
+}
+
+// check_param_list, and max_ratio [L] (floating point, on the parameters' device).
+inline void check_params(const char* op, at::TensorList params, at::TensorList forget,
+                         const at::Tensor& max_ratio) {
+  check_param_list(op, params, forget);
+  TORCH_CHECK(max_ratio.dim() == 1 && max_ratio.size(0) == static_cast<int64_t>(params.size()),
+              op, ": max_ratio must have shape [", params.size(), "], got ", max_ratio.sizes());
+  TORCH_CHECK(at::isFloatingType(max_ratio.scalar_type()), op,
+              ": max_ratio must be floating point, got ", max_ratio.scalar_type());
   if (!params.empty()) {
     TORCH_CHECK(max_ratio.device() == params[0].device(), op, ": max_ratio (", max_ratio.device(),
                 ") must be on ", params[0].device());

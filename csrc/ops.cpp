@@ -55,4 +55,7 @@ TORCH_LIBRARY(mnemo_fast, m) {
   m.def(
       "perturb_gaussian_(Tensor(a!)[] params, Tensor[] forget, Tensor[] remain, "
       "Tensor max_ratio, float lambda1, float lambda2, float tau, Generator? generator) -> ()");
+  m.def(
+      "perturb_dampen_(Tensor(a!)[] params, Tensor[] forget, Tensor[] remain, float threshold, "
+      "float lam) -> ()");
 }

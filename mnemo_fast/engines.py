@@ -33,7 +33,8 @@ class Engine(Protocol):
       (the model already in eval mode), a fresh tensor per parameter (callers own it);
     - ``max_ratio``: [L] the largest finite eta = f_F / f_R of each tensor;
     - ``shift_``: w += sign * alpha_l * eta, alpha_l = min(lambda1, lambda2 / max_ratio_l);
-    - ``gaussian_``: w += [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator``.
+    - ``gaussian_``: w += [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator``;
+    - ``dampen_``: w *= [eta > threshold] min(lam / eta, 1) (1 elsewhere), mode="dampen".
 
     Optional, looked up with ``getattr`` (defaults in brackets):
 
@@ -67,6 +68,8 @@ class Engine(Protocol):
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None: ...
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None: ...
+
+    def dampen_(self, params, forget, remain, threshold, lam) -> None: ...
 
 
 def default_engine() -> Engine:

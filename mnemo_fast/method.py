@@ -16,6 +16,7 @@ import torch
 
 from . import engines, validation
 from .calibration import blocks as _blocks
+from .calibration import dampen as _dampen
 from . import verdict as verdicts
 from .calibration import DEFAULT_LAMBDA2, Calibration, Criterion, SearchOptions, calibrate_session, warn_if_unmet
 from .codes import MnemonicCodes
@@ -39,7 +40,9 @@ from .session import (  # noqa: F401 (re-exported: the method's vocabulary)
 )
 
 Tensor = torch.Tensor
-MODES = ("shift", "gaussian")
+MODES = ("shift", "gaussian", "dampen")
+#: ``calibration=`` options that mode="dampen" takes: the criterion's (its search has no others)
+DAMPEN_OPTIONS = ("depth", "max_forget_prob", "min_retain_margin", "heldout")
 
 
 @dataclass
@@ -252,8 +255,13 @@ def forget(
     mode="shift" (the paper): w += s * alpha_l * eta with one sign s for the model, the sign
     with the better code score A_R + E_F (+1 only if strictly better). mode="gaussian": w +=
     [eta > tau] * alpha_l * eta * z, z ~ N(0, 1) from ``generator`` (torch's default one if
-    None), best of ``draws`` draws by the same score. Candidates are applied, scored and
-    undone on one copy of the parameters; no model is copied per candidate.
+    None), best of ``draws`` draws by the same score. mode="dampen" (after Selective Synaptic
+    Dampening, from the codes' Fisher): w *= min(lambda2 / eta, 1) where eta > lambda1, so
+    ``lambda1`` is the threshold and ``lambda2`` SSD's lambda (default 1); with
+    ``lambda1="auto"`` the threshold is the largest of a scan whose result meets the forget side
+    (:mod:`mnemo_fast.calibration.dampen`; docs/METHOD.md, "Dampening"); ``calibration`` then takes
+    only the criterion's options and ``heldout``. Candidates are applied, scored and undone on one
+    copy of the parameters; no model is copied per candidate.
 
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
     ``lambda2`` may then be left out, for the search's own ``DEFAULT_LAMBDA2`` = 10, or be a list
@@ -304,7 +312,7 @@ def forget(
                       + "; ".join(run.verdict.reasons), ForgetWarning, stacklevel=user_stacklevel())
     return ForgetResult(
         model=session.model,
-        sign=run.candidates[run.best] if mode == "shift" else None,
+        sign=run.candidates[run.best] if mode == "shift" else None,  # dampen: no sign
         code_accuracy_before=run.before,
         code_accuracy_after=run.after,
         seconds=time.perf_counter() - start,
@@ -350,6 +358,10 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
     (docs/REFUSALS.md): the tests name which error comes first."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "dampen":  # lambda2 is SSD's lambda, one number: min(lam / eta, 1)
+        if isinstance(lambda2, (list, tuple)) or (torch.is_tensor(lambda2) and lambda2.dim() > 0):
+            raise TypeError(f"mode='dampen' takes one lambda2 (the dampening's lam), got {lambda2!r}")
+        lambda2 = _dampen.DEFAULT_LAM if lambda2 is None else lambda2
     if lambda2 is None:  # "auto" starts its search from the calibration's own lambda2
         if not (isinstance(lambda1, str) and lambda1 == "auto"):
             validation.lambdas(lambda1, DEFAULT_LAMBDA2)  # a bad lambda1 is named first
@@ -358,6 +370,12 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
         lambda2 = DEFAULT_LAMBDA2
     lambda1, lambda2 = validation.lambdas(lambda1, lambda2)
     auto = lambda1 == "auto"
+    if mode == "dampen":
+        lambda2 = lambda2[0] if isinstance(lambda2, list) else lambda2  # "auto" returns the candidates' list
+        unknown = [name for name in (calibration or {}) if name not in DAMPEN_OPTIONS]
+        if unknown:
+            raise validation.UnlearningError(f"calibration option {unknown[0]!r} is not one of mode='dampen' "
+                                             f"(it takes {', '.join(DAMPEN_OPTIONS)})")
     if mode == "gaussian":
         tau = validation.number("tau", tau, strict=False)
         draws = validation.integer("draws", draws, minimum=1)
@@ -369,7 +387,8 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
     # blocks (per-block steps: by module unless calibration says otherwise, in shift mode), heldout
     search, refine = (_blocks.refinement_options(calibration, _blocks.DEFAULT if mode == "shift" else None)
                       if auto else ({}, {}))
-    search = SearchOptions.from_calibration(search) if auto else None
+    # mode="dampen": None means "the dampening's own criterion" (mnemo_fast.calibration.dampen.criterion_for)
+    search = SearchOptions.from_calibration(search) if auto and (mode != "dampen" or search) else None
     validation.usable_codes(codes)
     classes = validation.forget_classes(codes, forget_classes)
     retain = validation.retain_sample(retain, codes, classes)
@@ -437,6 +456,17 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
             session.use_retain_sample(*args.retain)
         validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, args.eps, len(classes),
                                          codes.num_classes - len(classes), args.engine)
+        if args.mode == "dampen":
+            criterion = _dampen_criterion(session, args)
+            if args.auto:  # the threshold scan leaves the chosen dampening applied
+                calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes)
+                calibration.diagnostics["criterion"] = criterion
+                lambda1 = calibration.lambda1
+            else:
+                session.dampen(lambda1, lambda2)
+            best, candidates, accuracies = 0, [None], [session.accuracy()]
+            verdict = _verdict(session, args, criterion)  # |w| only shrinks: finite as it was
+            return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
         if args.auto:  # its search starts from the lambda2 candidates
             calibration = calibrate_session(session, lambda2, args.search)
             lambda1, lambda2 = calibration.lambda1, calibration.lambda2
@@ -469,15 +499,25 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
     return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
 
 
-def _verdict(session: CandidateSession, args: _Arguments) -> Verdict:
-    """The :class:`Verdict` of the step left applied (mnemo_fast/verdict.py): the criterion (the
-    caller's ``calibration=`` options, else the defaults) on the codes after it, and the retain
-    sample's accuracies where one was given."""
+def _dampen_criterion(session: CandidateSession, args: _Arguments) -> Criterion:
+    """mode="dampen"'s criterion: the caller's ``calibration=`` options, else the dampening's own
+    (:func:`mnemo_fast.calibration.dampen.criterion_for`: relaxed on the codes where the retain
+    sample's forget-class rows judge the forgetting)."""
+    has_rows = session.retain_labels is not None and bool(
+        torch.isin(session.retain_labels, torch.tensor(args.classes, device=session.retain_labels.device)).any())
+    return _dampen.criterion_for(args.search.criterion if args.search is not None else None, has_rows)
+
+
+def _verdict(session: CandidateSession, args: _Arguments, criterion: Criterion | None = None) -> Verdict:
+    """The :class:`Verdict` of the step left applied (mnemo_fast/verdict.py): ``criterion`` (else
+    the caller's ``calibration=`` options, else the defaults) on the codes after it, and the
+    retain sample's accuracies where one was given."""
     sample = None
     if args.retain is not None:
         sample = verdicts.sample_accuracy(session.retain_before, session.retain_logits(), session.retain_labels,
                                           args.classes)
-    criterion = args.search.criterion if args.search is not None else Criterion()
+    if criterion is None:
+        criterion = args.search.criterion if args.search is not None else Criterion()
     return verdicts.judge(session.before_logits(), session.logits(), session.labels, session.is_forget,
                           criterion=criterion, sample=sample)
 
@@ -503,7 +543,8 @@ def _warn_if_not_forgotten(session: CandidateSession, classes: Sequence[int], be
             names = ", ".join(str(c) for c, _ in still[:10]) + more
             shown = ", ".join(f"class {c} {was[c]:.0%} -> {a:.0%}" for c, a in still[:10])
             if not auto:
-                hint = f"try lambda1='auto' or a larger lambda1 than {lambda1:g}"
+                hint = (f"try lambda1='auto' or a smaller threshold lambda1 than {lambda1:g}" if mode == "dampen"
+                        else f"try lambda1='auto' or a larger lambda1 than {lambda1:g}")
             elif mode == "gaussian":
                 hint = "the Gaussian draws did not move its codes: try more draws or mode='shift'"
             else:
@@ -514,7 +555,7 @@ def _warn_if_not_forgotten(session: CandidateSession, classes: Sequence[int], be
                             f"{'it' if one else 'they'} may not be forgotten; {hint}")
     if after.retain <= RECOGNISED < before.retain:
         hint = ("check the model on real samples" if auto else
-                f"try lambda1='auto' or a smaller lambda1 than {lambda1:g}")
+                f"try lambda1='auto' or a {'larger' if mode == 'dampen' else 'smaller'} lambda1 than {lambda1:g}")
         problems.append(f"the step left {after.retain:.0%} of the retained classes' codes classified correctly "
                         f"(before: {before.retain:.0%}), so the model may be damaged; {hint}")
     if problems:

@@ -507,6 +507,15 @@ class CandidateSession:
                               lambda1, lambda2, tau, generator)
 
     @torch.no_grad()
+    def dampen(self, threshold: float, lam: float) -> None:
+        """live = originals * [eta > threshold] min(lam / eta, 1) (mode="dampen"): written from the
+        original values, so trials need no undo in between."""
+        self._trial = None
+        if self.live:
+            torch._foreach_copy_(self.live, self.originals)
+        self.engine.dampen_(self.live, self.forget_fisher, self.remain_fisher, threshold, lam)
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Undo every candidate: the live parameters get their original values back."""
         self._trial = None

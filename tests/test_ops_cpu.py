@@ -312,6 +312,8 @@ def perturb_args(name: str, forget, remain, param_dtype=torch.float32, sign=-1.0
     if name == "perturb_max_ratio":
         return forget, remain
     params = [torch.randn(f.shape, generator=torch.Generator().manual_seed(20)).to(param_dtype) for f in forget]
+    if name == "perturb_dampen_":  # threshold 0.7, lam 0.5: every dampened element shrinks
+        return params, forget, remain, 0.7, 0.5
     m = TWINS.perturb_max_ratio(forget, remain)  # the same max ratio for both paths
     last = sign if name == "perturb_shift_" else 0.7  # the sign, or tau (no exact ratio ties it)
     return (params, forget, remain, m, 0.1, 1.0, last) + ((20,) if name == "perturb_gaussian_" else ())
@@ -332,7 +334,7 @@ def table_cases():
             yield "sum_sq_grad_conv1d", f"{case_id(case)}-{dtype}", lambda case=case, dtype=dtype: conv1d_inputs(case, dtype)
     zeros = dict(N=3, T=4, out=5, inp=6, dtype=torch.float32, strided=False)
     yield "sum_sq_grad_linear", "zero_grads", lambda: tuple(torch.zeros_like(t) for t in linear_inputs(zeros))
-    for name in ("perturb_max_ratio", "perturb_shift_", "perturb_gaussian_"):
+    for name in ("perturb_max_ratio", "perturb_shift_", "perturb_gaussian_", "perturb_dampen_"):
         for label, shapes in SHAPES.items():
             for fisher_dtype in FISHER_DTYPES:
                 for param_dtype in (torch.float32, torch.bfloat16):
@@ -369,6 +371,11 @@ def test_compiled_op_matches_its_twin(name, make):
     elif name == "perturb_max_ratio":
         assert got.dtype == want.dtype
         assert_close_ulps(got, want)
+    elif name == "perturb_dampen_":  # a product: a few ulps of the compute dtype relative to the result
+        for g, w, old in zip(got, want, args[0]):
+            assert g.dtype == w.dtype == old.dtype
+            step = (torch.finfo(old.dtype).eps + 64 * 1.2e-7) * w.abs().double()
+            assert ((g.double() - w.double()).abs() <= step).all()
     else:
         for g, w, old in zip(got, want, args[0]):
             assert g.dtype == w.dtype == old.dtype
@@ -433,6 +440,7 @@ def opcheck_cases():
         "perturb_max_ratio": (forget, remain),
         "perturb_shift_": (params, forget, remain, m, 0.1, 1.0, -1.0),
         "perturb_gaussian_": (params, forget, remain, m, 0.1, 1.0, 0.5, None),
+        "perturb_dampen_": (params, forget, remain, 0.7, 0.5),
     }
 
 

@@ -115,7 +115,7 @@ def test_one_accumulation_dtype_rule():
 
 
 OP_NAMES = ("sum_sq_grad_linear", "sum_sq_grad_conv2d", "sum_sq_grad_conv1d", "perturb_max_ratio",
-            "perturb_shift_", "perturb_gaussian_")
+            "perturb_shift_", "perturb_gaussian_", "perturb_dampen_")
 
 
 def test_the_op_table_holds_the_ops_named_here():

@@ -535,6 +535,12 @@ def warn_if_unmet(calibration: Calibration | None, before: CodeAccuracy, after: 
     if (calibration is None or calibration.feasible or not calibration.forget_reached
             or calibration.diagnostics.get("best_effort")):
         return False
+    if calibration.search == "dampen":  # mnemo_fast/calibration/dampen.py: the verdict says what failed
+        reasons = "; ".join(calibration.diagnostics["verdict"].reasons)
+        warnings.warn(f"mode='dampen', lambda1='auto': the forget side was met at threshold {calibration.lambda1:g} "
+                      f"(lam {calibration.lambda2:g}), but not the retain side: {reasons}", CalibrationWarning,
+                      stacklevel=user_stacklevel())
+        return True
     if before.forget < 1.0 or before.retain < 1.0:  # it does not know its codes: say so
         why = (f"the model classifies only {before.forget:.0%} of the forget codes and {before.retain:.0%} of "
                f"the others before forgetting: it may not have been trained with these codes "

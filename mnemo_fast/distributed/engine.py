@@ -95,7 +95,7 @@ class DistributedEngine(FisherSums):
       the per-code hits; every rank scores the candidates on the same counts.
     - ``max_ratio``: computed locally, then ``all_reduce(MAX)`` (so a rank holding a
       shard of a tensor still gets the tensor's maximum).
-    - ``shift_`` / ``gaussian_``: delegated; each rank perturbs the parameters it holds.
+    - ``shift_`` / ``gaussian_`` / ``dampen_``: delegated; each rank perturbs the parameters it holds.
       For ``gaussian_`` on replicated parameters all ranks must pass generators in the same
       state (same seed), or the replicas diverge.
 
@@ -214,6 +214,9 @@ class DistributedEngine(FisherSums):
 
     def shift_(self, params, forget, remain, max_ratio, lambda1, lambda2, sign) -> None:
         self.inner.shift_(_locals(params), _locals(forget), _locals(remain), max_ratio, lambda1, lambda2, sign)
+
+    def dampen_(self, params, forget, remain, threshold, lam) -> None:
+        self.inner.dampen_(_locals(params), _locals(forget), _locals(remain), threshold, lam)
 
     def gaussian_(self, params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
         """Replicated tensors draw from ``generator`` (the same on every rank, so replicas stay

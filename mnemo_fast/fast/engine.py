@@ -482,6 +482,10 @@ class FastEngine(FisherSums):
             ratio = _ratio_for(max_ratio, positions, p[0].device if p else None, len(calls))
             ops.perturb_gaussian_(p, f, r, ratio, lambda1, lambda2, tau, generator)
 
+    def dampen_(self, params, forget, remain, threshold, lam) -> None:
+        for positions, ops in self._fused(params):
+            ops.perturb_dampen_(*_take(positions, params, forget, remain), threshold, lam)
+
 
 class _ReferenceOps:
     """The reference's perturbation under the fused ops' names (looked up at each call)."""
@@ -497,6 +501,10 @@ class _ReferenceOps:
     @staticmethod
     def perturb_gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator):
         return REFERENCE.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
+
+    @staticmethod
+    def perturb_dampen_(params, forget, remain, threshold, lam):
+        return REFERENCE.dampen_(params, forget, remain, threshold, lam)
 
 
 #: Where the decision says "reference": the paper's formula, tensor by tensor.

@@ -4,7 +4,7 @@
 one without the extension raises RuntimeError, see :func:`mnemo_fast.fast._ext.load_error`);
 ``twin_sum_sq_grad_linear`` etc. compute the same in ATen ops only, with bounded memory
 (samples in blocks). The perturbation's twins are the reference's own formula on lists of
-tensors (:func:`mnemo_fast.reference.perturb.max_ratios`, ``shift_``, ``gaussian_``), which the
+tensors (:func:`mnemo_fast.reference.perturb.max_ratios`, ``shift_``, ``gaussian_``, ``dampen_``), which the
 reference engine runs too: the formula is written once. :data:`OPS` pairs them by name;
 :data:`COMPILED` and :data:`TWINS` give one path of every op as attributes, which is what an
 engine's layer rules call; their ``linear_fisher`` is the Linear Fisher by the path that
@@ -281,6 +281,22 @@ def perturb_gaussian_(
                                          float(lambda1), float(lambda2), float(tau), generator)
 
 
+def perturb_dampen_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    threshold: float,
+    lam: float,
+) -> None:
+    """In place, one pass per tensor: ``p *= min(lam / eta, 1)`` where ``eta > threshold``.
+
+    eta = f_F / f_R: NaN -> 0 (left as is), +inf kept (the element becomes 0). The product is
+    taken in the Fisher's accumulation dtype and rounded once to the parameter's dtype.
+    params must be contiguous.
+    """
+    _library().perturb_dampen_.default(list(params), list(forget), list(remain), float(threshold), float(lam))
+
+
 # ---- the table -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -301,6 +317,7 @@ OPS: dict[str, Op] = {
         Op("perturb_max_ratio", perturb_max_ratio, perturb.max_ratios),
         Op("perturb_shift_", perturb_shift_, perturb.shift_),
         Op("perturb_gaussian_", perturb_gaussian_, perturb.gaussian_),
+        Op("perturb_dampen_", perturb_dampen_, perturb.dampen_),
     )
 }
 #: Every op's compiled version as an attribute (``COMPILED.sum_sq_grad_linear``), and
@@ -361,6 +378,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mnemo_fast::perturb_gaussian_")
     def _(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator):
         check_lists(params, forget, remain, max_ratio)
+
+    @torch.library.register_fake("mnemo_fast::perturb_dampen_")
+    def _(params, forget, remain, threshold, lam):
+        check_lists(params, forget, remain, params[0].new_empty((len(params),)) if params else torch.empty(0))
 
 
 _ext.when_loaded(_register_fakes)

@@ -51,5 +51,10 @@ class ReferenceEngine(FisherSums):
     def gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator) -> None:
         perturb.gaussian_(params, forget, remain, max_ratio, lambda1, lambda2, tau, generator)
 
+    @staticmethod
+    @torch.no_grad()
+    def dampen_(params, forget, remain, threshold, lam) -> None:
+        perturb.dampen_(params, forget, remain, threshold, lam)
+
 
 REFERENCE = ReferenceEngine()

@@ -8,11 +8,14 @@ For one parameter tensor with Fisher diagonals ``f_F`` (forget classes) and ``f_
     alpha = min(lambda1, lambda2 / max(eta))
     shift = alpha * eta                 (the model moves by sign * shift)
 
+The dampening variant (``mode="dampen"``, after Selective Synaptic Dampening) scales instead of
+shifting: ``w *= min(lam / eta, 1)`` where ``eta > threshold`` (:func:`dampening`, :func:`dampen_`).
+
 Arithmetic is done in float32 (float64 when the Fisher is float64), whatever the
 parameter's dtype (:func:`mnemo_fast.dtypes.accumulation_dtype`), and the result is cast
 back on write.
 
-:func:`max_ratios`, :func:`shift_` and :func:`gaussian_` apply the formula to lists of tensors
+:func:`max_ratios`, :func:`shift_`, :func:`gaussian_` and :func:`dampen_` apply the formula to lists of tensors
 in place: they are the reference engine's perturbation and the pure-PyTorch twins of the fused
 ops in the op table (:data:`mnemo_fast.fast.ops.TWINS`), one copy of the formula for both.
 """
@@ -149,3 +152,27 @@ def gaussian_(
         z = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
         update = alpha(m, lambda1, lambda2) * eta * z.to(eta.dtype)
         p.add_(torch.where(eta > tau, update, torch.zeros_like(update)).to(p.dtype))
+
+
+def dampening(forget: Tensor, remain: Tensor, threshold: float, lam: float) -> Tensor:
+    """The dampening factor of one tensor (docs/METHOD.md, "Dampening"): ``min(lam / eta, 1)``
+    where ``eta > threshold``, else 1, with eta = exp(log f_F - log f_R), NaN -> 0 (never
+    dampened) and +inf kept (factor 0). In the accumulation dtype of the Fisher."""
+    eta = raw_ratio(forget, remain)
+    factor = torch.clamp(lam / eta, max=1.0)  # eta = 0 gives inf, clamped to 1; eta = inf gives 0
+    return torch.where(eta > threshold, factor, torch.ones_like(factor))
+
+
+def dampen_(
+    params: Sequence[Tensor],
+    forget: Sequence[Tensor],
+    remain: Sequence[Tensor],
+    threshold: float,
+    lam: float,
+) -> None:
+    """In place, tensor by tensor: ``p *= [eta > threshold] min(lam / eta, 1)`` (1 elsewhere), the
+    product taken in the accumulation dtype and rounded once to the parameter's dtype; twin of
+    the fused ``perturb_dampen_``."""
+    for p, f, r in zip(params, forget, remain):
+        factor = dampening(f, r, threshold, lam)
+        p.copy_((p.to(factor.dtype) * factor).to(p.dtype))

@@ -1,0 +1,236 @@
+"""Issue 26, item 4: extensions of the paper's step, tried on the zoo's TUNE half only.
+
+Each variant forgets one class of a cached zoo model (benchmarks/zoo.py trains and caches them)
+and is judged as the zoo judges (F <= 1% and A_R within 2 points on the test set; the flag from
+the same verdict as ``forget``'s, :func:`mnemo_fast.verdict.judge`):
+
+  shift            ``mf.forget(..., lambda1="auto")`` (the package's default; the baseline)
+  shift-nonorm     the same with ``params=`` leaving out normalisation and embedding parameters
+  shift-layer      the same with ``calibration={"blocks": "layer"}`` (per-layer steps)
+  dampen           SSD-style dampening from the CODE Fisher: every element with f_F > a * f_R is
+                   scaled by min(f_R / f_F, 1) (Foster et al., AAAI 2024, with the code Fisher in
+                   place of the training data's), a chosen per case as the largest threshold of a
+                   grid whose result the criterion calls clean (on the codes, and on the sample
+                   where one is given)
+  dampen-nonorm    the same, leaving out normalisation and embedding parameters
+
+Settings: ``codes`` (the codes alone) and ``val256`` (256 held-out rows of every class, as
+zoo.py). Rows go to ``--rows`` (jsonl; the last row of a key wins), read by ``--report``.
+
+    nice -n 19 python benchmarks/zoo_extensions.py --data digits keywords --variants dampen
+    python benchmarks/zoo_extensions.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import mnemo_fast as mf  # noqa: E402
+import zoo  # noqa: E402
+from mnemo_fast import verdict as verdicts  # noqa: E402
+from mnemo_fast.calibration import Criterion  # noqa: E402
+from mnemo_fast.evaluation.accuracy import predictions  # noqa: E402
+from mnemo_fast.modeling import logits_of  # noqa: E402
+from mnemo_fast.session import code_inputs  # noqa: E402
+
+VARIANTS = ("shift", "shift-nonorm", "shift-layer", "dampen", "dampen-nonorm")
+SETTINGS = ("codes", "val256")
+DEFAULT_ROWS = HERE / "zoo-study" / "extensions.jsonl"
+#: dampening thresholds a (f_F > a f_R is dampened), tried from the largest (fewest elements) down
+THRESHOLDS = tuple(10.0 ** (k / 4) for k in range(32, -1, -1))  # 1e8 ... 1, four a decade
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.Embedding)
+
+
+def no_norm_selector(model: torch.nn.Module):
+    """A ``params=`` predicate leaving out the parameters of normalisation and embedding modules
+    (and of any module whose class name says Norm or Embedding: transformers' own)."""
+    left_out = set()
+    for prefix, module in model.named_modules():
+        name = type(module).__name__
+        if isinstance(module, NORM_TYPES) or "Norm" in name or "Embedding" in name:
+            for pname, _ in module.named_parameters(recurse=True):
+                left_out.add(f"{prefix}.{pname}" if prefix else pname)
+    return lambda name: name not in left_out
+
+
+@torch.no_grad()
+def logits_on(model, x, chunk: int = 512):
+    return torch.cat([logits_of(model(x[i:i + chunk])) for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def dampen_case(model, codes, c: int, retain=None, selector=None, test=None) -> dict:
+    """SSD-style dampening from the code Fisher, threshold chosen on the criterion; the model is
+    restored before returning a dampened copy's test predictions (as ``forget`` returns a copy)."""
+    import copy
+    start = time.perf_counter()
+    net = copy.deepcopy(model).eval()
+    with torch.enable_grad():
+        f_forget, f_remain = mf.class_fishers(net, codes, [c], params=selector)
+    params = dict(net.named_parameters())
+    names = list(f_forget)
+    saved = {n: params[n].detach().clone() for n in names}
+    ratio = {n: (f_forget[n] / f_remain[n]).nan_to_num(0.0, posinf=float("inf")) for n in names}
+    x, labels = code_inputs(net, codes, range(codes.num_classes))
+    is_forget = labels == c
+    before = logits_on(net, x)
+    sample_before = None
+    if retain is not None:
+        sample_before = logits_on(net, retain[0])
+    criterion = Criterion()
+    def apply(a):
+        for n in names:
+            scale = torch.where(ratio[n] > a, (1.0 / ratio[n]).clamp(max=1.0), torch.ones_like(ratio[n]))
+            params[n].copy_(saved[n] * scale.to(saved[n].dtype))
+
+    def judged(a):
+        apply(a)
+        sample = None
+        if retain is not None:
+            sample = verdicts.sample_accuracy(sample_before, logits_on(net, retain[0]), retain[1], [c])
+        v = verdicts.judge(before, logits_on(net, x), labels, is_forget, criterion=criterion, sample=sample)
+        forget_met = v.codes_forget_ok and (sample is None or not sample.forget_rows
+                                            or sample.forget_after <= verdicts.MAX_FORGET_ACCURACY)
+        return v, forget_met
+
+    # smaller thresholds dampen more elements: the first (largest) one that meets the forget side
+    # is the least damage that forgets; the retain side only worsens below it
+    criterion = Criterion()
+    chosen, tried, curve = THRESHOLDS[-1], 0, []
+    for a in THRESHOLDS:
+        tried += 1
+        verdict, forget_met = judged(a)
+        if test is not None:  # the study's curve: what each threshold does (never used to choose)
+            p, t = predictions(net, test)
+            a_r, f = zoo.scores(p, t, c)
+            point = {"a": a, "A_R": a_r, "F": f, "flagged": verdict.flagged, "forget_met": forget_met,
+                     "codes": {k: float(v) for k, v in verdict.details.items()}}
+            if verdict.sample is not None:
+                point["sample"] = {k: getattr(verdict.sample, k) for k in (
+                    "retain_before", "retain_after", "retain_drop_se", "forget_after", "forget_rows")}
+            curve.append(point)
+        elif forget_met:
+            chosen = a
+            break
+    if test is not None:
+        met = [pt["a"] for pt in curve if pt["forget_met"]]
+        chosen = met[0] if met else THRESHOLDS[-1]
+        verdict, forget_met = judged(chosen)
+    seconds = time.perf_counter() - start
+    dampened = sum(int((ratio[n] > chosen).sum()) for n in names)
+    return {"net": net, "seconds": seconds, "threshold": chosen, "flagged": verdict.flagged,
+            "reasons": list(verdict.reasons), "thresholds_tried": tried, "dampened": dampened,
+            "elements": sum(ratio[n].numel() for n in names), "curve": curve}
+
+
+def shift_case(model, codes, c: int, retain=None, selector=None, calibration=None) -> dict:
+    kwargs = {"retain": retain} if retain is not None else {}
+    if selector is not None:
+        kwargs["params"] = selector
+    if calibration:
+        kwargs["calibration"] = calibration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        result = mf.forget(model, codes, [c], lambda1="auto", **kwargs)
+    return {"net": result.model, "seconds": time.perf_counter() - start, "flagged": result.flagged,
+            "reasons": list(result.verdict.reasons), "lambda1": result.lambda1}
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    done = zoo.load_rows(args.rows) if args.rows.exists() else {}
+    ns = argparse.Namespace(half=["tune"], archs=args.archs, recipes=None, data=args.data, seeds=args.seeds,
+                            classes=args.classes, settings=["codes"])
+    todo = [t for t in zoo.plan(ns)]
+    datasets, model_key = {}, None
+    args.rows.parent.mkdir(parents=True, exist_ok=True)
+    for seed, arch, recipe, data, c, _ in zoo.tqdm(todo, desc="extensions", mininterval=30, file=sys.stderr):
+        if data not in datasets:
+            datasets[data] = zoo.load_data(data, args.limit)
+        d = datasets[data]
+        key = (arch, recipe, data, seed)
+        if key != model_key:
+            model, codes, meta = zoo.trained(args.cache, arch, recipe, data, seed, d, None, args.limit)
+            pred, true = predictions(model, d["test"])
+            model_key, selector = key, no_norm_selector(model)
+        a_r0, f0 = zoo.scores(pred, true, c)
+        for setting in args.settings:
+            retain = None
+            if setting == "val256":
+                retain = zoo.retain_sample(d["heldout"], c, 256, seed, every_class=True)
+            for variant in args.variants:
+                if (arch, recipe, data, seed, c, f"{setting}/{variant}") in done:
+                    continue
+                torch.manual_seed(seed)
+                nonorm = selector if variant.endswith("nonorm") else None
+                if variant.startswith("dampen"):
+                    out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None)
+                else:
+                    out = shift_case(model, codes, c, retain, nonorm,
+                                     {"blocks": "layer"} if variant == "shift-layer" else None)
+                p, t = predictions(out.pop("net"), d["test"])
+                a_r, f = zoo.scores(p, t, c)
+                row = {"arch": arch, "recipe": recipe, "data": data, "seed": seed, "class": c,
+                       "setting": f"{setting}/{variant}", "A_R_before": a_r0, "F_before": f0, "A_R": a_r, "F": f,
+                       **out}
+                with args.rows.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    return 0
+
+
+def report(args) -> int:
+    rows = list(zoo.load_rows(args.rows).values())
+    by = {}
+    for r in rows:
+        by.setdefault(r["setting"], []).append(r)
+    print("| setting / variant | cases | forgotten | silent failures | flagged failures | false alarms | mean A_R change |")
+    print("|---|---|---|---|---|---|---|")
+    for setting in sorted(by):
+        t = zoo.tally(by[setting])
+        print(f"| {setting} | {t['cases']} | {t['forgotten']} | {t['silent failure']} | {t['flagged failure']} | "
+              f"{t['false alarm']} | {t['dA']:+.1f} |")
+    archs = sorted({r["arch"] for r in rows})
+    print()
+    print("| setting / variant | " + " | ".join(archs) + " |")
+    print("|---|" + "---|" * len(archs))
+    for setting in sorted(by):
+        cells = []
+        for a in archs:
+            sub = [r for r in by[setting] if r["arch"] == a]
+            cells.append(f"{sum(zoo.forgotten(r) for r in sub)}/{len(sub)}" if sub else "-")
+        print(f"| {setting} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=None)
+    p.add_argument("--data", nargs="+", default=["digits", "keywords"], choices=zoo.DATASETS)
+    p.add_argument("--seeds", nargs="+", type=int, default=list(zoo.SEEDS))
+    p.add_argument("--classes", nargs="+", type=int, default=None)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--limit", type=int, default=5000)
+    p.add_argument("--cache", type=Path, default=zoo.DEFAULT_CACHE)
+    p.add_argument("--rows", type=Path, default=DEFAULT_ROWS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curve", action="store_true", help="dampen: record every threshold's test scores (a study)")
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args(argv)
+    return report(args) if args.report else run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

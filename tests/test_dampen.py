@@ -1,0 +1,199 @@
+"""mode="dampen": SSD-style dampening from the codes' Fisher (issue 26, item 4;
+mnemo_fast/calibration/dampen.py, docs/METHOD.md "Dampening")."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mnemo_fast as mf
+import mnemo_fast.reference as ref
+from mnemo_fast import verdict as verdicts
+from mnemo_fast.calibration import dampen as dampening
+from mnemo_fast.evaluation import data
+from mnemo_fast.fast.engine import EXTENSION, HOOKS_ATEN
+from mnemo_fast.reference import perturb
+from mnemo_fast.reference.engine import REFERENCE
+
+INF, NAN = float("inf"), float("nan")
+
+
+def test_the_factor_follows_the_formula_on_special_values():
+    # eta:          0     NaN(0/0)  below   at      above   far above  inf (1/0)  inf (inf/1)
+    forget = torch.tensor([0.0, 0.0, 1.0, 2.0, 4.0, 1e6, 1.0, INF])
+    remain = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    factor = perturb.dampening(forget, remain, threshold=2.0, lam=1.0)
+    want = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.25, 1e-6, 0.0, 0.0])
+    torch.testing.assert_close(factor, want, rtol=1e-6, atol=0.0)
+    # lam > eta caps the factor at 1: a selected element is never scaled up
+    assert perturb.dampening(torch.tensor([3.0]), torch.tensor([1.0]), 2.0, 10.0).item() == 1.0
+
+
+@pytest.mark.parametrize("engine", [REFERENCE, HOOKS_ATEN, EXTENSION], ids=lambda e: e.name)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_every_engine_dampens_like_the_formula(engine, param_dtype):
+    if engine is EXTENSION and not mf.fast._ext.available():
+        pytest.skip("the compiled extension is not built")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (7, 5), (4097,)]  # one element; a small tensor; past the kernels' chunk
+    forget = [torch.rand(s, generator=gen) * 8 for s in shapes]
+    remain = [torch.rand(s, generator=gen) + 0.01 for s in shapes]
+    forget[1].view(-1)[:3] = torch.tensor([0.0, INF, 5.0])
+    remain[1].view(-1)[:3] = torch.tensor([0.0, 1.0, 0.0])
+    params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+    want = [(p.float() * perturb.dampening(f, r, 3.0, 0.5)).to(param_dtype) for p, f, r in zip(params, forget, remain)]
+    got = [p.clone() for p in params]
+    engine.dampen_(got, forget, remain, 3.0, 0.5)
+    for g, w in zip(got, want):
+        assert g.dtype == param_dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=2 * torch.finfo(param_dtype).eps + 1e-5, atol=0.0)
+
+
+def test_an_empty_list_is_a_no_op():
+    for engine in (REFERENCE, HOOKS_ATEN):
+        engine.dampen_([], [], [], 1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def digits_val():
+    """A validation sample of every class: the test split's first 256 images (a stand-in for a
+    user's held-out split)."""
+    _, test = data.digits()
+    x, y = test.tensors
+    return x[:256], y[:256]
+
+
+def _forget(namespace, model, codes, c, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mf.ForgetWarning)
+        return namespace.forget(model, codes, [c], mode="dampen", **kw)
+
+
+@pytest.mark.parametrize("c", [1, 5])
+def test_auto_dampening_forgets_a_class_of_the_demo_model(trained_digits_mlp, digits_split, digits_val, c):
+    """On the demo's model the scan finds a threshold that forgets the class on the test split
+    with the retained accuracy within 2 points, fast and reference alike, and says so."""
+    model, codes = trained_digits_mlp
+    _, test = digits_split
+    x, y = test.tensors
+    before = model(x).argmax(-1) == y
+    for namespace in (mf, ref):
+        result = _forget(namespace, model, codes, c, lambda1="auto", retain=digits_val)
+        hit = result.model(x).argmax(-1) == y
+        assert hit[y == c].float().mean() <= 0.01
+        assert hit[y != c].float().mean() >= before[y != c].float().mean() - 0.02
+        assert result.mode == "dampen" and result.sign is None and result.lambda2 == dampening.DEFAULT_LAM
+        assert result.lambda1 in dampening.THRESHOLDS and result.calibration.search == "dampen"
+        assert result.calibration.forget_reached and not result.flagged
+        trials = result.calibration.diagnostics["trials"]
+        assert [t["threshold"] for t in trials] == list(dampening.THRESHOLDS[:len(trials)])
+        assert trials[-1]["forget_met"] and not any(t["forget_met"] for t in trials[:-1])
+
+
+def test_fast_and_reference_choose_the_same_threshold(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    for c in (0, 3, 8):
+        fast, slow = (_forget(ns, model, codes, c, lambda1="auto") for ns in (mf, ref))
+        assert fast.lambda1 == slow.lambda1 and fast.flagged == slow.flagged
+        for (name, p), q in zip(fast.model.named_parameters(), slow.model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_fixed_threshold_scales_exactly_the_selected_elements(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    forget_f, remain_f = ref.class_fishers(model, codes, [2])
+    result = _forget(mf, model, codes, 2, lambda1=100.0, lambda2=0.5)
+    assert result.calibration is None and result.lambda1 == 100.0 and result.lambda2 == 0.5
+    for (name, new), old in zip(result.model.named_parameters(), model.parameters()):
+        factor = perturb.dampening(forget_f[name], remain_f[name], 100.0, 0.5)
+        torch.testing.assert_close(new, old * factor, rtol=1e-5, atol=1e-8, msg=name)
+        assert bool(((new == old) | (factor < 1)).all())
+
+
+def test_the_verdict_judges_the_dampened_model(trained_digits_mlp, digits_val):
+    """The verdict is the search's own judgement: with a sample holding forget-class rows, the
+    codes need only end misclassified and the rows must end forgotten."""
+    model, codes = trained_digits_mlp
+    result = _forget(mf, model, codes, 4, lambda1="auto", retain=digits_val)
+    assert result.calibration.diagnostics["criterion"] == dampening.MISCLASSIFIED
+    assert result.verdict.sample is not None and result.verdict.sample.forget_rows > 0
+    assert dampening.forget_met(result.verdict)
+    plain = _forget(mf, model, codes, 4, lambda1="auto")
+    assert plain.calibration.diagnostics["criterion"] == dampening.DEFAULT_CRITERION
+    only_retained = _forget(mf, model, codes, 4, lambda1="auto", retain=(digits_val[0][digits_val[1] != 4],
+                                                                         digits_val[1][digits_val[1] != 4]))
+    assert only_retained.calibration.diagnostics["criterion"] == dampening.DEFAULT_CRITERION
+    custom = _forget(mf, model, codes, 4, lambda1="auto", calibration={"depth": 2.0, "max_forget_prob": 1e-4})
+    assert custom.calibration.diagnostics["criterion"].depth == 2.0
+
+
+def test_no_threshold_meeting_the_forget_side_warns_and_applies_the_most_dampening(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    with pytest.warns(mf.ForgetWarning, match="no threshold down to 1 met the forget side"):
+        result = mf.forget(model, codes, [6], mode="dampen", lambda1="auto",
+                           calibration={"depth": 1e6, "max_forget_prob": 1e-30})
+    assert not result.calibration.forget_reached and not result.calibration.feasible and result.flagged
+    assert result.lambda1 == dampening.THRESHOLDS[-1]
+    assert len(result.calibration.diagnostics["trials"]) == len(dampening.THRESHOLDS)
+
+
+def _unchanged(model, state):
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lambda1="auto", lambda2=[1.0, 2.0]), TypeError, "takes one lambda2"),
+    (dict(lambda1="auto", calibration={"blocks": "layer"}), mf.UnlearningError, "not one of mode='dampen'"),
+    (dict(lambda1="auto", calibration={"steps": 3}), mf.UnlearningError, "not one of mode='dampen'"),
+    (dict(lambda1=10.0, calibration={"depth": 1.0}), mf.UnlearningError, "need lambda1='auto'"),
+    (dict(lambda1=-1.0), mf.UnlearningError, "lambda1"),
+    (dict(lambda1=10.0, lambda2=0.0), mf.UnlearningError, "lambda2"),
+])
+def test_bad_arguments_are_refused_before_the_model_is_touched(trained_digits_mlp, kwargs, error, match):
+    model, codes = trained_digits_mlp
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        mf.forget(model, codes, [3], mode="dampen", inplace=True, **kwargs)
+    assert _unchanged(model, state)
+
+
+def test_in_place_dampening_edits_the_callers_model_completely(digits_mlp_with_codes):
+    model, codes = digits_mlp_with_codes(0.1, 5)
+    copy = _forget(mf, model, codes, 7, lambda1="auto")
+    result = _forget(mf, model, codes, 7, lambda1="auto", inplace=True)
+    assert result.model is model
+    for p, q in zip(model.parameters(), copy.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_failure_midway_leaves_the_model_as_it_was(trained_digits_mlp, monkeypatch):
+    """A scan that fails after some trials were written restores every parameter."""
+    model, codes = trained_digits_mlp
+    import copy as copying
+    model = copying.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+    real = verdicts.judge
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verdicts, "judge", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        mf.forget(model, codes, [3], mode="dampen", lambda1="auto", inplace=True)
+    assert calls["n"] == 3 and _unchanged(model, state)
+
+
+def test_params_restricts_the_dampening(trained_digits_mlp):
+    model, codes = trained_digits_mlp
+    last = [name for name, _ in model.named_parameters()][-1]
+    result = _forget(mf, model, codes, 2, lambda1=1.0, params=[last])
+    for (name, new), old in zip(result.model.named_parameters(), model.parameters()):
+        if name != last:
+            assert torch.equal(new, old), name
+    assert not torch.equal(dict(result.model.named_parameters())[last], dict(model.named_parameters())[last])

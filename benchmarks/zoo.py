@@ -18,6 +18,8 @@ Per case (arch, recipe, data, seed, forget class) and setting:
   val<N>       the same with N held-out images of EVERY class (a validation split as a user holds
                it: about a tenth of its rows are of the forget class, which ``forget`` then
                also asks to end forgotten)
+  dampen/<s>   setting <s> (codes, retain<N>, val<N>) with ``mode="dampen"``: SSD-style dampening
+               from the codes' Fisher, the threshold chosen by ``lambda1="auto"``
   ssd          Selective Synaptic Dampening with the real training data (per-sample Fisher of
                each class, alpha = 0.5 N / N_c, lambda = 1: as benchmarks/unlearning_sweep.py)
 Each row holds the forget-class test accuracy ``F`` and the retained-class test accuracy
@@ -105,7 +107,10 @@ SPLIT = {
 HALF_OF = {pair: half for half, pairs in SPLIT.items() for pair in pairs}
 
 DATASETS = ("digits", "fashion-mnist", "keywords")
-SETTINGS = ("codes", "retain64", "retain256", "retain1024", "val256", "ssd")
+#: "dampen/<setting>": the same with ``mode="dampen"`` (docs/METHOD.md, "Dampening")
+DAMPEN = ("dampen/codes", "dampen/retain64", "dampen/retain256", "dampen/retain1024", "dampen/val64",
+          "dampen/val256", "dampen/val1024")
+SETTINGS = ("codes", "retain64", "retain256", "retain1024", "val256", "ssd") + DAMPEN
 SEEDS = (0, 1, 2)
 DIGITS_HELDOUT = 257          # of digits' 1,257 training images: the user's validation split
 FASHION_HELDOUT = 5000        # at most this many of the unused Fashion-MNIST training images
@@ -260,10 +265,12 @@ def retain_sample(heldout, c: int, n: int, seed: int, every_class: bool = False)
     return x[idx], y[idx]
 
 
-def forget_case(model, codes, c: int, test, retain=None, calibration=None) -> dict:
-    """One forget with lambda1="auto" (and ``retain=`` and ``calibration=`` when given): the row's
-    measurements."""
+def forget_case(model, codes, c: int, test, retain=None, calibration=None, mode: str = "shift") -> dict:
+    """One forget with lambda1="auto" (and ``retain=``, ``calibration=`` and ``mode=`` when given):
+    the row's measurements."""
     kwargs = {} if retain is None else {"retain": retain}
+    if mode != "shift":
+        kwargs["mode"] = mode
     if calibration:
         kwargs["calibration"] = calibration
     with warnings.catch_warnings(record=True) as caught:
@@ -421,15 +428,17 @@ def run(args) -> int:
         if args.calibration:
             row["calibration"] = args.calibration
         torch.manual_seed(seed)
-        if setting == "codes":
-            row.update(forget_case(model, codes, c, d["test"], calibration=args.calibration))
-        elif setting.startswith(("retain", "val")):
-            every = setting.startswith("val")
-            n = int(setting[len("val" if every else "retain"):])
+        mode, base_setting = ("dampen", setting.split("/", 1)[1]) if setting.startswith("dampen/") else ("shift", setting)
+        if base_setting == "codes":
+            row.update(forget_case(model, codes, c, d["test"], calibration=args.calibration, mode=mode))
+        elif base_setting.startswith(("retain", "val")):
+            every = base_setting.startswith("val")
+            n = int(base_setting[len("val" if every else "retain"):])
             xr, yr = retain_sample(d["heldout"], c, n, seed, every_class=every)
             row.update(n_retain=len(yr), n_retain_forget_class=int((yr == c).sum()),
                        retain_source="held-out part of the training split" + (", every class" if every else ""))
-            row.update(forget_case(model, codes, c, d["test"], retain=(xr, yr), calibration=args.calibration))
+            row.update(forget_case(model, codes, c, d["test"], retain=(xr, yr), calibration=args.calibration,
+                                   mode=mode))
         elif setting == "ssd":
             row.update(ssd_case(model, c, d["train"], d["test"], ssd_sums.get(key, model, d["train"])))
             row["ssd_fisher_seconds"] = ssd_sums.seconds  # the training-set Fisher, once per model
@@ -475,7 +484,12 @@ def tally(rows: list[dict]) -> dict:
 SETTING_TITLE = {"codes": "codes alone (`lambda1=\"auto\"`)", "retain64": "retain sample of 64",
                  "retain256": "retain sample of 256", "retain1024": "retain sample of 1024",
                  "val256": "validation sample of 256 (every class, the forget class's rows included)",
-                 "ssd": "SSD with the real training data (baseline, no flag)"}
+                 "ssd": "SSD with the real training data (baseline, no flag)",
+                 **{f"dampen/{k}": f"mode=\"dampen\", {v}" for k, v in (
+                     ("codes", "codes alone"), ("retain64", "retain sample of 64"), ("retain256", "retain sample of 256"),
+                     ("retain1024", "retain sample of 1024"), ("val64", "validation sample of 64 (every class)"),
+                     ("val256", "validation sample of 256 (every class)"),
+                     ("val1024", "validation sample of 1024 (every class)"))}}
 
 
 def report(rows: dict) -> str:

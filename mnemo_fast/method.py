@@ -401,6 +401,9 @@ def _checked(model, codes, forget_classes, *, lambda1, lambda2, mode, tau, draws
     validation.representable({"lambda1": lambda1, "lambda2": lambda2}, model.parameters())
     validation.batch_statistics(model)
     validation.finite_buffers(model)
+    if mode == "dampen" and params is None:  # norms and embeddings left alone (calibration/dampen.py),
+        default = _dampen.default_params(model)   # unless nothing else is trainable
+        params = default if any(map(default, largest)) else None
     if not any(map(parameter_filter(params), largest)):
         raise validation.UnlearningError(f"params={params!r} selects none of the trainable parameters")
     return _Arguments(lambda1, lambda2, auto, mode, tau, draws, generator, eps, chunk_size, output_fn, params, inplace,

@@ -197,3 +197,51 @@ def test_params_restricts_the_dampening(trained_digits_mlp):
         if name != last:
             assert torch.equal(new, old), name
     assert not torch.equal(dict(result.model.named_parameters())[last], dict(model.named_parameters())[last])
+
+
+class _Embedded(torch.nn.Module):
+    """Token ids -> embedding -> LayerNorm -> Linear -> a custom RMSNorm-like module -> head."""
+
+    class RMSNormish(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.body = torch.nn.Linear(8, 8)
+        self.rms = self.RMSNormish(8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.rms(torch.relu(self.body(self.norm(self.embed(ids))))).mean(1))
+
+
+def test_by_default_norms_and_embeddings_are_left_alone():
+    torch.manual_seed(0)
+    model = _Embedded()
+    keep = dampening.default_params(model)
+    chosen = [name for name, _ in model.named_parameters() if keep(name)]
+    assert chosen == ["body.weight", "body.bias", "head.weight", "head.bias"]
+    codes = mf.MnemonicCodes.generate_tokens(3, 6, 16, seed=0, low=1)
+    result = _forget(mf, model, codes, 1, lambda1=1.0)
+    for (name, new), old in zip(result.model.named_parameters(), model.parameters()):
+        if name not in chosen:
+            assert torch.equal(new, old), name
+    assert any(not torch.equal(new, old) for (name, new), old in zip(result.model.named_parameters(), model.parameters()))
+    everything = _forget(mf, model, codes, 1, lambda1=1.0, params="*")  # every parameter, on request
+    assert not torch.equal(everything.model.norm.weight, model.norm.weight)
+
+
+def test_a_model_of_norms_only_is_dampened_whole():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(4))  # its only parameters: a norm's
+    keep = dampening.default_params(model)
+    assert not any(keep(name) for name, _ in model.named_parameters())
+    codes = mf.MnemonicCodes.generate(4, (4,), seed=0)
+    result = _forget(mf, model, codes, 0, lambda1=1.0)
+    assert result.model is not model

@@ -89,7 +89,9 @@ def test_auto_dampening_forgets_a_class_of_the_demo_model(trained_digits_mlp, di
         assert result.calibration.forget_reached and not result.flagged
         trials = result.calibration.diagnostics["trials"]
         assert [t["threshold"] for t in trials] == list(dampening.THRESHOLDS[:len(trials)])
-        assert trials[-1]["forget_met"] and not any(t["forget_met"] for t in trials[:-1])
+        first = len(trials) - 1 - dampening.MARGIN_NOTCHES  # the first trial meeting the forget side
+        assert trials[first]["forget_met"] and not any(t["forget_met"] for t in trials[:first])
+        assert result.lambda1 == trials[-1]["threshold"] and trials[-1]["forget_met"]
 
 
 def test_fast_and_reference_choose_the_same_threshold(trained_digits_mlp):

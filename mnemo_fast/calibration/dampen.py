@@ -5,7 +5,8 @@ The dampening step scales every parameter element whose Fisher ratio ``eta = f_F
 a threshold ``a`` by ``min(lam / eta, 1)`` (Selective Synaptic Dampening, Foster et al., AAAI
 2024, with the codes' Fisher in place of the training data's). A smaller threshold dampens more
 elements, so the search scans :data:`THRESHOLDS` from the largest down and stops at the first
-one whose result meets the forget side of the criterion: the least dampening that forgets.
+one whose result meets the forget side of the criterion, then goes :data:`MARGIN_NOTCHES` further
+(a threshold 10^0.25 smaller): the least dampening that forgets, with a margin.
 
 - The forget side is judged by :func:`mnemo_fast.verdict.judge`, the verdict's own function, on
   the criterion :func:`criterion_for` gives: :data:`DEFAULT_CRITERION` (or the caller's
@@ -41,9 +42,13 @@ THRESHOLDS = tuple(10.0 ** (k / 4) for k in range(32, -1, -1))
 #: SSD's lambda: a selected element is scaled by min(lam / eta, 1)
 DEFAULT_LAM = 1.0
 #: the forget side on the codes alone (tuned on the zoo's tune half: benchmarks/ZOO.md, "Dampening")
-DEFAULT_CRITERION = Criterion(depth=0.25, max_forget_prob=1e-2, min_retain_margin=0.5)
+DEFAULT_CRITERION = Criterion(depth=0.25, max_forget_prob=1e-2, min_retain_margin=0.7)
 #: the codes' forget side when a sample's forget-class rows judge the forgetting: misclassified
-MISCLASSIFIED = Criterion(depth=0.0, max_forget_prob=1.0, min_retain_margin=0.5)
+MISCLASSIFIED = Criterion(depth=0.0, max_forget_prob=1.0, min_retain_margin=0.7)
+#: thresholds past the first that meets the forget side: the margin the choice keeps (one notch,
+#: a factor 10^0.25; on the tune half it turned most "class kept" silent failures into forgotten
+#: or flagged cases)
+MARGIN_NOTCHES = 1
 
 
 #: modules whose parameters the dampening leaves alone by default (with a class name holding
@@ -93,19 +98,21 @@ def calibrate_dampening(session: CandidateSession, lam: float, criterion: Criter
     every trial."""
     start = time.perf_counter()
     before = session.before_logits()
-    trials, chosen, verdict = [], None, None
+    trials, chosen, verdict, notches = [], None, None, 0
     for threshold in thresholds:
         session.dampen(threshold, lam)
         verdict = judge(session, before, criterion, classes)
         met = forget_met(verdict)
         trials.append({"threshold": threshold, "forget_met": met, "retain_met": not _retain_failed(verdict)})
-        if met:
+        if chosen is not None:
+            notches += 1
+        elif met:
             chosen = threshold
+        if chosen is not None and notches == MARGIN_NOTCHES:
             break
     reached = chosen is not None
-    if not reached:  # the last trial (the most dampening) stays applied
-        chosen = thresholds[-1]
-    feasible = reached and not verdict.flagged
+    chosen = trials[-1]["threshold"]  # the last trial stays applied: the margin's, or the most dampening
+    feasible = reached and forget_met(verdict) and not verdict.flagged
     calibration = Calibration(lambda1=chosen, lambda2=lam, sign=None, search="dampen", feasible=feasible,
                               forget_reached=reached, seconds=time.perf_counter() - start)
     calibration.diagnostics.update(trials=trials, criterion=criterion, verdict=verdict)

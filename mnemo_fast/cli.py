@@ -15,6 +15,7 @@ import torch
 
 from .evaluation import data, models
 from .calibration import DEFAULT_LAMBDA2
+from .calibration.dampen import DEFAULT_LAM
 from .codes import MnemonicCodes
 from .engines import backend
 from .evaluation import Evaluation, evaluate
@@ -115,7 +116,9 @@ def add_forget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda1", type=lambda1_value, metavar="L1",
                         help="gain, or 'auto' to choose it from the codes (default: per model)")
     parser.add_argument("--lambda2", type=positive_number, metavar="L2", help="cap of each tensor's largest shift")
-    parser.add_argument("--mode", choices=("shift", "gaussian"), default="shift")
+    parser.add_argument("--mode", choices=("shift", "gaussian", "dampen"), default="shift",
+                        help="dampen: scale the class's weights down (lambda1 the threshold, default auto; "
+                             "lambda2 SSD's lam, default 1)")
     parser.add_argument("--engine", choices=("auto", "reference"), default="auto",
                         help="auto: fused kernels where available; reference: pure PyTorch")
     parser.add_argument("--accept-flagged", action="store_true",
@@ -193,7 +196,11 @@ def format_table(before: Evaluation, after: Evaluation | None, forget_classes: l
 
 def forget_lambdas(args, model_name: str) -> tuple[float | str, float]:
     """(lambda1, lambda2) from the command line, each defaulting to the model's; with
-    ``--lambda1 auto``, lambda2 defaults to the calibration's own (``forget``'s default)."""
+    ``--lambda1 auto``, lambda2 defaults to the calibration's own (``forget``'s default); with
+    ``--mode dampen``, lambda1 defaults to auto and lambda2 to the dampening's lam."""
+    if getattr(args, "mode", "shift") == "dampen":
+        return (("auto" if args.lambda1 is None else args.lambda1),
+                (DEFAULT_LAM if args.lambda2 is None else args.lambda2))
     lambda1, lambda2 = DEFAULT_LAMBDAS.get(model_name, DEFAULT_LAMBDAS["mlp"])
     lambda1 = lambda1 if args.lambda1 is None else args.lambda1
     if args.lambda2 is None and lambda1 == "auto":

@@ -310,3 +310,17 @@ def test_a_forget_that_did_nothing_says_so(capsys, trained_digits_mlp, tmp_path)
     assert "class 3 100% -> 100%" in line and "try --lambda1 auto or a larger lambda1 than 1e-09" in line, line
     code, out, err = run(capsys, "forget", *inputs, "--forget", "3", "--lambda1", "auto")  # no --lambda2 needed
     assert code == 0 and "forget acc 1.00 -> 0.00" in out and "verdict: clean" in out and not err.strip(), err
+
+
+def test_forget_in_dampen_mode_defaults_to_the_auto_threshold(capsys, saved, tmp_path):
+    """--mode dampen: lambda1 defaults to 'auto' (the threshold scan), lambda2 to lam = 1, not to
+    the shift's per-model lambdas."""
+    output = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, "forget", saved / "model.safetensors", saved / "codes.safetensors",
+                         "--output", output, "--forget", "3", "--mode", "dampen", "--accept-flagged")
+    assert code == 0, err
+    assert f"saved {output}" in out
+    args = cli.build_parser().parse_args(["forget", "m", "c", "--output", "o", "--forget", "3", "--mode", "dampen"])
+    assert cli.forget_lambdas(args, "mlp") == ("auto", 1.0)
+    fixed = cli.build_parser().parse_args(["forget", "m", "c", "--output", "o", "--forget", "3", "--mode", "dampen", "--lambda1", "30"])
+    assert cli.forget_lambdas(fixed, "mlp") == (30.0, 1.0)

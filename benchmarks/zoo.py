@@ -590,6 +590,48 @@ def _line(label: str, t: dict, flag: bool) -> str:
             f"{t['seconds']:.2f} |")
 
 
+def summary(rows: dict) -> str:
+    """benchmarks/UNLEARNING.md's zoo section: one table per setting (both halves), with a line
+    of per-architecture counts under each half."""
+    measured = [r for r in rows.values() if "skipped" not in r]
+    out = []
+    for setting in SETTINGS:
+        sel = [r for r in measured if r["setting"] == setting]
+        if not sel:
+            continue
+        flag = setting != "ssd"
+        out.append(f"\n#### {SETTING_TITLE[setting]}\n")
+        out.append("| half | data | cases | forgotten | silent failures | flagged failures | false alarms | "
+                   "mean A_R change (pts) | worst A_R change | mean forget acc. % | s per case |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines = []
+        for half in ("tune", "report"):
+            mine = [r for r in sel if r["half"] == half]
+            if not mine:
+                continue
+            for data in DATASETS:
+                part = [r for r in mine if r["data"] == data]
+                if part:
+                    out.append(_line(f"{half} | {data}", tally(part), flag))
+            out.append(_line(f"**{half}** | all", tally(mine), flag))
+            counts = "; ".join(f"{a} {sum(forgotten(r) for r in mine if r['arch'] == a)}/"
+                               f"{sum(r['arch'] == a for r in mine)}" for a in zoo_models.ARCHS
+                               if any(r["arch"] == a for r in mine))
+            lines.append(f"{half} half, forgotten per architecture: {counts}.")
+        out.append("\n" + "  \n".join(lines))
+    return "\n".join(out)
+
+
+def write_summary(rows: dict, out: Path) -> None:
+    """Replace the text between the zoo-summary markers of ``out`` (appended if missing)."""
+    begin, end = "<!-- zoo-summary:begin -->", "<!-- zoo-summary:end -->"
+    md = out.read_text()
+    if begin not in md or end not in md:
+        md = md.rstrip() + "\n\n" + begin + "\n" + end + "\n"
+    head, rest = md.split(begin)
+    out.write_text(head + begin + "\n" + summary(rows) + "\n" + end + rest.split(end, 1)[1])
+
+
 def split_text() -> str:
     lines = ["| half | pairs (arch / recipe) |", "|---|---|"]
     for half, pairs in SPLIT.items():
@@ -648,9 +690,13 @@ def main(argv=None) -> int:
     p.add_argument("--train-only", action="store_true", help="train (and cache) the planned models, forget nothing")
     p.add_argument("--report", action="store_true", help="write the markdown tables from the rows, compute nothing")
     p.add_argument("--out", type=Path, default=HERE / "ZOO.md", help="--report: the markdown file (zoo markers)")
+    p.add_argument("--summary", type=Path, default=HERE / "UNLEARNING.md",
+                   help="--report: also the per-setting tables here (zoo-summary markers)")
     args = p.parse_args(argv)
     if args.report:
-        print(write_report(load_rows(args.rows), args.out))
+        rows = load_rows(args.rows)
+        print(write_report(rows, args.out))
+        write_summary(rows, args.summary)
         return 0
     return run(args)
 

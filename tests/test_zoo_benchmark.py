@@ -46,7 +46,13 @@ def test_zoo_end_to_end_on_a_tiny_config(tmp_path):
 
     out = tmp_path / "ZOO.md"
     out.write_text("# hand-written header\n\n<!-- zoo:begin -->\nold\n<!-- zoo:end -->\n\nfooter\n")
-    assert zoo.main(["--report", "--rows", str(tmp_path / "rows.jsonl"), "--out", str(out)]) == 0
+    summary = tmp_path / "UNLEARNING.md"
+    summary.write_text("# results\n\n<!-- zoo-summary:begin -->\nold\n<!-- zoo-summary:end -->\n")
+    assert zoo.main(["--report", "--rows", str(tmp_path / "rows.jsonl"), "--out", str(out),
+                     "--summary", str(summary)]) == 0
+    tables = summary.read_text()
+    assert tables.startswith("# results") and "\nold\n" not in tables
+    assert "#### codes alone" in tables and "tune half, forgotten per architecture: mlp" in tables
     md = out.read_text()
     assert md.startswith("# hand-written header") and md.rstrip().endswith("footer") and "\nold\n" not in md
     codes = [r for r in rows if r["setting"] == "codes"]
@@ -57,6 +63,17 @@ def test_zoo_end_to_end_on_a_tiny_config(tmp_path):
            f"{kinds['flagged failure']} | {kinds['false alarm']} |" in md
     assert "#### codes alone" in md and "tune half" in md and "Per architecture" in md and "| tune | mlp / sgd" in md
     assert "#### SSD with the real training data" in md
+
+
+def test_a_dampen_setting_runs_forget_in_dampen_mode(tmp_path):
+    assert zoo.main(_args(tmp_path, "dampen/codes", "dampen/val64")) == 0
+    rows = _rows(tmp_path)
+    assert {r["setting"] for r in rows} == {"dampen/codes", "dampen/val64"} and len(rows) == 4
+    for r in rows:
+        assert {"A_R", "F", "flagged", "lambda1"} <= r.keys() and r["sign"] is None  # dampening has no sign
+        assert r["lambda2"] == 1.0
+    val = [r for r in rows if r["setting"] == "dampen/val64"]
+    assert all(r["n_retain"] == 64 and r["retain_source"].endswith("every class") for r in val)
 
 
 def test_outcomes_and_the_split():

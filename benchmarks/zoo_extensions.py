@@ -7,6 +7,8 @@ the same verdict as ``forget``'s, :func:`mnemo_fast.verdict.judge`):
   shift            ``mf.forget(..., lambda1="auto")`` (the package's default; the baseline)
   shift-nonorm     the same with ``params=`` leaving out normalisation and embedding parameters
   shift-layer      the same with ``calibration={"blocks": "layer"}`` (per-layer steps)
+  (the study that chose mode="dampen"'s defaults: every threshold's test scores are recorded with
+  ``--curve``, never used to choose; the library's forget(mode="dampen") is measured by zoo.py)
   dampen           SSD-style dampening from the CODE Fisher: every element with f_F > a * f_R is
                    scaled by min(f_R / f_F, 1) (Foster et al., AAAI 2024, with the code Fisher in
                    place of the training data's), a chosen per case as the largest threshold of a
@@ -19,6 +21,7 @@ zoo.py). Rows go to ``--rows`` (jsonl; the last row of a key wins), read by ``--
 
     nice -n 19 python benchmarks/zoo_extensions.py --data digits keywords --variants dampen
     python benchmarks/zoo_extensions.py --report
+    python benchmarks/zoo_extensions.py --rules benchmarks/zoo-study/dampen-curves.jsonl.gz
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import mnemo_fast as mf  # noqa: E402
 import zoo  # noqa: E402
 from mnemo_fast import verdict as verdicts  # noqa: E402
 from mnemo_fast.calibration import Criterion  # noqa: E402
+from mnemo_fast.calibration.dampen import default_params  # noqa: E402
 from mnemo_fast.evaluation.accuracy import predictions  # noqa: E402
 from mnemo_fast.modeling import logits_of  # noqa: E402
 from mnemo_fast.session import code_inputs  # noqa: E402
@@ -49,19 +53,8 @@ SETTINGS = ("codes", "val256")
 DEFAULT_ROWS = HERE / "zoo-study" / "extensions.jsonl"
 #: dampening thresholds a (f_F > a f_R is dampened), tried from the largest (fewest elements) down
 THRESHOLDS = tuple(10.0 ** (k / 4) for k in range(32, -1, -1))  # 1e8 ... 1, four a decade
-NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.Embedding)
-
-
-def no_norm_selector(model: torch.nn.Module):
-    """A ``params=`` predicate leaving out the parameters of normalisation and embedding modules
-    (and of any module whose class name says Norm or Embedding: transformers' own)."""
-    left_out = set()
-    for prefix, module in model.named_modules():
-        name = type(module).__name__
-        if isinstance(module, NORM_TYPES) or "Norm" in name or "Embedding" in name:
-            for pname, _ in module.named_parameters(recurse=True):
-                left_out.add(f"{prefix}.{pname}" if prefix else pname)
-    return lambda name: name not in left_out
+#: the library's default for mode="dampen" (normalisation and embedding parameters left out)
+no_norm_selector = default_params
 
 
 @torch.no_grad()
@@ -70,7 +63,7 @@ def logits_on(model, x, chunk: int = 512):
 
 
 @torch.no_grad()
-def dampen_case(model, codes, c: int, retain=None, selector=None, test=None) -> dict:
+def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam: float = 1.0) -> dict:
     """SSD-style dampening from the code Fisher, threshold chosen on the criterion; the model is
     restored before returning a dampened copy's test predictions (as ``forget`` returns a copy)."""
     import copy
@@ -91,7 +84,7 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None) -> 
     criterion = Criterion()
     def apply(a):
         for n in names:
-            scale = torch.where(ratio[n] > a, (1.0 / ratio[n]).clamp(max=1.0), torch.ones_like(ratio[n]))
+            scale = torch.where(ratio[n] > a, (lam / ratio[n]).clamp(max=1.0), torch.ones_like(ratio[n]))
             params[n].copy_(saved[n] * scale.to(saved[n].dtype))
 
     def judged(a):
@@ -176,7 +169,7 @@ def run(args) -> int:
                 torch.manual_seed(seed)
                 nonorm = selector if variant.endswith("nonorm") else None
                 if variant.startswith("dampen"):
-                    out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None)
+                    out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None, args.lam)
                 else:
                     out = shift_case(model, codes, c, retain, nonorm,
                                      {"blocks": "layer"} if variant == "shift-layer" else None)
@@ -214,6 +207,65 @@ def report(args) -> int:
     return 0
 
 
+def _ok(point: dict, row: dict) -> bool:
+    return point["F"] <= 0.01 and point["A_R"] >= row["A_R_before"] - 0.02
+
+
+def _codes_rule(depth: float, max_prob: float):
+    return lambda p: (p["codes"]["forget_codes_still_right"] == 0 and p["codes"]["forget_depth"] >= depth
+                      and p["codes"]["forget_max_prob"] <= max_prob)
+
+
+def _sample_rule(p) -> bool:
+    return p["sample"]["forget_after"] <= 0.01 and p["codes"]["forget_codes_still_right"] == 0
+
+
+def _retain_codes(margin: float):
+    return lambda p: p["codes"]["retain_codes_lost"] == 0 and p["codes"]["retain_margin_ratio"] >= margin
+
+
+def _retain_sample(p) -> bool:
+    s = p["sample"]
+    return (s["retain_before"] - s["retain_after"]) + verdicts.RETAIN_DROP_Z * s["retain_drop_se"] <= 0.02
+
+
+#: the selection rules compared on the curves: (forget side, retain side judged for the flag)
+RULES = {
+    **{f"codes depth {d:g}, prob {p:g}, margin {m:g}": (_codes_rule(d, p), _retain_codes(m))
+       for d, p, m in ((1.0, 1e-3, 0.5), (0.5, 1e-2, 0.5), (0.25, 1e-2, 0.5), (0.25, 1e-2, 0.7), (0.25, 0.1, 0.5),
+                       (0.0, 1.0, 0.5))},
+    "sample's forget rows <= 1%, codes misclassified": (_sample_rule, _retain_sample),
+}
+
+
+def rules_report(path: Path) -> int:
+    """The threshold rules on recorded curves (``--curve`` rows, e.g. benchmarks/zoo-study/
+    dampen-curves.jsonl.gz): per rule and margin notches, forgotten / silent / false alarms."""
+    import gzip
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    print("| variant | rule | notches | cases | forgotten | silent failures | false alarms | oracle |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in sorted({r["setting"] for r in rows}):
+        sub = [r for r in rows if r["setting"] == variant]
+        oracle = sum(any(_ok(p, r) for p in r["curve"]) for r in sub)
+        for name, (forget_side, retain_side) in RULES.items():
+            for notches in (0, 1, 2):
+                forgotten = silent = false = 0
+                for r in sub:
+                    curve = r["curve"]
+                    first = next((k for k, p in enumerate(curve) if forget_side(p)), None)
+                    k = len(curve) - 1 if first is None else min(first + notches, len(curve) - 1)
+                    good = _ok(curve[k], r)
+                    flagged = first is None or not retain_side(curve[k])
+                    forgotten += good
+                    silent += not good and not flagged
+                    false += good and flagged
+                print(f"| {variant} | {name} | {notches} | {len(sub)} | {forgotten} | {silent} | {false} | {oracle} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=None)
@@ -226,9 +278,14 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=zoo.DEFAULT_CACHE)
     p.add_argument("--rows", type=Path, default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lam", type=float, default=1.0, help="dampen: SSD's lambda (min(lam / eta, 1))")
     p.add_argument("--curve", action="store_true", help="dampen: record every threshold's test scores (a study)")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--rules", type=Path, default=None, metavar="CURVES",
+                   help="compare the threshold rules on recorded curves (jsonl or jsonl.gz), compute nothing")
     args = p.parse_args(argv)
+    if args.rules is not None:
+        return rules_report(args.rules)
     return report(args) if args.report else run(args)
 
 

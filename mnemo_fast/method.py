@@ -258,9 +258,10 @@ def forget(
     None), best of ``draws`` draws by the same score. mode="dampen" (after Selective Synaptic
     Dampening, from the codes' Fisher): w *= min(lambda2 / eta, 1) where eta > lambda1, so
     ``lambda1`` is the threshold and ``lambda2`` SSD's lambda (default 1); with
-    ``lambda1="auto"`` the threshold is the largest of a scan whose result meets the forget side
-    (:mod:`mnemo_fast.calibration.dampen`; docs/METHOD.md, "Dampening"); ``calibration`` then takes
-    only the criterion's options and ``heldout``. Candidates are applied, scored and undone on one
+    ``lambda1="auto"`` the threshold is one notch below the largest of a scan whose result meets
+    the forget side (:mod:`mnemo_fast.calibration.dampen`; docs/METHOD.md, "Dampening");
+    ``calibration`` then takes only the criterion's options and ``heldout``; with ``params=None``
+    norms and embeddings are left alone. Candidates are applied, scored and undone on one
     copy of the parameters; no model is copied per candidate.
 
     ``lambda1="auto"`` chooses lambda1 from the codes alone (:func:`mnemo_fast.calibration.calibrate`;
@@ -463,7 +464,6 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
             criterion = _dampen_criterion(session, args)
             if args.auto:  # the threshold scan leaves the chosen dampening applied
                 calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes)
-                calibration.diagnostics["criterion"] = criterion
                 lambda1 = calibration.lambda1
             else:
                 session.dampen(lambda1, lambda2)

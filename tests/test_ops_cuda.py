@@ -99,6 +99,35 @@ def test_perturb_shift_cuda(shapes, sign):
         torch.testing.assert_close(got.cpu(), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fisher_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+def test_perturb_dampen_cuda(shapes, fisher_dtype, param_dtype):
+    """The CUDA dampening against the CPU kernel (both divide; the same roundings up to one
+    rounding of the parameter dtype), zeros, infs and NaN ratios included."""
+    forget, remain = fishers(shapes, fisher_dtype, seed=8, special=True)
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(3)).to(param_dtype) for s in shapes]
+    want = [p.clone() for p in params]
+    ops.perturb_dampen_(want, forget, remain, 0.7, 0.5)
+    got = [p.to(CUDA) for p in params]
+    ops.perturb_dampen_(got, [t.to(CUDA) for t in forget], [t.to(CUDA) for t in remain], 0.7, 0.5)
+    for g, w in zip(got, want):
+        assert g.dtype == param_dtype
+        torch.testing.assert_close(g.cpu(), w, rtol=torch.finfo(param_dtype).eps, atol=0.0)
+
+
+def test_perturb_dampen_cuda_many_tensors_and_empties():
+    shapes = [(i % 7 + 1, 3) for i in range(150)] + [(0,), (0, 4)]
+    forget, remain = fishers(shapes, torch.float32, seed=13, special=True)
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    want = [p.clone() for p in params]
+    ops.perturb_dampen_(want, forget, remain, 0.9, 1.0)
+    got = on(CUDA, params)
+    ops.perturb_dampen_(got, on(CUDA, forget), on(CUDA, remain), 0.9, 1.0)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.cpu(), w, rtol=1e-6, atol=0.0)
+
+
 def test_perturb_gaussian_cuda_distribution_mask_and_reproducibility():
     n = 1 << 20
     forget = [torch.full((n,), 4.0, device=CUDA), torch.full((1000,), 0.5, device=CUDA)]

@@ -28,7 +28,9 @@ SHAPES = {
     "perturb_max_ratio": [(11_000_000,), (100_000,)],
     "perturb_shift_": [(11_000_000,), (100_000,)],
     "perturb_gaussian_": [(11_000_000,), (100_000,)],
+    "perturb_dampen_": [(11_000_000,), (100_000,)],
 }
+THRESHOLD, LAM = 4.0, 1.0  # dampening: eta = f / r of two uniforms exceeds 4 for 1/8 of the elements
 LAMBDA1, LAMBDA2, SIGN, TAU = 0.1, 1.0, -1.0, 1.0
 
 
@@ -48,6 +50,8 @@ def make_args(name: str, shape: tuple) -> tuple:
     remain = [torch.rand(numel, generator=gen) * 1e-6]
     if name == "perturb_max_ratio":
         return forget, remain
+    if name == "perturb_dampen_":
+        return [torch.randn(numel, generator=gen)], forget, remain, THRESHOLD, LAM
     max_ratio = ops.TWINS.perturb_max_ratio(forget, remain)
     last = (SIGN,) if name == "perturb_shift_" else (TAU, None)
     return ([torch.randn(numel, generator=gen)], forget, remain, max_ratio, LAMBDA1, LAMBDA2, *last)

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -126,6 +127,21 @@ inline void eta_chunk(const S* f, const S* r, S* out, int64_t n) {
   }
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = eta_scalar(f[i], r[i]);
+}
+
+// Calls fn(c, eta, n) in parallel over consecutive chunks [c, c + n) of f[0:numel] / r[0:numel],
+// n <= kChunk, with eta[0:n] the chunk's etas (eta_chunk) in a stack buffer: the loop every
+// perturb_* kernel runs.
+template <typename S, typename Fn>
+inline void for_each_eta_chunk(const S* f, const S* r, int64_t numel, Fn&& fn) {
+  at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
+    S eta[kChunk];
+    for (int64_t c = begin; c < end; c += kChunk) {
+      const int64_t n = std::min(kChunk, end - c);
+      eta_chunk(f + c, r + c, eta, n);
+      fn(c, static_cast<const S*>(eta), n);
+    }
+  });
 }
 
 // Fisher pair of tensor l as contiguous tensors of the compute dtype of `forget`

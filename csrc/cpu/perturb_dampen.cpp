@@ -13,17 +13,12 @@ namespace {
 
 template <typename S, typename P>
 void dampen_tensor(P* p, const S* f, const S* r, int64_t numel, S threshold, S lam) {
-  at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
-    S eta[kChunk];
-    for (int64_t c = begin; c < end; c += kChunk) {
-      const int64_t n = std::min(kChunk, end - c);
-      eta_chunk(f + c, r + c, eta, n);
-      P* pc = p + c;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!(eta[i] > threshold)) continue;  // most elements: read, not written
-        const S factor = std::min(lam / eta[i], S(1));
-        pc[i] = static_cast<P>(static_cast<S>(pc[i]) * factor);
-      }
+  for_each_eta_chunk(f, r, numel, [&](int64_t c, const S* eta, int64_t n) {
+    P* pc = p + c;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(eta[i] > threshold)) continue;  // most elements: read, not written
+      const S factor = std::min(lam / eta[i], S(1));
+      pc[i] = static_cast<P>(static_cast<S>(pc[i]) * factor);
     }
   });
 }

@@ -13,17 +13,12 @@ template <typename S, typename P>
 void gaussian_tensor(P* p, const P* z, const S* f, const S* r, int64_t numel, S max_ratio,
                      S alpha, S tau) {
   using opmath = at::opmath_type<P>;
-  at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
-    S eta[kChunk];
-    for (int64_t c = begin; c < end; c += kChunk) {
-      const int64_t n = std::min(kChunk, end - c);
-      eta_chunk(f + c, r + c, eta, n);
-      for (int64_t i = 0; i < n; ++i) {
-        const S e = std::isinf(eta[i]) ? max_ratio : eta[i];
-        if (!(e > tau)) continue;  // masked entries stay untouched
-        const P step = static_cast<P>(alpha * e * static_cast<S>(z[c + i]));
-        p[c + i] = static_cast<P>(static_cast<opmath>(p[c + i]) + static_cast<opmath>(step));
-      }
+  for_each_eta_chunk(f, r, numel, [&](int64_t c, const S* eta, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const S e = std::isinf(eta[i]) ? max_ratio : eta[i];
+      if (!(e > tau)) continue;  // masked entries stay untouched
+      const P step = static_cast<P>(alpha * e * static_cast<S>(z[c + i]));
+      p[c + i] = static_cast<P>(static_cast<opmath>(p[c + i]) + static_cast<opmath>(step));
     }
   });
 }

@@ -23,17 +23,12 @@ void shift_tensor(P* p, const S* f, const S* r, int64_t numel, S max_ratio, S al
     }
   }
 #endif
-  at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
-    S eta[kChunk];
-    for (int64_t c = begin; c < end; c += kChunk) {
-      const int64_t n = std::min(kChunk, end - c);
-      eta_chunk(f + c, r + c, eta, n);
-      P* pc = p + c;
-      for (int64_t i = 0; i < n; ++i) {
-        const S e = std::isinf(eta[i]) ? max_ratio : eta[i];
-        const P step = static_cast<P>(sign * (alpha * e));
-        pc[i] = static_cast<P>(static_cast<opmath>(pc[i]) + static_cast<opmath>(step));
-      }
+  for_each_eta_chunk(f, r, numel, [&](int64_t c, const S* eta, int64_t n) {
+    P* pc = p + c;
+    for (int64_t i = 0; i < n; ++i) {
+      const S e = std::isinf(eta[i]) ? max_ratio : eta[i];
+      const P step = static_cast<P>(sign * (alpha * e));
+      pc[i] = static_cast<P>(static_cast<opmath>(pc[i]) + static_cast<opmath>(step));
     }
   });
 }

@@ -20,10 +20,14 @@ Per case (arch, recipe, data, seed, forget class) and setting:
                also asks to end forgotten)
   dampen/<s>   setting <s> (codes, retain<N>, val<N>) with ``mode="dampen"``: SSD-style dampening
                from the codes' Fisher, the threshold chosen by ``lambda1="auto"``
+  retrain      the gold standard: the same architecture and recipe trained from scratch on the
+               training split without the class (its codes then never appear)
   ssd          Selective Synaptic Dampening with the real training data (per-sample Fisher of
                each class, alpha = 0.5 N / N_c, lambda = 1: as benchmarks/unlearning_sweep.py)
 Each row holds the forget-class test accuracy ``F`` and the retained-class test accuracy
-``A_R`` before and after, the seconds, whether a ``mf.ForgetWarning`` (CalibrationWarning is
+``A_R`` before and after, ``mia_auc`` (a loss-based membership attack on the forget class's
+training images against its test images, mnemo_fast.evaluation.metrics.forget_set_mia: 0.5 is
+chance; compared with the retrained model's), the seconds, whether a ``mf.ForgetWarning`` (CalibrationWarning is
 one) was raised, ``calibration.feasible``, and ``result.verdict`` (``flagged``, ``reasons``)
 where ``forget`` returns one. ``flagged``: the verdict's flag where there is one, else a
 ForgetWarning or an infeasible calibration.
@@ -110,7 +114,9 @@ DATASETS = ("digits", "fashion-mnist", "keywords")
 #: "dampen/<setting>": the same with ``mode="dampen"`` (docs/METHOD.md, "Dampening")
 DAMPEN = ("dampen/codes", "dampen/retain64", "dampen/retain256", "dampen/retain1024", "dampen/val64",
           "dampen/val256", "dampen/val1024")
-SETTINGS = ("codes", "retain64", "retain256", "retain1024", "val256", "ssd") + DAMPEN
+SETTINGS = ("codes", "retain64", "retain256", "retain1024", "val256", "ssd", "retrain") + DAMPEN
+#: settings without a verdict (baselines): no flag, no silent failure
+UNFLAGGED = ("ssd", "retrain")
 SEEDS = (0, 1, 2)
 DIGITS_HELDOUT = 257          # of digits' 1,257 training images: the user's validation split
 FASHION_HELDOUT = 5000        # at most this many of the unused Fashion-MNIST training images
@@ -265,7 +271,30 @@ def retain_sample(heldout, c: int, n: int, seed: int, every_class: bool = False)
     return x[idx], y[idx]
 
 
-def forget_case(model, codes, c: int, test, retain=None, calibration=None, mode: str = "shift") -> dict:
+def mia_auc(model, c: int, train, test) -> float:
+    """The membership attack's AUC on class c (its training images vs its test images)."""
+    from mnemo_fast.evaluation.metrics import forget_set_mia
+    return forget_set_mia(model, train, test, [c]).auc
+
+
+def retrain_case(arch: str, recipe: str, data: str, seed: int, c: int, d: dict, codes, epochs) -> dict:
+    """The same architecture and recipe trained from scratch without class c: its A_R, F and MIA."""
+    from torch.utils.data import TensorDataset
+    x, y = d["train"].tensors
+    keep = y != c
+    torch.manual_seed(seed)
+    model = zoo_models.build(arch, tuple(x.shape[1:]), int(y.max()) + 1, vocab=KEYWORDS["vocab"],
+                             seq_len=KEYWORDS["length"])
+    start = time.perf_counter()
+    train_user_way(model, TensorDataset(x[keep], y[keep]), codes, arch, recipe, data, seed, epochs)
+    seconds = time.perf_counter() - start
+    pred, true = predictions(model, d["test"])
+    a_r, f = scores(pred, true, c)
+    return {"A_R": a_r, "F": f, "seconds": seconds, "mia_auc": mia_auc(model, c, d["train"], d["test"])}
+
+
+def forget_case(model, codes, c: int, test, retain=None, calibration=None, mode: str = "shift",
+                train=None) -> dict:
     """One forget with lambda1="auto" (and ``retain=``, ``calibration=`` and ``mode=`` when given):
     the row's measurements."""
     kwargs = {} if retain is None else {"retain": retain}
@@ -287,12 +316,13 @@ def forget_case(model, codes, c: int, test, retain=None, calibration=None, mode:
     pred, true = predictions(result.model, test)
     a_r, f = scores(pred, true, c)
     cal = result.calibration
+    mia = {} if train is None else {"mia_auc": mia_auc(result.model, c, train, test)}
     row = {"A_R": a_r, "F": f, "seconds": seconds, "lambda1": result.lambda1, "lambda2": result.lambda2,
            "sign": result.sign, "code_forget": result.code_accuracy_after.forget,
            "code_retain": result.code_accuracy_after.retain,
            "warned": bool(forget_warnings),
            "warnings": [f"{w.category.__name__}: {str(w.message)[:300]}" for w in forget_warnings],
-           "feasible": getattr(cal, "feasible", None), "forget_reached": getattr(cal, "forget_reached", None)}
+           "feasible": getattr(cal, "feasible", None), "forget_reached": getattr(cal, "forget_reached", None), **mia}
     verdict = getattr(result, "verdict", None)
     if verdict is not None:
         row["verdict"] = {"flagged": bool(getattr(verdict, "flagged")),
@@ -340,7 +370,8 @@ def ssd_case(model, c: int, train, test, sums) -> dict:
     seconds = time.perf_counter() - start
     pred, true = predictions(net, test)
     a_r, f = scores(pred, true, c)
-    return {"A_R": a_r, "F": f, "seconds": seconds, "ssd": {"alpha": 0.5 * len(x) / n_f, "lambda": 1.0}}
+    return {"A_R": a_r, "F": f, "seconds": seconds, "ssd": {"alpha": 0.5 * len(x) / n_f, "lambda": 1.0},
+            "mia_auc": mia_auc(net, c, train, test)}
 
 
 def load_rows(path: Path) -> dict:
@@ -430,7 +461,8 @@ def run(args) -> int:
         torch.manual_seed(seed)
         mode, base_setting = ("dampen", setting.split("/", 1)[1]) if setting.startswith("dampen/") else ("shift", setting)
         if base_setting == "codes":
-            row.update(forget_case(model, codes, c, d["test"], calibration=args.calibration, mode=mode))
+            row.update(forget_case(model, codes, c, d["test"], calibration=args.calibration, mode=mode,
+                                   train=d["train"]))
         elif base_setting.startswith(("retain", "val")):
             every = base_setting.startswith("val")
             n = int(base_setting[len("val" if every else "retain"):])
@@ -438,10 +470,12 @@ def run(args) -> int:
             row.update(n_retain=len(yr), n_retain_forget_class=int((yr == c).sum()),
                        retain_source="held-out part of the training split" + (", every class" if every else ""))
             row.update(forget_case(model, codes, c, d["test"], retain=(xr, yr), calibration=args.calibration,
-                                   mode=mode))
+                                   mode=mode, train=d["train"]))
         elif setting == "ssd":
             row.update(ssd_case(model, c, d["train"], d["test"], ssd_sums.get(key, model, d["train"])))
             row["ssd_fisher_seconds"] = ssd_sums.seconds  # the training-set Fisher, once per model
+        elif setting == "retrain":
+            row.update(retrain_case(arch, recipe, data, seed, c, d, codes, args.epochs))
         else:
             raise ValueError(setting)
         with args.rows.open("a") as handle:
@@ -485,6 +519,7 @@ SETTING_TITLE = {"codes": "codes alone (`lambda1=\"auto\"`)", "retain64": "retai
                  "retain256": "retain sample of 256", "retain1024": "retain sample of 1024",
                  "val256": "validation sample of 256 (every class, the forget class's rows included)",
                  "ssd": "SSD with the real training data (baseline, no flag)",
+                 "retrain": "retrained from scratch without the class (the gold standard, no flag)",
                  **{f"dampen/{k}": f"mode=\"dampen\", {v}" for k, v in (
                      ("codes", "codes alone"), ("retain64", "retain sample of 64"), ("retain256", "retain sample of 256"),
                      ("retain1024", "retain sample of 1024"), ("val64", "validation sample of 64 (every class)"),
@@ -521,7 +556,7 @@ def report(rows: dict) -> str:
             sel = [r for r in measured if r["setting"] == setting and r["half"] == half]
             if not sel:
                 continue
-            flag = setting != "ssd"
+            flag = setting not in UNFLAGGED
             out.append(f"\n#### {SETTING_TITLE[setting]}: {half} half\n")
             sources = sorted({r.get("flag_source") for r in sel if r.get("flag_source")})
             if flag:
@@ -546,6 +581,9 @@ def report(rows: dict) -> str:
                        + "): " + "; ".join(per_arch) + ".")
             if flag:
                 out.append("\n" + _flag_breakdown(sel))
+            mia = _mia_text(sel, measured)
+            if mia:
+                out.append("\n" + mia)
     silent = [r for r in measured if outcome(r) == "silent failure"]
     if silent:
         out.append("\n#### Every silent failure\n")
@@ -575,6 +613,24 @@ def _flag_breakdown(sel: list[dict]) -> str:
     return text + "."
 
 
+def _mia_text(sel: list[dict], measured: list[dict]) -> str:
+    """One line: the MIA AUC against the retrained model's on the same case, where both exist."""
+    retrained = {tuple(r[k] for k in KEY[:5]): r["mia_auc"] for r in measured
+                 if r["setting"] == "retrain" and r.get("mia_auc") is not None}
+    pairs = [(r["mia_auc"], retrained[tuple(r[k] for k in KEY[:5])]) for r in sel
+             if r.get("mia_auc") is not None and tuple(r[k] for k in KEY[:5]) in retrained
+             and not math.isnan(r["mia_auc"])]
+    with_auc = [r["mia_auc"] for r in sel if r.get("mia_auc") is not None and not math.isnan(r["mia_auc"])]
+    if not with_auc:
+        return ""
+    text = f"MIA (loss attack, forget class's training vs test images): mean AUC {sum(with_auc) / len(with_auc):.3f}"
+    if pairs:
+        gaps = [abs(a - b) for a, b in pairs]
+        text += (f"; against the retrained model on {len(pairs)} cases: mean |AUC - retrain AUC| "
+                 f"{sum(gaps) / len(gaps):.3f}, within 0.05 in {sum(g <= 0.05 for g in gaps)}/{len(pairs)}")
+    return text + "."
+
+
 def _median(values: list[float]) -> str:
     if not values:
         return "-"
@@ -599,7 +655,7 @@ def summary(rows: dict) -> str:
         sel = [r for r in measured if r["setting"] == setting]
         if not sel:
             continue
-        flag = setting != "ssd"
+        flag = setting not in UNFLAGGED
         out.append(f"\n#### {SETTING_TITLE[setting]}\n")
         out.append("| half | data | cases | forgotten | silent failures | flagged failures | false alarms | "
                    "mean A_R change (pts) | worst A_R change | mean forget acc. % | s per case |")
@@ -618,6 +674,9 @@ def summary(rows: dict) -> str:
                                f"{sum(r['arch'] == a for r in mine)}" for a in zoo_models.ARCHS
                                if any(r["arch"] == a for r in mine))
             lines.append(f"{half} half, forgotten per architecture: {counts}.")
+            mia = _mia_text(mine, measured)
+            if mia:
+                lines.append(f"{half} half: {mia}")
         out.append("\n" + "  \n".join(lines))
     return "\n".join(out)
 

@@ -108,3 +108,17 @@ def test_a_validation_sample_a_calibration_study_and_training_alone(tmp_path):
     assert zoo.main(train) == 0
     assert not (fresh / "rows.jsonl").exists() or not (fresh / "rows.jsonl").read_text().strip()
     assert len(list((fresh / "cache").glob("mlp-sgd-digits-s1-e1.*"))) == 2
+
+
+def test_retrain_and_the_mia_against_it(tmp_path):
+    """The retrain setting trains without the class; every forget row carries the MIA AUC, and
+    the report compares it with the retrained model's."""
+    assert zoo.main(_args(tmp_path, "retrain", "dampen/codes")) == 0
+    rows = _rows(tmp_path)
+    retrain = [r for r in rows if r["setting"] == "retrain"]
+    assert len(retrain) == 2 and all(0.0 <= r["mia_auc"] <= 1.0 for r in retrain)
+    assert all(r["F"] <= 0.01 for r in retrain)  # the class never seen: its logit only ever pushed down
+    assert all("flagged" not in r for r in retrain)
+    assert all("mia_auc" in r for r in rows if r["setting"] == "dampen/codes")
+    text = zoo.report(zoo.load_rows(tmp_path / "rows.jsonl"))
+    assert "against the retrained model on 2 cases" in text

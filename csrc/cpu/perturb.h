@@ -97,6 +97,25 @@ __attribute__((target("avx2"))) inline void shift_avx2(float* p, const float* f,
   }
 }
 
+// p[i] *= (eta_i > threshold ? min(lam / eta_i, 1) : 1) for float32 p and Fisher: every element
+// multiplied (by exactly 1 where not dampened, which leaves it bit for bit), no branch per element;
+// the same product as the scalar loop.
+__attribute__((target("avx2"))) inline void dampen_avx2(float* p, const float* f, const float* r,
+                                                        int64_t n, float threshold, float lam) {
+  const __m256 one = _mm256_set1_ps(1.0f), vthreshold = _mm256_set1_ps(threshold), vlam = _mm256_set1_ps(lam);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = eta8(_mm256_loadu_ps(f + i), _mm256_loadu_ps(r + i));
+    const __m256 factor = _mm256_min_ps(_mm256_div_ps(vlam, e), one);  // min(x, 1): 1 where x is NaN
+    const __m256 use = _mm256_blendv_ps(one, factor, _mm256_cmp_ps(e, vthreshold, _CMP_GT_OQ));
+    _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), use));
+  }
+  for (; i < n; ++i) {
+    const float e = eta_scalar(f[i], r[i]);
+    if (e > threshold) p[i] = p[i] * std::min(lam / e, 1.0f);
+  }
+}
+
 __attribute__((target("avx2"))) inline void eta_avx2(const double* f, const double* r, double* out,
                                                      int64_t n) {
   const __m256d zero = _mm256_setzero_pd();

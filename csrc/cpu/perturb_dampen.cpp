@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "perturb.h"
 
@@ -13,6 +14,16 @@ namespace {
 
 template <typename S, typename P>
 void dampen_tensor(P* p, const S* f, const S* r, int64_t numel, S threshold, S lam) {
+#ifdef MNEMO_FAST_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<P, float>) {
+    if (has_avx2()) {  // the common case vectorised, without an eta buffer or a branch per element
+      at::parallel_for(0, numel, kChunk * 32, [&](int64_t begin, int64_t end) {
+        dampen_avx2(p + begin, f + begin, r + begin, end - begin, threshold, lam);
+      });
+      return;
+    }
+  }
+#endif
   for_each_eta_chunk(f, r, numel, [&](int64_t c, const S* eta, int64_t n) {
     P* pc = p + c;
     for (int64_t i = 0; i < n; ++i) {

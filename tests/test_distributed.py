@@ -30,6 +30,9 @@ CASES = {
     "k3-shift-ddp": dict(per_class=3, mode="shift", ddp=True),
     "k2-gaussian": dict(per_class=2, mode="gaussian", ddp=False),
     "k3-shift-f64": dict(per_class=3, mode="shift", ddp=False, dtype=torch.float64),
+    # the dampening's threshold compares a ratio of sums: in float64 the two ranks' order of
+    # summation cannot move an element across it
+    "k3-dampen-f64": dict(per_class=3, mode="dampen", ddp=False, dtype=torch.float64),
 }
 # Two ranks add the same squares in another order, each over its own batches. float64 shows
 # the split itself is exact (1e-13). In float32 the bound is what that reordering can produce
@@ -200,6 +203,8 @@ def _problem(case: dict):
 
 def _forget_kwargs(mode: str) -> dict:
     kwargs = dict(lambda1=1e-1, lambda2=10.0, mode=mode, chunk_size=4)
+    if mode == "dampen":  # lambda1 the threshold, lambda2 the dampening's lam
+        kwargs.update(lambda1=2.0, lambda2=1.0)
     if mode == "gaussian":
         kwargs.update(generator=torch.Generator().manual_seed(7), tau=0.5)
     return kwargs

@@ -188,16 +188,18 @@ def recipe_epochs(arch: str, recipe: str, data: str) -> int:
 
 
 def train_user_way(model, train, codes, arch: str, recipe_name: str, data: str, seed: int,
-                   epochs: int | None = None) -> dict:
+                   epochs: int | None = None, drop_last: bool = False) -> dict:
     """A plain training loop (no mnemo_fast trainer): MnemonicMix, DataLoader, optimizer,
-    schedule, cross-entropy on ``.logits`` where the model returns an output object."""
+    schedule, cross-entropy on ``.logits`` where the model returns an output object.
+    ``drop_last``: drop a last short batch (the retrain's data can leave one sample, which
+    BatchNorm cannot train on)."""
     recipe = RECIPES[recipe_name]
     epochs = epochs or recipe_epochs(arch, recipe_name, data)
     lr = recipe["lr"] * LR_SCALE.get((arch, recipe_name), 1.0)
     if recipe_name == "sgd" and arch in SGD_WARMUP:
         recipe = dict(recipe, schedule="warmup-cosine", clip=1.0)
     mixed = mf.MnemonicMix(train, codes, recipe["t_mix"], seed=seed)
-    loader = torch.utils.data.DataLoader(mixed, batch_size=recipe["batch"], shuffle=True,
+    loader = torch.utils.data.DataLoader(mixed, batch_size=recipe["batch"], shuffle=True, drop_last=drop_last,
                                          generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
@@ -286,7 +288,7 @@ def retrain_case(arch: str, recipe: str, data: str, seed: int, c: int, d: dict, 
     model = zoo_models.build(arch, tuple(x.shape[1:]), int(y.max()) + 1, vocab=KEYWORDS["vocab"],
                              seq_len=KEYWORDS["length"])
     start = time.perf_counter()
-    train_user_way(model, TensorDataset(x[keep], y[keep]), codes, arch, recipe, data, seed, epochs)
+    train_user_way(model, TensorDataset(x[keep], y[keep]), codes, arch, recipe, data, seed, epochs, drop_last=True)
     seconds = time.perf_counter() - start
     pred, true = predictions(model, d["test"])
     a_r, f = scores(pred, true, c)

@@ -120,3 +120,26 @@ def test_timed_returns_the_result_and_the_wall_time():
     assert result == 7
     result, seconds = M.timed(time.sleep, 0.05)
     assert result is None and 0.05 <= seconds < 5.0
+
+
+def test_outputs_of_a_model_returning_an_object_on_token_ids():
+    """A transformers-style model (an output object with .logits) on token ids: the ids stay
+    integers and the logits are taken from the object."""
+    from types import SimpleNamespace
+
+    class TokenModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return SimpleNamespace(logits=self.head(self.embed(ids).mean(1)))
+
+    torch.manual_seed(0)
+    model = TokenModel()
+    ids = torch.randint(0, 10, (7, 5))
+    data = torch.utils.data.TensorDataset(ids, torch.randint(0, 3, (7,)))
+    logits, labels = M.outputs(model, data)
+    assert logits.shape == (7, 3) and logits.dtype == torch.float32 and labels.shape == (7,)
+    torch.testing.assert_close(logits, model(ids).logits)

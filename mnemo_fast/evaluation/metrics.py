@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .accuracy import evaluate
-from ..modeling import eval_mode
+from ..modeling import eval_mode, logits_of
 
 
 def _classes(forget_classes) -> list[int]:
@@ -24,13 +24,16 @@ def _classes(forget_classes) -> list[int]:
 
 @torch.no_grad()
 def outputs(model: torch.nn.Module, dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [N, C] float32 on CPU, labels [N]) of ``model`` on ``dataset`` (eval mode)."""
+    """(logits [N, C] float32 on CPU, labels [N]) of ``model`` on ``dataset`` (eval mode). The
+    logits are :func:`mnemo_fast.modeling.logits_of` the output (a ``transformers`` model's
+    ``.logits``); floating inputs take the model's dtype, token ids stay integers."""
     p = next(model.parameters())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     logits, labels = [], []
     with eval_mode(model):
         for x, y in loader:
-            logits.append(model(x.to(p.device, p.dtype)).float().cpu())
+            x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
+            logits.append(logits_of(model(x)).float().cpu())
             labels.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(labels)
 

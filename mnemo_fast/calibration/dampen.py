@@ -60,7 +60,7 @@ def default_params(model: torch.nn.Module):
     """mode="dampen"'s ``params=`` when the caller gives none: a name predicate leaving out the
     parameters of normalisation and embedding modules, and everything inside them (a module that
     is one of :data:`LEFT_OUT_TYPES` or whose class name holds "Norm" or "Embedding"). On the
-    zoo's tune half this forgot more cases and failed silently less than dampening every
+    zoo's tune half this forgot more cases under every rule compared than dampening every
     parameter (benchmarks/ZOO.md, "Dampening"); ``params="*"`` dampens every parameter."""
     left_out = set()
     for prefix, module in model.named_modules():

@@ -617,12 +617,13 @@ def _flag_breakdown(sel: list[dict]) -> str:
 
 def _mia_text(sel: list[dict], measured: list[dict]) -> str:
     """One line: the MIA AUC against the retrained model's on the same case, where both exist."""
-    retrained = {tuple(r[k] for k in KEY[:5]): r["mia_auc"] for r in measured
-                 if r["setting"] == "retrain" and r.get("mia_auc") is not None}
-    pairs = [(r["mia_auc"], retrained[tuple(r[k] for k in KEY[:5])]) for r in sel
-             if r.get("mia_auc") is not None and tuple(r[k] for k in KEY[:5]) in retrained
-             and not math.isnan(r["mia_auc"])]
-    with_auc = [r["mia_auc"] for r in sel if r.get("mia_auc") is not None and not math.isnan(r["mia_auc"])]
+    def case(r: dict) -> tuple:  # the row's key without its setting
+        return tuple(r[k] for k in KEY[:5])
+
+    retrained = {case(r): r["mia_auc"] for r in measured if r["setting"] == "retrain" and r.get("mia_auc") is not None}
+    measured_here = [r for r in sel if r.get("mia_auc") is not None and not math.isnan(r["mia_auc"])]
+    pairs = [(r["mia_auc"], retrained[case(r)]) for r in measured_here if case(r) in retrained]
+    with_auc = [r["mia_auc"] for r in measured_here]
     if not with_auc:
         return ""
     text = f"MIA (loss attack, forget class's training vs test images): mean AUC {sum(with_auc) / len(with_auc):.3f}"

@@ -46,6 +46,7 @@ from mnemo_fast.calibration import Criterion  # noqa: E402
 from mnemo_fast.calibration.dampen import default_params  # noqa: E402
 from mnemo_fast.evaluation.accuracy import predictions  # noqa: E402
 from mnemo_fast.modeling import logits_of  # noqa: E402
+from mnemo_fast.reference import perturb  # noqa: E402
 from mnemo_fast.session import code_inputs  # noqa: E402
 
 VARIANTS = ("shift", "shift-nonorm", "shift-layer", "dampen", "dampen-nonorm")
@@ -74,18 +75,16 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
     params = dict(net.named_parameters())
     names = list(f_forget)
     saved = {n: params[n].detach().clone() for n in names}
-    ratio = {n: (f_forget[n] / f_remain[n]).nan_to_num(0.0, posinf=float("inf")) for n in names}
     x, labels = code_inputs(net, codes, range(codes.num_classes))
     is_forget = labels == c
     before = logits_on(net, x)
     sample_before = None
     if retain is not None:
         sample_before = logits_on(net, retain[0])
-    criterion = Criterion()
-    def apply(a):
+    def apply(a):  # the reference's formula (mnemo_fast.reference.perturb.dampening), from the saved values
         for n in names:
-            scale = torch.where(ratio[n] > a, (lam / ratio[n]).clamp(max=1.0), torch.ones_like(ratio[n]))
-            params[n].copy_(saved[n] * scale.to(saved[n].dtype))
+            factor = perturb.dampening(f_forget[n], f_remain[n], a, lam)
+            params[n].copy_(saved[n] * factor.to(saved[n].dtype))
 
     def judged(a):
         apply(a)
@@ -93,9 +92,7 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
         if retain is not None:
             sample = verdicts.sample_accuracy(sample_before, logits_on(net, retain[0]), retain[1], [c])
         v = verdicts.judge(before, logits_on(net, x), labels, is_forget, criterion=criterion, sample=sample)
-        forget_met = v.codes_forget_ok and (sample is None or not sample.forget_rows
-                                            or sample.forget_after <= verdicts.MAX_FORGET_ACCURACY)
-        return v, forget_met
+        return v, v.forget_ok
 
     # smaller thresholds dampen more elements: the first (largest) one that meets the forget side
     # is the least damage that forgets; the retain side only worsens below it
@@ -121,10 +118,10 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
         chosen = met[0] if met else THRESHOLDS[-1]
         verdict, forget_met = judged(chosen)
     seconds = time.perf_counter() - start
-    dampened = sum(int((ratio[n] > chosen).sum()) for n in names)
+    dampened = sum(int((perturb.raw_ratio(f_forget[n], f_remain[n]) > chosen).sum()) for n in names)
     return {"net": net, "seconds": seconds, "threshold": chosen, "flagged": verdict.flagged,
             "reasons": list(verdict.reasons), "thresholds_tried": tried, "dampened": dampened,
-            "elements": sum(ratio[n].numel() for n in names), "curve": curve}
+            "elements": sum(f_forget[n].numel() for n in names), "curve": curve}
 
 
 def shift_case(model, codes, c: int, retain=None, selector=None, calibration=None) -> dict:

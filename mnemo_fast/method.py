@@ -462,13 +462,13 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
                                          codes.num_classes - len(classes), args.engine)
         if args.mode == "dampen":
             criterion = _dampen_criterion(session, args)
-            if args.auto:  # the threshold scan leaves the chosen dampening applied
+            if args.auto:  # the threshold scan leaves the chosen dampening applied, and its verdict
                 calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes)
-                lambda1 = calibration.lambda1
+                lambda1, verdict = calibration.lambda1, calibration.diagnostics["verdict"]
             else:
                 session.dampen(lambda1, lambda2)
-            best, candidates, accuracies = 0, [None], [session.accuracy()]
-            verdict = _verdict(session, args, criterion)  # |w| only shrinks: finite as it was
+                verdict = _verdict(session, args, criterion)
+            best, candidates, accuracies = 0, [None], [session.accuracy()]  # |w| only shrinks: finite as it was
             return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
         if args.auto:  # its search starts from the lambda2 candidates
             calibration = calibrate_session(session, lambda2, args.search)
@@ -512,17 +512,12 @@ def _dampen_criterion(session: CandidateSession, args: _Arguments) -> Criterion:
 
 
 def _verdict(session: CandidateSession, args: _Arguments, criterion: Criterion | None = None) -> Verdict:
-    """The :class:`Verdict` of the step left applied (mnemo_fast/verdict.py): ``criterion`` (else
-    the caller's ``calibration=`` options, else the defaults) on the codes after it, and the
-    retain sample's accuracies where one was given."""
-    sample = None
-    if args.retain is not None:
-        sample = verdicts.sample_accuracy(session.retain_before, session.retain_logits(), session.retain_labels,
-                                          args.classes)
+    """The :class:`Verdict` of the step left applied (:meth:`CandidateSession.verdict`):
+    ``criterion`` (else the caller's ``calibration=`` options, else the defaults) on the codes
+    after it, and the retain sample's accuracies where one was given."""
     if criterion is None:
         criterion = args.search.criterion if args.search is not None else Criterion()
-    return verdicts.judge(session.before_logits(), session.logits(), session.labels, session.is_forget,
-                          criterion=criterion, sample=sample)
+    return session.verdict(criterion, args.classes)
 
 
 #: A forget class counts as still recognised when more than this fraction of its codes is

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from . import engines, validation
+from . import verdict as verdicts
 from .codes import MnemonicCodes
 from .modeling import OutputFn, eval_mode, logits_of, trainable_parameters
 from .dtypes import accumulation_dtype
@@ -510,9 +511,7 @@ class CandidateSession:
     def dampen(self, threshold: float, lam: float) -> None:
         """live = originals * [eta > threshold] min(lam / eta, 1) (mode="dampen"): written from the
         original values, so trials need no undo in between."""
-        self._trial = None
-        if self.live:
-            torch._foreach_copy_(self.live, self.originals)
+        self.restore()
         self.engine.dampen_(self.live, self.forget_fisher, self.remain_fisher, threshold, lam)
 
     @torch.no_grad()
@@ -562,6 +561,16 @@ class CandidateSession:
             with layers.candidate(gains):
                 return code_logits(self.model, self.inputs, self.chunk_size, self.output_fn)
         return code_logits(self.model, self.inputs, self.chunk_size, self.output_fn)
+
+    def verdict(self, criterion, classes: Sequence[int]) -> verdicts.Verdict:
+        """The :class:`mnemo_fast.verdict.Verdict` of the parameters as they are now: ``criterion``
+        (a :class:`mnemo_fast.calibration.Criterion`) on the codes' logits before and now, and the
+        retain sample's accuracies where the session holds one (:meth:`use_retain_sample`)."""
+        sample = None
+        if self.retain_inputs is not None:
+            sample = verdicts.sample_accuracy(self.retain_before, self.retain_logits(), self.retain_labels, classes)
+        return verdicts.judge(self.before_logits(), self.logits(), self.labels, self.is_forget, criterion=criterion,
+                              sample=sample)
 
     def before_logits(self) -> Tensor:
         """[N, C] logits before any candidate (from the Fisher's forwards where possible)."""

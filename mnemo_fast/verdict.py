@@ -77,7 +77,9 @@ class Verdict:
     """``flagged``: the call's evidence says the result may not be clean (``reasons`` say why);
     ``evidence``: "codes", or "codes and a retain sample of M"; ``codes_forget_ok`` /
     ``codes_retain_ok``: the two sides of the criterion on the codes after the step;
-    ``sample``: the retain sample's accuracies (None without one)."""
+    ``sample``: the retain sample's accuracies (None without one); ``forget_ok`` / ``retain_ok``:
+    the two sides as judged (the forget side: the codes' and the sample's forget-class rows; the
+    retain side: the sample's remaining rows where it has some, else the codes')."""
 
     flagged: bool
     reasons: tuple[str, ...]
@@ -86,6 +88,8 @@ class Verdict:
     codes_retain_ok: bool
     sample: SampleAccuracy | None = None
     details: dict = field(default_factory=dict)
+    forget_ok: bool = False
+    retain_ok: bool = False
 
     @property
     def clean(self) -> bool:
@@ -179,19 +183,25 @@ def judge(codes_before: Tensor, codes_after: Tensor, labels: Tensor, is_forget: 
         codes_before, codes_after, labels, is_forget, depth=criterion.depth,
         max_forget_prob=criterion.max_forget_prob, min_retain_margin=criterion.min_retain_margin)
     # with a retain sample the retain side is judged on it, not on the codes (as lambda1="auto" does)
-    judged = forget_fails if sample is not None and sample.retain_rows else forget_fails + retain_fails
+    on_sample = sample is not None and bool(sample.retain_rows)
+    judged = forget_fails if on_sample else forget_fails + retain_fails
     reasons = [f"codes: {reason}" for reason in judged]
     evidence = "codes"
+    sample_forget_fails = sample_retain_fails = False
     if sample is not None:
         evidence = f"codes and a retain sample of {sample.retain_rows + sample.forget_rows}"
         bound = sample.retain_drop_bound(retain_drop_z)
-        if sample.retain_rows and bound > max_retain_drop:
+        sample_retain_fails = on_sample and bound > max_retain_drop
+        sample_forget_fails = bool(sample.forget_rows) and sample.forget_after > max_forget_accuracy
+        if sample_retain_fails:
             said = (f"more than {max_retain_drop:.0%} lost" if sample.retain_drop > max_retain_drop else
                     f"{sample.retain_drop:.1%} lost; on {sample.retain_rows} rows a loss above {max_retain_drop:.0%} "
                     f"is not ruled out: bound {bound:.1%} at {retain_drop_z:g} standard errors")
             reasons.append(f"retain sample: accuracy on the remaining classes {sample.retain_before:.1%} -> "
                            f"{sample.retain_after:.1%} ({said})")
-        if sample.forget_rows and sample.forget_after > max_forget_accuracy:
+        if sample_forget_fails:
             reasons.append(f"retain sample: {sample.forget_after:.1%} of its {sample.forget_rows} forget-class "
                            f"rows still right (at most {max_forget_accuracy:.0%} allowed)")
-    return Verdict(bool(reasons), tuple(reasons), evidence, not forget_fails, not retain_fails, sample, details)
+    return Verdict(bool(reasons), tuple(reasons), evidence, not forget_fails, not retain_fails, sample, details,
+                   forget_ok=not forget_fails and not sample_forget_fails,
+                   retain_ok=not sample_retain_fails if on_sample else not retain_fails)

@@ -8,7 +8,7 @@ elements, so the search scans :data:`THRESHOLDS` from the largest down and stops
 one whose result meets the forget side of the criterion, then goes :data:`MARGIN_NOTCHES` further
 (a threshold 10^0.25 smaller): the least dampening that forgets, with a margin.
 
-- The forget side is judged by :func:`mnemo_fast.verdict.judge`, the verdict's own function, on
+- The forget side is judged by :meth:`mnemo_fast.session.CandidateSession.verdict`, the verdict's own function, on
   the criterion :func:`criterion_for` gives: :data:`DEFAULT_CRITERION` (or the caller's
   ``calibration=`` options) on the codes; with a retain sample holding rows of the forget class
   (a validation split), those rows must end at most 1% right and the codes need only end
@@ -44,7 +44,8 @@ DEFAULT_LAM = 1.0
 #: the forget side on the codes alone (tuned on the zoo's tune half: benchmarks/ZOO.md, "Dampening")
 DEFAULT_CRITERION = Criterion(depth=0.25, max_forget_prob=1e-2, min_retain_margin=0.7)
 #: the codes' forget side when a sample's forget-class rows judge the forgetting: misclassified
-MISCLASSIFIED = Criterion(depth=0.0, max_forget_prob=1.0, min_retain_margin=0.7)
+#: (the retain side as in DEFAULT_CRITERION)
+MISCLASSIFIED = replace(DEFAULT_CRITERION, depth=0.0, max_forget_prob=1.0)
 #: thresholds past the first that meets the forget side: the margin the choice keeps (one notch,
 #: a factor 10^0.25; on the tune half it turned most "class kept" silent failures into forgotten
 #: or flagged cases)
@@ -72,21 +73,17 @@ def default_params(model: torch.nn.Module):
 
 def criterion_for(options: Criterion | None, sample_has_forget_rows: bool) -> Criterion:
     """The criterion of a dampening search: the caller's (``calibration=`` options) or
-    :data:`DEFAULT_CRITERION`; with a sample's forget-class rows, only misclassified codes are
-    asked for (the caller's ``min_retain_margin`` kept)."""
-    base = options if options is not None else DEFAULT_CRITERION
-    if sample_has_forget_rows and options is None:
-        return replace(MISCLASSIFIED, min_retain_margin=base.min_retain_margin)
-    return base
+    :data:`DEFAULT_CRITERION`, or :data:`MISCLASSIFIED` where a sample's forget-class rows judge
+    the forgetting."""
+    if options is not None:
+        return options
+    return MISCLASSIFIED if sample_has_forget_rows else DEFAULT_CRITERION
 
 
 def forget_met(verdict: verdicts.Verdict) -> bool:
     """The forget side of a :class:`mnemo_fast.verdict.Verdict`: the codes', and a sample's
-    forget-class rows at most 1% right where it has some."""
-    sample = verdict.sample
-    rows_ok = (sample is None or not sample.forget_rows
-               or sample.forget_after <= verdicts.MAX_FORGET_ACCURACY)
-    return verdict.codes_forget_ok and rows_ok
+    forget-class rows at most 1% right where it has some (``verdict.forget_ok``)."""
+    return verdict.forget_ok
 
 
 def calibrate_dampening(session: CandidateSession, lam: float, criterion: Criterion,
@@ -97,23 +94,21 @@ def calibrate_dampening(session: CandidateSession, lam: float, criterion: Criter
     ``search="dampen"``; ``diagnostics["trials"]`` holds (threshold, forget met, retain met) of
     every trial."""
     start = time.perf_counter()
-    before = session.before_logits()
-    trials, chosen, verdict, notches = [], None, None, 0
+    trials, first_met, verdict, notches = [], None, None, 0
     for threshold in thresholds:
         session.dampen(threshold, lam)
-        verdict = judge(session, before, criterion, classes)
-        met = forget_met(verdict)
-        trials.append({"threshold": threshold, "forget_met": met, "retain_met": not _retain_failed(verdict)})
-        if chosen is not None:
+        verdict = session.verdict(criterion, classes)
+        trials.append({"threshold": threshold, "forget_met": verdict.forget_ok, "retain_met": verdict.retain_ok})
+        if first_met is not None:
             notches += 1
-        elif met:
-            chosen = threshold
-        if chosen is not None and notches == MARGIN_NOTCHES:
+        elif verdict.forget_ok:
+            first_met = threshold
+        if first_met is not None and notches == MARGIN_NOTCHES:
             break
-    reached = chosen is not None
-    chosen = trials[-1]["threshold"]  # the last trial stays applied: the margin's, or the most dampening
-    feasible = reached and forget_met(verdict) and not verdict.flagged
-    calibration = Calibration(lambda1=chosen, lambda2=lam, sign=None, search="dampen", feasible=feasible,
+    reached = first_met is not None
+    applied = trials[-1]["threshold"]  # the last trial stays applied: the margin's, or the most dampening
+    calibration = Calibration(lambda1=applied, lambda2=lam, sign=None, search="dampen",
+                              feasible=reached and not verdict.flagged,  # not flagged: both sides met
                               forget_reached=reached, seconds=time.perf_counter() - start)
     calibration.diagnostics.update(trials=trials, criterion=criterion, verdict=verdict)
     if not reached:
@@ -122,20 +117,3 @@ def calibrate_dampening(session: CandidateSession, lam: float, criterion: Criter
             f"({'; '.join(verdict.reasons)}); the most dampening step was applied", CalibrationWarning,
             stacklevel=user_stacklevel())
     return calibration
-
-
-def judge(session: CandidateSession, before, criterion: Criterion, classes) -> verdicts.Verdict:
-    """The verdict of the parameters as they are now (the codes, and the session's retain sample)."""
-    sample = None
-    if session.retain_inputs is not None:
-        sample = verdicts.sample_accuracy(session.retain_before, session.retain_logits(), session.retain_labels,
-                                          classes)
-    return verdicts.judge(before, session.logits(), session.labels, session.is_forget, criterion=criterion,
-                          sample=sample)
-
-
-def _retain_failed(verdict: verdicts.Verdict) -> bool:
-    """Whether the verdict's reasons include the retain side (codes or sample)."""
-    if verdict.sample is not None and verdict.sample.retain_rows:
-        return any(r.startswith("retain sample: accuracy") for r in verdict.reasons)
-    return not verdict.codes_retain_ok

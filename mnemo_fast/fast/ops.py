@@ -365,9 +365,10 @@ def _register_fakes() -> None:
             torch._check(f.shape == r.shape, lambda: "forget and remain shapes differ")
         return forget[0].new_empty((len(forget),), dtype=out_dtype(forget[0]))
 
-    def check_lists(params, forget, remain, max_ratio):
+    def check_lists(params, forget, remain, max_ratio=None):
         torch._check(len(params) == len(forget) == len(remain), lambda: "list lengths differ")
-        torch._check(max_ratio.shape == (len(params),), lambda: "max_ratio must be [L]")
+        if max_ratio is not None:  # perturb_dampen_ takes none
+            torch._check(max_ratio.shape == (len(params),), lambda: "max_ratio must be [L]")
         for p, f, r in zip(params, forget, remain):
             torch._check(p.shape == f.shape == r.shape, lambda: "param and Fisher shapes differ")
 
@@ -381,7 +382,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mnemo_fast::perturb_dampen_")
     def _(params, forget, remain, threshold, lam):
-        check_lists(params, forget, remain, params[0].new_empty((len(params),)) if params else torch.empty(0))
+        check_lists(params, forget, remain)
 
 
 _ext.when_loaded(_register_fakes)

@@ -63,8 +63,18 @@ def logits_on(model, x, chunk: int = 512):
     return torch.cat([logits_of(model(x[i:i + chunk])) for i in range(0, len(x), chunk)])
 
 
+def floored(f_remain: dict, floor: float) -> dict:
+    """The remaining Fisher with each tensor's elements raised to at least ``floor`` times the
+    tensor's mean (a shrinkage of the ratio's denominator: an element the few retained codes
+    barely use is not taken as unused by the real data). ``floor`` 0: unchanged."""
+    if not floor:
+        return f_remain
+    return {n: torch.clamp(f, min=float(floor * f.double().mean())) for n, f in f_remain.items()}
+
+
 @torch.no_grad()
-def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam: float = 1.0) -> dict:
+def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam: float = 1.0,
+                floor: float = 0.0) -> dict:
     """SSD-style dampening from the code Fisher, threshold chosen on the criterion; the model is
     restored before returning a dampened copy's test predictions (as ``forget`` returns a copy)."""
     import copy
@@ -72,6 +82,7 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
     net = copy.deepcopy(model).eval()
     with torch.enable_grad():
         f_forget, f_remain = mf.class_fishers(net, codes, [c], params=selector)
+    f_remain = floored(f_remain, floor)
     params = dict(net.named_parameters())
     names = list(f_forget)
     saved = {n: params[n].detach().clone() for n in names}
@@ -161,19 +172,21 @@ def run(args) -> int:
             if setting == "val256":
                 retain = zoo.retain_sample(d["heldout"], c, 256, seed, every_class=True)
             for variant in args.variants:
-                if (arch, recipe, data, seed, c, f"{setting}/{variant}") in done:
+                name = f"{setting}/{variant}" + (f"-floor{args.floor:g}" if args.floor else "")
+                if (arch, recipe, data, seed, c, name) in done:
                     continue
                 torch.manual_seed(seed)
                 nonorm = selector if variant.endswith("nonorm") else None
                 if variant.startswith("dampen"):
-                    out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None, args.lam)
+                    out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None, args.lam,
+                                      args.floor)
                 else:
                     out = shift_case(model, codes, c, retain, nonorm,
                                      {"blocks": "layer"} if variant == "shift-layer" else None)
                 p, t = predictions(out.pop("net"), d["test"])
                 a_r, f = zoo.scores(p, t, c)
                 row = {"arch": arch, "recipe": recipe, "data": data, "seed": seed, "class": c,
-                       "setting": f"{setting}/{variant}", "A_R_before": a_r0, "F_before": f0, "A_R": a_r, "F": f,
+                       "setting": name, "A_R_before": a_r0, "F_before": f0, "A_R": a_r, "F": f,
                        **out}
                 with args.rows.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
@@ -260,7 +273,67 @@ def rules_report(path: Path) -> int:
                     silent += not good and not flagged
                     false += good and flagged
                 print(f"| {variant} | {name} | {notches} | {len(sub)} | {forgotten} | {silent} | {false} | {oracle} |")
+    _confirmation_report(rows)
+    _retain_margin_report(rows)
     return 0
+
+
+def _confirmed(curve: list, confirm) -> tuple[int, bool]:
+    """mode="dampen"'s choice with a validation split (mnemo_fast/calibration/dampen.py): stop on
+    the sample's rule plus one notch, then, where ``confirm`` (a forget side) fails there, go on
+    down while the sample's retained rows hold, to the first point that meets it. (index, flagged)."""
+    first = next((k for k, p in enumerate(curve) if _sample_rule(p)), None)
+    if first is None:
+        return len(curve) - 1, True
+    k = min(first + 1, len(curve) - 1)
+    if not (confirm(curve[k]) and _retain_sample(curve[k])):
+        for j in range(k + 1, len(curve)):
+            if not _retain_sample(curve[j]):
+                break
+            if confirm(curve[j]):
+                return j, False
+    return k, not (confirm(curve[k]) and _retain_sample(curve[k]))
+
+
+def _confirmation_report(rows: list) -> None:
+    """The confirmation's bound on the codes, compared on the curves (val256 variants only)."""
+    print("\n| variant | confirmation (codes' forget side) | cases | forgotten | silent failures | false alarms |")
+    print("|---|---|---|---|---|---|")
+    for variant in sorted({r["setting"] for r in rows if r["setting"].startswith("val")}):
+        sub = [r for r in rows if r["setting"] == variant]
+        for name, confirm in (("none", lambda p: _sample_rule(p)),
+                              *((f"depth 0.25, prob {q:g}", lambda p, q=q: _sample_rule(p) and _codes_rule(0.25, q)(p))
+                                for q in (0.05, 0.02, 0.01))):
+            forgotten = silent = false = 0
+            for r in sub:
+                k, flagged = _confirmed(r["curve"], confirm)
+                good = _ok(r["curve"][k], r)
+                forgotten += good
+                silent += not good and not flagged
+                false += good and flagged
+            print(f"| {variant} | {name} | {len(sub)} | {forgotten} | {silent} | {false} |")
+
+
+def _retain_margin_report(rows: list) -> None:
+    """The codes-alone choice (depth 0.25, prob 1e-2, one notch) judged as the verdict judges it
+    (both sides at the step applied) with each retain margin."""
+    print("\n| variant | codes alone: min_retain_margin | cases | forgotten | silent failures | false alarms |")
+    print("|---|---|---|---|---|---|")
+    forget_side = _codes_rule(0.25, 1e-2)
+    for variant in sorted({r["setting"] for r in rows}):
+        sub = [r for r in rows if r["setting"] == variant]
+        for margin in (0.5, 0.7, 0.8, 0.9, 0.95):
+            forgotten = silent = false = 0
+            for r in sub:
+                curve = r["curve"]
+                first = next((k for k, p in enumerate(curve) if forget_side(p)), None)
+                k = len(curve) - 1 if first is None else min(first + 1, len(curve) - 1)
+                flagged = first is None or not (forget_side(curve[k]) and _retain_codes(margin)(curve[k]))
+                good = _ok(curve[k], r)
+                forgotten += good
+                silent += not good and not flagged
+                false += good and flagged
+            print(f"| {variant} | {margin:g} | {len(sub)} | {forgotten} | {silent} | {false} |")
 
 
 def main(argv=None) -> int:
@@ -276,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lam", type=float, default=1.0, help="dampen: SSD's lambda (min(lam / eta, 1))")
+    p.add_argument("--floor", type=float, default=0.0,
+                   help="dampen: raise each remaining-Fisher element to at least this times its tensor's mean")
     p.add_argument("--curve", action="store_true", help="dampen: record every threshold's test scores (a study)")
     p.add_argument("--report", action="store_true")
     p.add_argument("--rules", type=Path, default=None, metavar="CURVES",

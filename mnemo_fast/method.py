@@ -462,12 +462,15 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
                                          codes.num_classes - len(classes), args.engine)
         if args.mode == "dampen":
             criterion = _dampen_criterion(session, args)
+            options = args.search.criterion if args.search is not None else None
+            confirm = _dampen.verdict_criterion_for(options)
             if args.auto:  # the threshold scan leaves the chosen dampening applied, and its verdict
-                calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes)
+                calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes,
+                                                          confirm=confirm if confirm != criterion else None)
                 lambda1, verdict = calibration.lambda1, calibration.diagnostics["verdict"]
             else:
                 session.dampen(lambda1, lambda2)
-                verdict = _verdict(session, args, criterion)
+                verdict = _verdict(session, args, confirm)
             best, candidates, accuracies = 0, [None], [session.accuracy()]  # |w| only shrinks: finite as it was
             return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
         if args.auto:  # its search starts from the lambda2 candidates

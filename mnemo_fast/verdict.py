@@ -19,6 +19,10 @@ call has, never from test data:
   (default 1%): a validation split with every class checks the real class, which the codes
   alone cannot (benchmarks/ZOO.md).
 
+``mode="dampen"`` judges with its own criterion (mnemo_fast/calibration/dampen.py): with a sample
+holding forget-class rows its search stops on those rows, and its verdict asks the codes' forget
+side as well, since twenty-odd rows cannot show a class kept at a few percent.
+
 A verdict that flags lists its reasons. A flagged result is returned all the same (the caller
 decides) with a :class:`mnemo_fast.ForgetWarning`; the command line exits non-zero on it unless
 ``--accept-flagged``. How often a clean verdict hides a failure (a *silent failure*) is
@@ -114,7 +118,7 @@ def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor,
     """(what fails the forget side, what fails the retain side, figures) of the codes' logits ``before`` and
     ``after`` [N, C] with ``labels`` [N] and the forget mask ``is_forget`` [N]: the criterion of
     the module docstring. The figures are read in one host transfer."""
-    m0, _ = margins(before.float(), labels)
+    m0, p0 = margins(before.float(), labels)
     m1, p1 = margins(after.float(), labels)
     f, r = is_forget, ~is_forget
     floor = m0.clamp_min(1e-6)
@@ -126,8 +130,11 @@ def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor,
         (m1[r] <= 0).float().sum() if r.any() else 0 * one,
         (m1[r] / floor[r]).median() if r.any() else one,
         (m0[r] > 0).float().sum() if r.any() else 0 * one,
+        (m1[r] / floor[r]).min() if r.any() else one,
+        (p0[r] - p1[r]).mean() if r.any() else 0 * one,
+        ((after[r].float() - before[r].float()).norm() / before[r].float().norm().clamp_min(1e-12)) if r.any() else 0 * one,
     ]).tolist()
-    still, depth_after, prob_after, lost, ratio, right_before = stats
+    still, depth_after, prob_after, lost, ratio, right_before, ratio_min, prob_drop, logit_change = stats
     reasons = []
     if still > 0:
         reasons.append(f"{int(still)} of {int(f.sum())} forget codes still classified as their class")
@@ -142,7 +149,8 @@ def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor,
         retain_reasons.append(f"the retained codes kept {ratio:.3g} of their median margin (criterion "
                               f"{min_retain_margin:g})")
     figures = {"forget_codes_still_right": int(still), "forget_depth": depth_after, "forget_max_prob": prob_after,
-               "retain_codes_lost": int(lost), "retain_margin_ratio": ratio}
+               "retain_codes_lost": int(lost), "retain_margin_ratio": ratio, "retain_margin_min": ratio_min,
+               "retain_prob_drop": prob_drop, "retain_logit_change": logit_change}
     return reasons, retain_reasons, figures
 
 

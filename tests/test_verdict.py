@@ -45,6 +45,22 @@ def test_a_shallow_forget_is_flagged_by_the_criterions_depth():
     assert verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion(depth=0.1, max_forget_prob=0.5)).clean
 
 
+def test_the_retained_codes_figures_are_their_worst_margin_mean_probability_drop_and_logit_change():
+    after = _logits([[-20.0, 0, 0], [0, 4.0, 0], [0, 0, 2.0]])  # retained margins 5 -> 4 and 5 -> 2
+    v = verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion())
+    d = v.details
+    assert d["retain_margin_ratio"] == pytest.approx(0.4)  # the median of 0.8 and 0.4: torch takes the lower
+    assert d["retain_margin_min"] == pytest.approx(0.4)
+    p0 = torch.softmax(BEFORE[1:], -1)[[0, 1], [1, 2]]
+    p1 = torch.softmax(after[1:], -1)[[0, 1], [1, 2]]
+    assert d["retain_prob_drop"] == pytest.approx(float((p0 - p1).mean()), rel=1e-5)
+    assert d["retain_logit_change"] == pytest.approx(float((after[1:] - BEFORE[1:]).norm() / BEFORE[1:].norm()), rel=1e-5)
+    # no retained code: the neutral figures
+    only_forget = verdicts.judge(BEFORE[:1], after[:1], LABELS[:1], IS_FORGET[:1], criterion=Criterion()).details
+    assert only_forget["retain_margin_min"] == 1.0 and only_forget["retain_prob_drop"] == 0.0
+    assert only_forget["retain_logit_change"] == 0.0
+
+
 def test_a_lost_retained_code_is_flagged():
     after = _logits([[-20.0, 0, 0], [0, -1.0, 0], [0, 0, 5.0]])
     v = verdicts.judge(BEFORE, after, LABELS, IS_FORGET, criterion=Criterion())

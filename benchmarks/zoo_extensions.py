@@ -15,6 +15,9 @@ the same verdict as ``forget``'s, :func:`mnemo_fast.verdict.judge`):
                    grid whose result the criterion calls clean (on the codes, and on the sample
                    where one is given)
   dampen-nonorm    the same, leaving out normalisation and embedding parameters
+  (``--floor K``)  either dampening with each remaining-Fisher element raised to at least K times
+                   its tensor's mean (the ratio's denominator shrunk towards the tensor's level;
+                   the setting's name gains "-floorK")
 
 Settings: ``codes`` (the codes alone) and ``val256`` (256 held-out rows of every class, as
 zoo.py). Rows go to ``--rows`` (jsonl; the last row of a key wins), read by ``--report``.
@@ -22,6 +25,10 @@ zoo.py). Rows go to ``--rows`` (jsonl; the last row of a key wins), read by ``--
     nice -n 19 python benchmarks/zoo_extensions.py --data digits keywords --variants dampen
     python benchmarks/zoo_extensions.py --report
     python benchmarks/zoo_extensions.py --rules benchmarks/zoo-study/dampen-curves.jsonl.gz
+    python benchmarks/zoo_extensions.py --rules benchmarks/zoo-study/dampen-curves-retain-figures.jsonl.gz
+
+``--rules`` also prints the confirmation's bounds (val256) and the codes-alone retain margins,
+each judged as ``forget`` judges (mnemo_fast/calibration/dampen.py).
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def floored(f_remain: dict, floor: float) -> dict:
 
 @torch.no_grad()
 def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam: float = 1.0,
-                floor: float = 0.0) -> dict:
+                floor: float = 0.0, iterate: bool = False) -> dict:
     """SSD-style dampening from the code Fisher, threshold chosen on the criterion; the model is
     restored before returning a dampened copy's test predictions (as ``forget`` returns a copy)."""
     import copy
@@ -93,6 +100,13 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
     if retain is not None:
         sample_before = logits_on(net, retain[0])
     def apply(a):  # the reference's formula (mnemo_fast.reference.perturb.dampening), from the saved values
+        if iterate:  # cumulative: the Fisher pair of the model as it is now, dampened from where it is
+            with torch.enable_grad():
+                now_forget, now_remain = mf.class_fishers(net, codes, [c], params=selector)
+            for n in names:
+                factor = perturb.dampening(now_forget[n], now_remain[n], a, lam)
+                params[n].mul_(factor.to(params[n].dtype))
+            return
         for n in names:
             factor = perturb.dampening(f_forget[n], f_remain[n], a, lam)
             params[n].copy_(saved[n] * factor.to(saved[n].dtype))
@@ -124,7 +138,7 @@ def dampen_case(model, codes, c: int, retain=None, selector=None, test=None, lam
         elif forget_met:
             chosen = a
             break
-    if test is not None:
+    if test is not None and not iterate:  # iterated: the net stays at the last threshold (the curve is the study)
         met = [pt["a"] for pt in curve if pt["forget_met"]]
         chosen = met[0] if met else THRESHOLDS[-1]
         verdict, forget_met = judged(chosen)
@@ -172,14 +186,15 @@ def run(args) -> int:
             if setting == "val256":
                 retain = zoo.retain_sample(d["heldout"], c, 256, seed, every_class=True)
             for variant in args.variants:
-                name = f"{setting}/{variant}" + (f"-floor{args.floor:g}" if args.floor else "")
+                name = (f"{setting}/{variant}" + (f"-floor{args.floor:g}" if args.floor else "")
+                        + ("-iterated" if args.iterate else ""))
                 if (arch, recipe, data, seed, c, name) in done:
                     continue
                 torch.manual_seed(seed)
                 nonorm = selector if variant.endswith("nonorm") else None
                 if variant.startswith("dampen"):
                     out = dampen_case(model, codes, c, retain, nonorm, d["test"] if args.curve else None, args.lam,
-                                      args.floor)
+                                      args.floor, args.iterate)
                 else:
                     out = shift_case(model, codes, c, retain, nonorm,
                                      {"blocks": "layer"} if variant == "shift-layer" else None)
@@ -351,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--lam", type=float, default=1.0, help="dampen: SSD's lambda (min(lam / eta, 1))")
     p.add_argument("--floor", type=float, default=0.0,
                    help="dampen: raise each remaining-Fisher element to at least this times its tensor's mean")
+    p.add_argument("--iterate", action="store_true",
+                   help="dampen, with --curve: each threshold dampens the model left by the last, from its own Fisher")
     p.add_argument("--curve", action="store_true", help="dampen: record every threshold's test scores (a study)")
     p.add_argument("--report", action="store_true")
     p.add_argument("--rules", type=Path, default=None, metavar="CURVES",

@@ -263,6 +263,26 @@ RULES = {
 }
 
 
+def _margin_choice(curve: list, forget_side, notches: int) -> tuple[int, int | None]:
+    """(index of the point applied, index of the first meeting ``forget_side`` or None): the
+    first such point plus ``notches``, or the last point where none meets it."""
+    first = next((k for k, p in enumerate(curve) if forget_side(p)), None)
+    return (len(curve) - 1 if first is None else min(first + notches, len(curve) - 1)), first
+
+
+def _tally(sub: list, choose) -> tuple[int, int, int]:
+    """(forgotten, silent failures, false alarms) of the rows ``sub`` where ``choose(row)`` gives
+    (index of the curve point applied, flagged)."""
+    forgotten = silent = false = 0
+    for r in sub:
+        k, flagged = choose(r)
+        good = _ok(r["curve"][k], r)
+        forgotten += good
+        silent += not good and not flagged
+        false += good and flagged
+    return forgotten, silent, false
+
+
 def rules_report(path: Path) -> int:
     """The threshold rules on recorded curves (``--curve`` rows, e.g. benchmarks/zoo-study/
     dampen-curves.jsonl.gz): per rule and margin notches, forgotten / silent / false alarms."""
@@ -277,16 +297,10 @@ def rules_report(path: Path) -> int:
         oracle = sum(any(_ok(p, r) for p in r["curve"]) for r in sub)
         for name, (forget_side, retain_side) in RULES.items():
             for notches in (0, 1, 2):
-                forgotten = silent = false = 0
-                for r in sub:
-                    curve = r["curve"]
-                    first = next((k for k, p in enumerate(curve) if forget_side(p)), None)
-                    k = len(curve) - 1 if first is None else min(first + notches, len(curve) - 1)
-                    good = _ok(curve[k], r)
-                    flagged = first is None or not retain_side(curve[k])
-                    forgotten += good
-                    silent += not good and not flagged
-                    false += good and flagged
+                def choose(r, forget_side=forget_side, retain_side=retain_side, notches=notches):
+                    k, first = _margin_choice(r["curve"], forget_side, notches)
+                    return k, first is None or not retain_side(r["curve"][k])
+                forgotten, silent, false = _tally(sub, choose)
                 print(f"| {variant} | {name} | {notches} | {len(sub)} | {forgotten} | {silent} | {false} | {oracle} |")
     _confirmation_report(rows)
     _retain_margin_report(rows)
@@ -297,10 +311,9 @@ def _confirmed(curve: list, confirm) -> tuple[int, bool]:
     """mode="dampen"'s choice with a validation split (mnemo_fast/calibration/dampen.py): stop on
     the sample's rule plus one notch, then, where ``confirm`` (a forget side) fails there, go on
     down while the sample's retained rows hold, to the first point that meets it. (index, flagged)."""
-    first = next((k for k, p in enumerate(curve) if _sample_rule(p)), None)
+    k, first = _margin_choice(curve, _sample_rule, 1)
     if first is None:
-        return len(curve) - 1, True
-    k = min(first + 1, len(curve) - 1)
+        return k, True
     if not (confirm(curve[k]) and _retain_sample(curve[k])):
         for j in range(k + 1, len(curve)):
             if not _retain_sample(curve[j]):
@@ -319,13 +332,7 @@ def _confirmation_report(rows: list) -> None:
         for name, confirm in (("none", lambda p: _sample_rule(p)),
                               *((f"depth 0.25, prob {q:g}", lambda p, q=q: _sample_rule(p) and _codes_rule(0.25, q)(p))
                                 for q in (0.05, 0.02, 0.01))):
-            forgotten = silent = false = 0
-            for r in sub:
-                k, flagged = _confirmed(r["curve"], confirm)
-                good = _ok(r["curve"][k], r)
-                forgotten += good
-                silent += not good and not flagged
-                false += good and flagged
+            forgotten, silent, false = _tally(sub, lambda r, confirm=confirm: _confirmed(r["curve"], confirm))
             print(f"| {variant} | {name} | {len(sub)} | {forgotten} | {silent} | {false} |")
 
 
@@ -338,16 +345,11 @@ def _retain_margin_report(rows: list) -> None:
     for variant in sorted({r["setting"] for r in rows}):
         sub = [r for r in rows if r["setting"] == variant]
         for margin in (0.5, 0.7, 0.8, 0.9, 0.95):
-            forgotten = silent = false = 0
-            for r in sub:
-                curve = r["curve"]
-                first = next((k for k, p in enumerate(curve) if forget_side(p)), None)
-                k = len(curve) - 1 if first is None else min(first + 1, len(curve) - 1)
-                flagged = first is None or not (forget_side(curve[k]) and _retain_codes(margin)(curve[k]))
-                good = _ok(curve[k], r)
-                forgotten += good
-                silent += not good and not flagged
-                false += good and flagged
+            def choose(r, retain_side=_retain_codes(margin)):
+                k, first = _margin_choice(r["curve"], forget_side, 1)
+                point = r["curve"][k]
+                return k, first is None or not (forget_side(point) and retain_side(point))
+            forgotten, silent, false = _tally(sub, choose)
             print(f"| {variant} | {margin:g} | {len(sub)} | {forgotten} | {silent} | {false} |")
 
 

@@ -461,12 +461,9 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
         validation.forget_fisher_nonzero(session.forget_fisher, session.max_ratio, args.eps, len(classes),
                                          codes.num_classes - len(classes), args.engine)
         if args.mode == "dampen":
-            criterion = _dampen_criterion(session, args)
-            options = args.search.criterion if args.search is not None else None
-            confirm = _dampen.verdict_criterion_for(options)
+            criterion, confirm = _dampen_criteria(session, args)
             if args.auto:  # the threshold scan leaves the chosen dampening applied, and its verdict
-                calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes,
-                                                          confirm=confirm if confirm != criterion else None)
+                calibration = _dampen.calibrate_dampening(session, lambda2, criterion, classes, confirm=confirm)
                 lambda1, verdict = calibration.lambda1, calibration.diagnostics["verdict"]
             else:
                 session.dampen(lambda1, lambda2)
@@ -505,13 +502,14 @@ def _run_candidates(session: CandidateSession, codes: MnemonicCodes, args: _Argu
     return _Run(before, calibration, lambda1, lambda2, candidates, accuracies, best, verdict)
 
 
-def _dampen_criterion(session: CandidateSession, args: _Arguments) -> Criterion:
-    """mode="dampen"'s criterion: the caller's ``calibration=`` options, else the dampening's own
-    (:func:`mnemo_fast.calibration.dampen.criterion_for`: relaxed on the codes where the retain
-    sample's forget-class rows judge the forgetting)."""
+def _dampen_criteria(session: CandidateSession, args: _Arguments) -> tuple[Criterion, Criterion]:
+    """mode="dampen"'s (search, verdict) criteria: the caller's ``calibration=`` options for
+    both, else the dampening's own (:mod:`mnemo_fast.calibration.dampen`: the search relaxed on
+    the codes where the retain sample's forget-class rows judge the forgetting, the verdict not)."""
     has_rows = session.retain_labels is not None and bool(
         torch.isin(session.retain_labels, torch.tensor(args.classes, device=session.retain_labels.device)).any())
-    return _dampen.criterion_for(args.search.criterion if args.search is not None else None, has_rows)
+    options = args.search.criterion if args.search is not None else None
+    return _dampen.criterion_for(options, has_rows), _dampen.verdict_criterion_for(options)
 
 
 def _verdict(session: CandidateSession, args: _Arguments, criterion: Criterion | None = None) -> Verdict:

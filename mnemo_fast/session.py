@@ -566,11 +566,17 @@ class CandidateSession:
         """The :class:`mnemo_fast.verdict.Verdict` of the parameters as they are now: ``criterion``
         (a :class:`mnemo_fast.calibration.Criterion`) on the codes' logits before and now, and the
         retain sample's accuracies where the session holds one (:meth:`use_retain_sample`)."""
+        return self.verdicts((criterion,), classes)[0]
+
+    def verdicts(self, criteria: Sequence, classes: Sequence[int]) -> tuple[verdicts.Verdict, ...]:
+        """:meth:`verdict` by each of ``criteria``, from one forward of the codes (and of the
+        retain sample)."""
         sample = None
         if self.retain_inputs is not None:
             sample = verdicts.sample_accuracy(self.retain_before, self.retain_logits(), self.retain_labels, classes)
-        return verdicts.judge(self.before_logits(), self.logits(), self.labels, self.is_forget, criterion=criterion,
-                              sample=sample)
+        before, now = self.before_logits(), self.logits()
+        return tuple(verdicts.judge(before, now, self.labels, self.is_forget, criterion=criterion, sample=sample)
+                     for criterion in criteria)
 
     def before_logits(self) -> Tensor:
         """[N, C] logits before any candidate (from the Fisher's forwards where possible)."""

@@ -118,21 +118,23 @@ def code_sides(before: Tensor, after: Tensor, labels: Tensor, is_forget: Tensor,
     """(what fails the forget side, what fails the retain side, figures) of the codes' logits ``before`` and
     ``after`` [N, C] with ``labels`` [N] and the forget mask ``is_forget`` [N]: the criterion of
     the module docstring. The figures are read in one host transfer."""
-    m0, p0 = margins(before.float(), labels)
-    m1, p1 = margins(after.float(), labels)
+    before, after = before.float(), after.float()
+    m0, p0 = margins(before, labels)
+    m1, p1 = margins(after, labels)
     f, r = is_forget, ~is_forget
     floor = m0.clamp_min(1e-6)
+    kept = m1[r] / floor[r]  # [R] each retained code's margin after / before
     one = m1.new_ones(())
     stats = torch.stack([
         (m1[f] > 0).float().sum() if f.any() else 0 * one,
         (-m1[f] / floor[f]).min() if f.any() else one * float("inf"),
         p1[f].max() if f.any() else 0 * one,
         (m1[r] <= 0).float().sum() if r.any() else 0 * one,
-        (m1[r] / floor[r]).median() if r.any() else one,
+        kept.median() if r.any() else one,
         (m0[r] > 0).float().sum() if r.any() else 0 * one,
-        (m1[r] / floor[r]).min() if r.any() else one,
+        kept.min() if r.any() else one,
         (p0[r] - p1[r]).mean() if r.any() else 0 * one,
-        ((after[r].float() - before[r].float()).norm() / before[r].float().norm().clamp_min(1e-12)) if r.any() else 0 * one,
+        ((after[r] - before[r]).norm() / before[r].norm().clamp_min(1e-12)) if r.any() else 0 * one,
     ]).tolist()
     still, depth_after, prob_after, lost, ratio, right_before, ratio_min, prob_drop, logit_change = stats
     reasons = []

@@ -175,6 +175,9 @@ class _ScriptedSession:
         return verdicts.Verdict(not (forget_ok and retain_ok), () if forget_ok and retain_ok else ("scripted",),
                                 "codes", forget_ok, retain_ok, forget_ok=forget_ok, retain_ok=retain_ok)
 
+    def verdicts(self, criteria, classes):
+        return tuple(self.verdict(criterion, classes) for criterion in criteria)
+
 
 def _scan(forget, retain):
     session = _ScriptedSession(forget, retain)

@@ -106,30 +106,30 @@ def calibrate_dampening(session: CandidateSession, lam: float, criterion: Criter
     """Scan ``thresholds`` (largest first) on ``session`` and leave the chosen dampening applied.
 
     ``criterion`` stops the scan; ``confirm`` (default: ``criterion``) judges the verdict, and
-    where it is stricter and the margin's threshold fails it, the scan goes on while the retain
-    side holds (the module docstring's confirmation). Returns a :class:`Calibration` with
-    ``lambda1`` the threshold and ``lambda2`` = ``lam``, ``search="dampen"``;
-    ``diagnostics["trials"]`` holds (threshold, forget met, retain met) of every trial, by
-    ``criterion`` and, once confirming, by ``confirm`` (``"confirming": True``)."""
+    where it differs and the margin's threshold fails it, the scan goes on while the retain side
+    holds (the module docstring's confirmation). Returns a :class:`Calibration` with ``lambda1``
+    the threshold and ``lambda2`` = ``lam``, ``search="dampen"``; ``diagnostics["trials"]``
+    holds (threshold, forget met, retain met) of every trial, by ``criterion`` and, once
+    confirming, by ``confirm`` (``"confirming": True``)."""
     start = time.perf_counter()
     confirm = criterion if confirm is None else confirm
-    trials, first_met, verdict, notches, index = [], None, None, 0, 0
+    criteria = (criterion,) if confirm == criterion else (criterion, confirm)  # each trial judged by both
+    trials, first_met, judged, notches, index = [], None, (), 0, 0
     for index, threshold in enumerate(thresholds):
         session.dampen(threshold, lam)
-        verdict = session.verdict(criterion, classes)
-        trials.append({"threshold": threshold, "forget_met": verdict.forget_ok, "retain_met": verdict.retain_ok})
+        judged = session.verdicts(criteria, classes)  # one forward for both criteria
+        trials.append({"threshold": threshold, "forget_met": judged[0].forget_ok, "retain_met": judged[0].retain_ok})
         if first_met is not None:
             notches += 1
-        elif verdict.forget_ok:
+        elif judged[0].forget_ok:
             first_met = threshold
         if first_met is not None and notches == MARGIN_NOTCHES:
             break
     reached = first_met is not None
     applied = trials[-1]["threshold"]  # the last trial stays applied: the margin's, or the most dampening
-    if confirm is not criterion:
-        verdict = session.verdict(confirm, classes)
-        if reached and verdict.flagged and verdict.retain_ok:
-            verdict, applied = _confirm(session, lam, confirm, classes, thresholds[index + 1:], trials, verdict, applied)
+    verdict = judged[-1]  # by confirm
+    if len(criteria) > 1 and reached and verdict.flagged and verdict.retain_ok:
+        verdict, applied = _confirm(session, lam, confirm, classes, thresholds[index + 1:], trials, verdict, applied)
     calibration = Calibration(lambda1=applied, lambda2=lam, sign=None, search="dampen",
                               feasible=reached and not verdict.flagged,  # not flagged: both sides met
                               forget_reached=reached, seconds=time.perf_counter() - start)
